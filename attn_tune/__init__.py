@@ -1,0 +1,34 @@
+"""attn-tune: a registry of attention variants, an autotuner that measures them, and a runtime that applies the choice."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from attn_tune.errors import (
+    AttnTuneError,
+    InvalidProblem,
+    PluginError,
+    UnavailableDevice,
+    UnknownVariant,
+    UnsupportedProblem,
+)
+from attn_tune.problem import Problem
+from attn_tune.registry import availability, get_variant, hookimpl, hookspec, variants
+from attn_tune.registry.variant import Variant
+
+__all__ = [
+    "AttnTuneError",
+    "InvalidProblem",
+    "PluginError",
+    "Problem",
+    "UnavailableDevice",
+    "UnknownVariant",
+    "UnsupportedProblem",
+    "Variant",
+    "__version__",
+    "availability",
+    "get_variant",
+    "hookimpl",
+    "hookspec",
+    "variants",
+]

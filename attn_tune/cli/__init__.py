@@ -1,0 +1,1 @@
+"""The `attn-tune` command line (click)."""

@@ -1,0 +1,175 @@
+"""`attn-tune`: list variants, show plugins, benchmark variants on problems."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import click
+
+from attn_tune.cli.options import PROBLEM_OPTION_NAMES, problem_options, problems_from_options
+from attn_tune.cli.render import echo_json, mib, table
+from attn_tune.errors import AttnTuneError
+
+__all__ = ["cli", "main"]
+
+
+class _OneLineErrors(click.Group):
+    """Usage errors and attn-tune errors print one line and exit 2; never a traceback."""
+
+    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        try:
+            rv = super().main(*args, standalone_mode=False, **kwargs)
+        except click.exceptions.Abort:
+            click.echo("Aborted.", err=True)
+            sys.exit(1)
+        except click.ClickException as exc:
+            click.echo(f"Error: {exc.format_message()}", err=True)
+            sys.exit(exc.exit_code)
+        except AttnTuneError as exc:
+            click.echo(f"Error: {exc}", err=True)
+            sys.exit(2)
+        if not standalone_mode:
+            return rv
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+@click.group(cls=_OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="attn-tune")
+def cli() -> None:
+    """Find the fastest attention for each shape on this machine, by measuring it."""
+
+
+def _given(ctx: click.Context) -> bool:
+    """True when the user set any PROBLEM OPTION on the command line."""
+    return any(ctx.get_parameter_source(n) != click.core.ParameterSource.DEFAULT for n in PROBLEM_OPTION_NAMES)
+
+
+@cli.command("list")
+@problem_options
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output only.")
+@click.pass_context
+def list_command(ctx: click.Context, as_json: bool, **options: Any) -> None:
+    """Variants, their family, exactness, and whether they run here (and on the given problem)."""
+    from attn_tune.registry import availability, catalog
+
+    problems = problems_from_options(options, check_devices=False) if _given(ctx) else []
+    cat = catalog()
+    records = []
+    for variant in cat.by_name.values():
+        unavailable = availability(variant)
+        per_problem = [
+            {"problem": p.to_dict(), "label": p.describe(), "reason": unavailable or variant.supports(p)}
+            for p in problems
+        ]
+        records.append(
+            {
+                "name": variant.name,
+                "family": variant.family,
+                "exact": variant.exact,
+                "plugin": cat.origin[variant.name],
+                "requires": list(variant.requires),
+                "available": unavailable is None,
+                "reason": unavailable,
+                "problems": per_problem,
+                "description": variant.description,
+            }
+        )
+    if as_json:
+        echo_json(records)
+        return
+    if not problems:
+        rows = [(r["name"], r["family"], "yes" if r["exact"] else "no", r["reason"] or "available") for r in records]
+        click.echo(table(("VARIANT", "FAMILY", "EXACT", "HERE"), rows))
+        return
+    for i, problem in enumerate(problems):
+        click.echo(("\n" if i else "") + f"problem: {problem.describe()}")
+        rows = [
+            (r["name"], r["family"], "yes" if r["exact"] else "no", r["problems"][i]["reason"] or "supported")
+            for r in records
+        ]
+        click.echo(table(("VARIANT", "FAMILY", "EXACT", "STATUS"), rows))
+
+
+@cli.command("plugins")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output only.")
+def plugins_command(as_json: bool) -> None:
+    """Every plugin: its package and version, the variants it adds, and any load error."""
+    from attn_tune.registry import catalog, plugin_records, pm
+
+    cat = catalog()
+    records = []
+    for record in plugin_records():
+        plugin = pm.get_plugin(record.name)
+        records.append(
+            {
+                "name": record.name,
+                "module": record.module,
+                "package": record.package,
+                "version": record.version,
+                "builtin": record.builtin,
+                "disabled": record.disabled,
+                "hooks": sorted(c.name for c in pm.get_hookcallers(plugin) or []) if plugin is not None else [],
+                "variants": [name for name, origin in cat.origin.items() if origin == record.name],
+                "error": record.error or cat.errors.get(record.name),
+            }
+        )
+    if as_json:
+        echo_json(records)
+        return
+    rows = [
+        (
+            r["name"],
+            r["package"] or "",
+            r["version"] or "",
+            ", ".join(r["variants"]),
+            "disabled" if r["disabled"] else (f"ERROR {r['error']}" if r["error"] else "ok"),
+        )
+        for r in records
+    ]
+    click.echo(table(("PLUGIN", "PACKAGE", "VERSION", "VARIANTS", "STATUS"), rows))
+
+
+@cli.command("bench")
+@problem_options
+@click.option("--variant", "variant_names", multiple=True, metavar="NAME", help="Only these variants (repeatable).")
+@click.option("--min-time", type=click.FloatRange(min=0), default=0.2, show_default=True, help="Seconds of timed runs per cell.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random inputs.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output only.")
+def bench_command(variant_names: tuple[str, ...], min_time: float, seed: int, as_json: bool, **options: Any) -> None:
+    """Measure latency, peak memory and error of each variant on each problem."""
+    from attn_tune.registry import get_variant, variants
+    from attn_tune.tuner.bench import BASELINE, bench
+
+    chosen = [get_variant(name) for name in variant_names] if variant_names else variants()
+    problems = problems_from_options(options)
+    cells = len(problems) * len(chosen)
+    if as_json:
+        results = bench(problems, chosen, seed=seed, min_time_s=min_time)
+        echo_json([r.to_dict() for r in results])
+        return
+    with click.progressbar(length=cells, label="measuring", file=sys.stderr, show_pos=True) as bar:
+        results = bench(problems, chosen, seed=seed, min_time_s=min_time, on_result=lambda _: bar.update(1))
+    for i, problem in enumerate(problems):
+        click.echo(("\n" if i else "") + f"problem: {problem.describe()}")
+        rows = []
+        for r in results[i * len(chosen) : (i + 1) * len(chosen)]:
+            m = r.measured
+            rows.append(
+                (
+                    r.variant.name,
+                    f"{m.latency_ms:.3f} ± {m.latency_iqr_ms:.3f}" if m else "",
+                    mib(m.peak_bytes) if m else "",
+                    f"{m.rel_error:.1e}" if m else "",
+                    f"{r.vs_baseline:.2f}x" if r.vs_baseline is not None else "",
+                    "ok" if r.status == "ok" else f"{r.status}: {r.reason}",
+                )
+            )
+        click.echo(
+            table(("VARIANT", "LATENCY ms (IQR)", "PEAK MiB", "REL ERR", f"vs {BASELINE}", "STATUS"), rows)
+        )
+
+
+def main() -> None:
+    """Console-script entry point."""
+    cli(prog_name="attn-tune")

@@ -1,0 +1,78 @@
+"""The shared PROBLEM OPTIONS (`--batch --heads ... --training`) and their expansion into problems."""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any, Callable
+
+import click
+
+from attn_tune.problem import DTYPES, Problem, check_device
+
+__all__ = ["problem_options", "problems_from_options", "PROBLEM_OPTION_NAMES"]
+
+
+class IntList(click.ParamType):
+    """A comma-separated list of integers: `512,1024,2048`."""
+
+    name = "N[,N...]"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> tuple[int, ...]:
+        if isinstance(value, tuple):
+            return value
+        try:
+            items = tuple(int(part) for part in str(value).split(",") if part.strip())
+        except ValueError:
+            self.fail(f"{value!r} is not a comma-separated list of integers", param, ctx)
+        if not items:
+            self.fail("give at least one integer", param, ctx)
+        return items
+
+
+_OPTIONS = (
+    click.option("--batch", type=IntList(), default="1", show_default=True, help="Batch size(s), comma-separated."),
+    click.option("--heads", type=int, default=8, show_default=True, help="Query heads."),
+    click.option("--kv-heads", type=int, default=None, help="Key/value heads (fewer: grouped-query). [default: heads]"),
+    click.option("--seq-len", type=IntList(), default="1024", show_default=True, help="Query length(s), comma-separated."),
+    click.option("--kv-len", type=int, default=None, help="Key/value length. [default: seq-len]"),
+    click.option("--head-dim", type=int, default=64, show_default=True, help="Head dimension."),
+    click.option("--dtype", type=click.Choice(DTYPES), default="float32", show_default=True),
+    click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N."),
+    click.option("--causal", is_flag=True, help="Causal masking (top-left aligned, as SDPA)."),
+    click.option("--window", type=int, default=None, help="Sliding window: query i sees keys j with |i - j| < W."),
+    click.option("--training", is_flag=True, help="Measure forward and backward."),
+)
+PROBLEM_OPTION_NAMES = (
+    "batch", "heads", "kv_heads", "seq_len", "kv_len", "head_dim", "dtype", "device", "causal", "window", "training"
+)
+
+
+def problem_options(command: Callable) -> Callable:
+    """Decorate a click command with the PROBLEM OPTIONS."""
+    for option in reversed(_OPTIONS):
+        command = option(command)
+    return command
+
+
+def problems_from_options(options: dict[str, Any], *, check_devices: bool = True) -> list[Problem]:
+    """One problem per (batch, seq_len) combination; invalid values raise `InvalidProblem` with one line."""
+    problems = [
+        Problem(
+            batch=batch,
+            heads=options["heads"],
+            kv_heads=options["kv_heads"],
+            q_len=seq_len,
+            kv_len=options["kv_len"],
+            head_dim=options["head_dim"],
+            dtype=options["dtype"],
+            device=options["device"],
+            causal=options["causal"],
+            window=options["window"],
+            training=options["training"],
+        )
+        for batch, seq_len in itertools.product(options["batch"], options["seq_len"])
+    ]
+    if check_devices:
+        for device in sorted({p.device for p in problems}):
+            check_device(device)
+    return problems

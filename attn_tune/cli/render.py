@@ -1,0 +1,29 @@
+"""Plain-text tables and number formats for people; `--json` output bypasses all of this."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Sequence
+
+import click
+
+__all__ = ["table", "mib", "echo_json"]
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """Left-aligned columns separated by two spaces, with a header rule."""
+    cells = [[str(h) for h in headers]] + [["" if c is None else str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def mib(n_bytes: float | None) -> str:
+    """Bytes as MiB with one decimal."""
+    return "" if n_bytes is None else f"{n_bytes / 2**20:.1f}"
+
+
+def echo_json(data: Any) -> None:
+    """Machine-readable output on stdout, nothing else."""
+    click.echo(json.dumps(data, indent=2, sort_keys=False))

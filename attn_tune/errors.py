@@ -1,0 +1,39 @@
+"""The exception hierarchy: one base, specific subclasses, each with a one-line message."""
+
+from __future__ import annotations
+
+__all__ = [
+    "AttnTuneError",
+    "InvalidProblem",
+    "UnsupportedProblem",
+    "UnknownVariant",
+    "UnavailableDevice",
+    "PluginError",
+]
+
+
+class AttnTuneError(Exception):
+    """Base of every error attn-tune raises on purpose."""
+
+
+class InvalidProblem(AttnTuneError, ValueError):
+    """A problem that cannot exist: non-positive sizes, heads not divisible by kv_heads, unknown dtype."""
+
+
+class UnsupportedProblem(AttnTuneError):
+    """A variant was asked to compute something it does not support; the message says why."""
+
+
+class UnknownVariant(AttnTuneError, KeyError):
+    """No registered variant has that name; the message lists close names."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class UnavailableDevice(AttnTuneError):
+    """The problem names a device this machine does not have."""
+
+
+class PluginError(AttnTuneError):
+    """A plugin failed to load or returned something malformed."""

@@ -1,0 +1,80 @@
+"""Masking helpers shared by the variants: causal/window visibility, combining with SDPA masks, GQA expansion."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+__all__ = ["visible_keys", "merge_masks", "apply_mask", "repeat_kv", "resolve_scale", "key_range"]
+
+
+def visible_keys(
+    q_len: int,
+    kv_len: int,
+    *,
+    causal: bool,
+    window: int | None,
+    device: torch.device | str,
+    q_offset: int = 0,
+    k_offset: int = 0,
+) -> Tensor | None:
+    """Boolean (q_len, kv_len), True where query `q_offset + i` may see key `k_offset + j`; None if all may.
+
+    Causal is aligned top-left (as SDPA's `is_causal`); window w keeps |i - j| < w (causal: 0 <= i - j < w).
+    """
+    if not causal and window is None:
+        return None
+    rows = torch.arange(q_offset, q_offset + q_len, device=device)[:, None]
+    cols = torch.arange(k_offset, k_offset + kv_len, device=device)[None, :]
+    diff = rows - cols
+    visible = diff >= 0 if causal else torch.ones_like(diff, dtype=torch.bool)
+    if window is not None:
+        visible = visible & (diff < window) & (diff > -window)
+    return visible
+
+
+def key_range(row_start: int, row_end: int, kv_len: int, *, causal: bool, window: int | None) -> tuple[int, int]:
+    """The half-open range of keys that queries [row_start, row_end) can see under causal/window."""
+    lo, hi = 0, kv_len
+    if causal:
+        hi = min(hi, row_end)
+    if window is not None:
+        lo = max(lo, row_start - window + 1)
+        if not causal:
+            hi = min(hi, row_end + window - 1)
+    return lo, max(lo, hi)
+
+
+def merge_masks(visible: Tensor | None, attn_mask: Tensor | None) -> Tensor | None:
+    """One SDPA-style mask (bool keep-mask or additive float) honouring both a visibility mask and `attn_mask`."""
+    if attn_mask is None:
+        return visible
+    if visible is None:
+        return attn_mask
+    if attn_mask.dtype == torch.bool:
+        return attn_mask & visible
+    return attn_mask.masked_fill(~visible, float("-inf"))
+
+
+def apply_mask(scores: Tensor, mask: Tensor | None) -> Tensor:
+    """Scores with `mask` applied: a bool mask keeps True positions, a float mask is added."""
+    if mask is None:
+        return scores
+    if mask.dtype == torch.bool:
+        return scores.masked_fill(~mask, float("-inf"))
+    return scores + mask
+
+
+def repeat_kv(k: Tensor, v: Tensor, heads: int) -> tuple[Tensor, Tensor]:
+    """Expand grouped key/value heads to `heads` query heads (query head h uses kv head h // group)."""
+    group = heads // k.shape[1]
+    if group == 1:
+        return k, v
+    return k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+
+
+def resolve_scale(q: Tensor, scale: float | None) -> float:
+    """SDPA's default scale 1/sqrt(head_dim) unless one is given."""
+    return 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
