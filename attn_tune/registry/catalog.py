@@ -40,12 +40,13 @@ def _collect() -> Catalog:
             result.errors[plugin_name] = f"attn_tune_variants() raised {_one_line(exc)}"
             continue
         problems = [reason for reason in map(malformed_reason, contributed) if reason]
+        if problems:
+            result.errors[plugin_name] = f"malformed variant: {problems[0]}"
+            continue
         names = [v.name for v in contributed]
         clashes = [n for n in names if n in result.by_name]
         duplicates = sorted({n for n in names if names.count(n) > 1})
-        if problems:
-            result.errors[plugin_name] = f"malformed variant: {problems[0]}"
-        elif clashes:
+        if clashes:
             other = result.origin[clashes[0]]
             result.errors[plugin_name] = (
                 f"variant name {clashes[0]!r} is registered by both plugin {other!r} and plugin {plugin_name!r}"

@@ -18,11 +18,11 @@ ENTRY_POINT_GROUP = "attn_tune"
 DISABLE_ENV = "ATTN_TUNE_DISABLE_PLUGINS"
 
 BUILTIN_PLUGINS: tuple[str, ...] = (
-    "attn_tune.variants.dense",
-    "attn_tune.variants.sdpa",
-    "attn_tune.variants.chunked",
-    "attn_tune.variants.xformers_mea",
-    "attn_tune.variants.flash_attn",
+    "attn_tune.families.dense",
+    "attn_tune.families.sdpa",
+    "attn_tune.families.chunked",
+    "attn_tune.families.xformers_mea",
+    "attn_tune.families.flash_attn",
 )
 
 pm = pluggy.PluginManager("attn_tune")

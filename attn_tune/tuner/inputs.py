@@ -59,7 +59,7 @@ def reference_output(problem: Problem, seed: int = 0) -> Tensor:
 
     Computed in query chunks, so that the reference itself fits in memory at long sequence lengths.
     """
-    from attn_tune.variants.chunked import chunked_attention
+    from attn_tune.families.chunked import chunked_attention
 
     inputs = make_inputs(problem, seed)
     q, k, v = (t.detach().to(torch.float64) for t in (inputs.q, inputs.k, inputs.v))

@@ -15,7 +15,7 @@ from attn_tune.errors import UnsupportedProblem
 from attn_tune.problem import Problem
 from attn_tune.registry.hookspecs import hookimpl
 from attn_tune.registry.variant import Variant
-from attn_tune.variants.masks import merge_masks, repeat_kv, visible_keys
+from attn_tune.families.masks import merge_masks, repeat_kv, visible_keys
 
 __all__ = ["make_sdpa_fn"]
 

@@ -7,7 +7,7 @@ from torch import Tensor
 
 from attn_tune.registry.hookspecs import hookimpl
 from attn_tune.registry.variant import Variant
-from attn_tune.variants.masks import apply_mask, merge_masks, repeat_kv, resolve_scale, visible_keys
+from attn_tune.families.masks import apply_mask, merge_masks, repeat_kv, resolve_scale, visible_keys
 
 __all__ = ["dense_attention", "attend"]
 

@@ -11,8 +11,8 @@ from torch.utils.checkpoint import checkpoint
 from attn_tune.problem import Problem
 from attn_tune.registry.hookspecs import hookimpl
 from attn_tune.registry.variant import Variant
-from attn_tune.variants.dense import attend
-from attn_tune.variants.masks import key_range, merge_masks, repeat_kv, resolve_scale, visible_keys
+from attn_tune.families.dense import attend
+from attn_tune.families.masks import key_range, merge_masks, repeat_kv, resolve_scale, visible_keys
 
 __all__ = ["chunked_attention", "CHUNK_CHOICES"]
 
