@@ -58,6 +58,8 @@ def _supports_cudnn(problem: Problem) -> str | None:
         return "cuDNN attention needs float16 or bfloat16"
     if problem.head_dim > 128 or problem.head_dim % 8:
         return "cuDNN attention needs head_dim a multiple of 8, at most 128"
+    if problem.n_kv_len == 1:
+        return "cuDNN attention does not support key/value length 1"
     if _cuda_capability(problem) < (8, 0):
         return "cuDNN attention needs compute capability 8.0 or newer"
     return None
@@ -65,6 +67,16 @@ def _supports_cudnn(problem: Problem) -> str | None:
 
 def _supports_any(problem: Problem) -> str | None:
     return None
+
+
+def _explanations(caught: list[warnings.WarningMessage]) -> list[str]:
+    """PyTorch's reasons for refusing a kernel, without its source locations or headers with nothing after them."""
+    reasons = []
+    for w in caught:
+        text = " ".join(str(w.message).split(" (Triggered internally at")[0].split())
+        if text and not text.endswith("because:") and text not in reasons:
+            reasons.append(text)
+    return reasons
 
 
 def make_sdpa_fn(backend: SDPBackend | None, native_gqa: bool) -> Callable[..., Tensor]:
@@ -107,7 +119,7 @@ def make_sdpa_fn(backend: SDPBackend | None, native_gqa: bool) -> Callable[..., 
                 warnings.simplefilter("always")
                 with contextlib.suppress(RuntimeError):
                     F.scaled_dot_product_attention(q, k, v, **kwargs)
-            why = "; ".join(" ".join(str(w.message).split()) for w in caught) or str(exc).splitlines()[0]
+            why = "; ".join(_explanations(caught)) or str(exc).splitlines()[0]
             name = "SDPA" if backend is None else backend.name
             raise UnsupportedProblem(f"{name} cannot run this call: {why}") from None
 

@@ -24,7 +24,7 @@ class Catalog:
     errors: dict[str, str] = field(default_factory=dict)
 
 
-_cache: tuple[tuple, Catalog] | None = None
+_cache: tuple[list[tuple[str, object]], Catalog] | None = None
 
 
 def _collect() -> Catalog:
@@ -64,8 +64,14 @@ def catalog() -> Catalog:
     """The current catalog; rebuilt only when the set of registered plugins changes."""
     global _cache
     load_plugins()
-    key = tuple((name, id(plugin)) for name, plugin in pm.list_name_plugin())
-    if _cache is None or _cache[0] != key:
+    # The key holds the plugin objects themselves (compared by identity): an id() of a plugin that was
+    # unregistered and collected could be reused by the next one.
+    key = list(pm.list_name_plugin())
+    if (
+        _cache is None
+        or len(_cache[0]) != len(key)
+        or any(n1 != n2 or p1 is not p2 for (n1, p1), (n2, p2) in zip(_cache[0], key))
+    ):
         _cache = (key, _collect())
     return _cache[1]
 
@@ -90,7 +96,7 @@ def get_variant(name: str) -> Variant:
         raise UnknownVariant(f"unknown variant {name!r}{hint}") from None
 
 
-_availability: dict[tuple[str, int], str | None] = {}
+_availability: dict[Variant, str | None] = {}  # keyed by value: equal variants are equally available
 
 
 class _Capture(logging.Handler):
@@ -120,10 +126,13 @@ def availability(variant: Variant) -> str | None:
 
     Probed once per variant and cached; heavy optional imports happen only here, never at `import attn_tune`.
     """
-    key = (variant.name, id(variant))
-    if key not in _availability:
-        _availability[key] = _probe(variant)
-    return _availability[key]
+    try:
+        return _availability[variant]
+    except KeyError:
+        _availability[variant] = reason = _probe(variant)
+        return reason
+    except TypeError:  # a field that cannot be hashed: probe every time
+        return _probe(variant)
 
 
 def _probe(variant: Variant) -> str | None:

@@ -6,6 +6,7 @@ import contextlib
 import gc
 import os
 import sys
+import warnings
 from typing import Callable, Iterator
 
 import torch
@@ -14,14 +15,17 @@ __all__ = ["peak_bytes"]
 
 
 @contextlib.contextmanager
-def _stderr_fd_silenced() -> Iterator[None]:
-    """Send file descriptor 2 to /dev/null: the profiler prints 'USDT: ... profiler_start/stop' from C++."""
+def _profiler_quiet() -> Iterator[None]:
+    """Silence profiler start/stop: it prints 'USDT: ... profiler_start/stop' to fd 2 from C++, and some torch
+    versions warn about event cycles from Python. Only start and stop are wrapped, never the measured call."""
     sys.stderr.flush()
     saved = os.dup(2)
     devnull = os.open(os.devnull, os.O_WRONLY)
     try:
         os.dup2(devnull, 2)
-        yield
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
     finally:
         os.dup2(saved, 2)
         os.close(saved)
@@ -42,12 +46,12 @@ def _cpu_peak(run: Callable[[], None]) -> int:
     from torch.profiler import ProfilerActivity, profile
 
     prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
-    with _stderr_fd_silenced():
+    with _profiler_quiet():
         prof.__enter__()
     try:
         run()
     finally:
-        with _stderr_fd_silenced():
+        with _profiler_quiet():
             prof.__exit__(None, None, None)
     events = [
         e for e in prof.profiler.kineto_results.events()

@@ -1,0 +1,105 @@
+"""measure(): honest latency, peak memory above baseline, error against float64; independent of order."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import attn_tune
+from attn_tune import Problem, UnsupportedProblem
+from attn_tune.tuner import measure, peak_bytes
+from tests.conftest import DEVICES
+
+FAST = dict(warmup=1, min_repeats=3, max_repeats=5, min_time_s=0.0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_measurement_fields_are_sane(device: str) -> None:
+    problem = Problem(batch=1, heads=4, q_len=128, head_dim=32, causal=True, device=device)
+    m = measure(attn_tune.get_variant("dense"), problem, **FAST)
+    assert m.latency_ms > 0 and m.latency_iqr_ms >= 0 and m.repeats >= 3
+    scores = 4 * 128 * 128 * 4  # one float32 score matrix
+    assert scores <= m.peak_bytes < 8 * scores
+    assert 0 < m.rel_error < 1e-5
+
+
+def test_peak_memory_follows_the_work() -> None:
+    """dense holds the q_len x kv_len scores (4x per doubling); chunked holds chunk x kv_len of them."""
+    dense, chunked = attn_tune.get_variant("dense"), attn_tune.get_variant("chunked")
+    p256, p512 = (Problem(batch=1, heads=4, q_len=n, head_dim=32) for n in (256, 512))
+    d256, d512 = (measure(dense, p, **FAST).peak_bytes for p in (p256, p512))
+    assert 3.5 < d512 / d256 < 4.5
+    c512 = measure(chunked, p512, {"chunk": 32}, **FAST).peak_bytes
+    assert c512 < d512 / 3
+
+
+def test_peak_memory_is_above_the_baseline_only() -> None:
+    held = torch.randn(1024, 1024)  # live before the call: must not count
+
+    def allocate() -> None:
+        a = torch.empty(256, 1024)  # 1 MiB
+        b = torch.empty(512, 1024)  # 2 MiB while a is alive
+        del a, b
+
+    assert peak_bytes(allocate, "cpu") == 3 * 2**20
+    assert held.numel() == 2**20
+
+
+def test_same_figures_in_either_order() -> None:
+    problem = Problem(batch=1, heads=4, q_len=256, head_dim=32, causal=True)
+    a, b = attn_tune.get_variant("dense"), attn_tune.get_variant("chunked")
+    kwargs = dict(warmup=2, min_repeats=7, max_repeats=15, min_time_s=0.05)
+    a1, b1 = measure(a, problem, **kwargs), measure(b, problem, {"chunk": 64}, **kwargs)
+    b2, a2 = measure(b, problem, {"chunk": 64}, **kwargs), measure(a, problem, **kwargs)
+    assert (a1.peak_bytes, b1.peak_bytes) == (a2.peak_bytes, b2.peak_bytes)
+    assert (a1.rel_error, b1.rel_error) == (a2.rel_error, b2.rel_error)
+    for first, second in ((a1, a2), (b1, b2)):  # a shared 2-core machine is noisy: a generous band
+        assert 1 / 3 < first.latency_ms / second.latency_ms < 3
+
+
+def test_training_measures_backward_too() -> None:
+    problem = Problem(batch=1, heads=4, q_len=128, head_dim=32)
+    dense = attn_tune.get_variant("dense")
+    forward = measure(dense, problem, **FAST)
+    training = measure(dense, Problem(**{**problem.to_dict(), "training": True}), **FAST)
+    assert training.peak_bytes > forward.peak_bytes  # the saved probabilities and the gradients
+    assert training.latency_ms > forward.latency_ms * 1.2
+    assert training.rel_error == forward.rel_error
+
+
+def test_low_precision_error_is_measured_not_assumed() -> None:
+    problem = Problem(batch=1, heads=2, q_len=64, head_dim=16, dtype="bfloat16", mask=True)
+    m = measure(attn_tune.get_variant("sdpa"), problem, **FAST)
+    assert 1e-4 < m.rel_error < 1e-2
+
+
+def test_unsupported_or_unavailable_is_refused_with_the_reason() -> None:
+    problem = Problem(batch=1, heads=2, q_len=16, head_dim=16)
+    with pytest.raises(UnsupportedProblem, match="CUDA only"):
+        if torch.cuda.is_available():
+            problem = Problem(**{**problem.to_dict(), "device": "cpu"})
+        measure(attn_tune.get_variant("sdpa-efficient"), problem, **FAST)
+    with pytest.raises(UnsupportedProblem, match="flash_attn"):
+        variant = attn_tune.get_variant("flash-attn")
+        if attn_tune.availability(variant) is None:
+            pytest.skip("flash_attn is installed here")
+        measure(variant, problem, **FAST)
+
+
+def test_profiler_noise_stays_off_the_terminal(capfd) -> None:
+    measure(attn_tune.get_variant("sdpa"), Problem(batch=1, heads=2, q_len=32, head_dim=16, training=True), **FAST)
+    captured = capfd.readouterr()
+    assert "USDT" not in captured.err and "profiler" not in captured.err
+    assert captured.out == ""
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_flash_kernel_holds_no_score_matrix(device: str) -> None:
+    """The allocator (CUDA) or profiler (CPU) sees dense's q_len x kv_len scores and not flash's."""
+    dtype = "float32" if device == "cpu" else "float16"
+    problem = Problem(batch=1, heads=8, q_len=2048, head_dim=64, dtype=dtype, device=device)
+    dense = measure(attn_tune.get_variant("dense"), problem, **FAST)
+    flash = measure(attn_tune.get_variant("sdpa-flash"), problem, **FAST)
+    scores = 8 * 2048 * 2048 * 4  # dense's float32 scores (CUDA flash may add split-KV accumulators, far less)
+    assert dense.peak_bytes >= scores
+    assert flash.peak_bytes < scores / 4
