@@ -118,3 +118,8 @@ def test_real_subprocess_json_and_clean_stderr() -> None:
     assert done.stderr == ""  # no profiler USDT lines, no xformers warning, no progress bar with --json
     bad = subprocess.run([sys.executable, "-m", "attn_tune", "bench", "--seq-len", "-1"], capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.strip() == "Error: q_len must be positive, got -1"
+
+
+def test_version_and_help() -> None:
+    assert run("--version").output.strip().endswith(attn_tune.__version__)
+    assert "bench" in run("--help").output and "--seq-len" in run("bench", "--help").output

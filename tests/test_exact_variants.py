@@ -143,3 +143,20 @@ def test_explicit_masks_of_sdpa_shapes(name: str, device: str, causal: bool, win
         ref = oracle(inputs.q, inputs.k, inputs.v, causal=causal, window=window, scale=0.3, bias=float_mask,
                      mask=None if bool_mask is None else bool_mask.cpu())
         assert rel_error(out, ref) < 1e-5, f"{'float' if float_mask is not None else 'bool'} mask: {rel_error(out, ref):.2e}"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a CUDA machine these kernels run; the refusal is CPU-only")
+@pytest.mark.parametrize("name,fragment", [("sdpa-cudnn", "CUDNN_ATTENTION cannot run this call"),
+                                           ("sdpa-efficient", "EFFICIENT_ATTENTION cannot run this call"),
+                                           ("xformers-mea", "xformers cannot run this call")])
+def test_called_outside_support_raises_with_a_reason(name: str, fragment: str) -> None:
+    """Called anyway on a problem it refuses, a variant raises UnsupportedProblem; it never returns garbage."""
+    if name == "xformers-mea":
+        pytest.importorskip("xformers", reason="xformers is not installed here")
+    problem = Problem(batch=1, heads=2, q_len=16, head_dim=16, dtype="bfloat16")
+    variant = attn_tune.get_variant(name)
+    assert variant.supports(problem)  # it says so up front
+    inputs = make_inputs(problem, seed=1)
+    with pytest.raises(UnsupportedProblem, match=fragment) as info:
+        variant.fn(inputs.q, inputs.k, inputs.v, **inputs.call_kwargs(problem))
+    assert "\n" not in str(info.value) and "Triggered internally" not in str(info.value)

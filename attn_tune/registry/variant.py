@@ -47,14 +47,6 @@ class Variant:
     description: str = ""
     probe: Callable[[], str | None] | None = None
 
-    def __call__(self, q: Tensor, k: Tensor, v: Tensor, **kwargs: Any) -> Tensor:
-        """Call `fn` with SDPA's defaults for the masking keywords."""
-        kwargs.setdefault("is_causal", False)
-        kwargs.setdefault("window", None)
-        kwargs.setdefault("attn_mask", None)
-        kwargs.setdefault("scale", None)
-        return self.fn(q, k, v, **kwargs)
-
 
 def malformed_reason(obj: object) -> str | None:
     """Why `obj` is not a usable Variant, or None if it is."""

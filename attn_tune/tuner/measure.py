@@ -14,7 +14,7 @@ from attn_tune.errors import UnsupportedProblem
 from attn_tune.problem import Problem, check_device
 from attn_tune.registry.catalog import availability
 from attn_tune.registry.variant import Variant
-from attn_tune.tuner.inputs import make_inputs, reference_output, relative_error
+from attn_tune.tuner.inputs import Inputs, make_inputs, reference_output, relative_error
 from attn_tune.tuner.memory import peak_bytes
 
 __all__ = ["Measurement", "measure", "make_step"]
@@ -34,9 +34,10 @@ class Measurement:
         return dataclasses.asdict(self)
 
 
-def make_step(variant: Variant, problem: Problem, params: dict[str, Any], seed: int = 0) -> Callable[[], None]:
+def make_step(
+    variant: Variant, problem: Problem, inputs: Inputs, params: dict[str, Any], seed: int = 0
+) -> Callable[[], None]:
     """A no-argument callable running the variant once: forward only, or forward + backward when `training`."""
-    inputs = make_inputs(problem, seed)
     kwargs = {**inputs.call_kwargs(problem), **params}
     q, k, v = inputs.q, inputs.k, inputs.v
     if not problem.training:
@@ -110,9 +111,9 @@ def measure(
     if out.shape != inputs.q.shape[:-1] + (inputs.v.shape[-1],) or out.dtype != inputs.q.dtype:
         raise UnsupportedProblem(f"{variant.name} returned {tuple(out.shape)} {out.dtype}, not q's shape and dtype")
     rel_error = relative_error(out, reference_output(problem, seed))
-    del out, inputs
+    del out
 
-    step = make_step(variant, problem, params, seed)
+    step = make_step(variant, problem, inputs, params, seed)
     for _ in range(warmup):
         step()
     _synchronize(device)
