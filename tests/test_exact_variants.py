@@ -35,6 +35,15 @@ def _grid(device: str) -> list[Problem]:
     return problems
 
 
+def _runnable(name: str, problem: Problem) -> attn_tune.Variant:
+    """The variant, or a skip that says why it cannot run this problem here."""
+    variant = attn_tune.get_variant(name)
+    reason = attn_tune.availability(variant) or variant.supports(problem)
+    if reason:
+        pytest.skip(f"{name} cannot run {problem.describe()} here: {reason}")
+    return variant
+
+
 def _case_id(problem: Problem) -> str:
     return problem.describe().replace(" ", "-")
 
@@ -93,11 +102,7 @@ def test_exact_variant_gradients(name, device, causal, window, kv_heads, mask, q
         batch=2, heads=4, kv_heads=kv_heads, q_len=q_len, kv_len=kv_len, head_dim=16, device=device,
         dtype="float32" if device == "cpu" else "bfloat16", causal=causal, window=window, mask=mask, training=True,
     )
-    variant = attn_tune.get_variant(name)
-    if attn_tune.availability(variant):
-        pytest.skip(f"{name} unavailable here: {attn_tune.availability(variant)}")
-    if variant.supports(problem):
-        pytest.skip(f"{name} does not support {problem.describe()}: {variant.supports(problem)}")
+    variant = _runnable(name, problem)
     inputs = make_inputs(problem, seed=3)
     out = variant.fn(inputs.q, inputs.k, inputs.v, **inputs.call_kwargs(problem))
     grad_out = torch.randn_like(out)
@@ -126,11 +131,7 @@ def test_explicit_masks_of_sdpa_shapes(name: str, device: str, causal: bool, win
     """Masks as SDPA takes them: additive float (batch, 1, q, kv) and boolean (batch, heads, q, kv), with causal/window."""
     problem = Problem(batch=2, heads=4, kv_heads=2, q_len=37, kv_len=45, head_dim=16, device=device,
                       causal=causal, window=window, mask=True)
-    variant = attn_tune.get_variant(name)
-    if attn_tune.availability(variant):
-        pytest.skip(f"{name} unavailable here: {attn_tune.availability(variant)}")
-    if variant.supports(problem):
-        pytest.skip(f"{name} does not support {problem.describe()}: {variant.supports(problem)}")
+    variant = _runnable(name, problem)
     inputs = make_inputs(problem, seed=11)
     gen = torch.Generator().manual_seed(5)
     bias = torch.randn(2, 1, 37, 45, generator=gen).to(device)
