@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	touch $@
 
 run: setup
-	$(BIN)/attn-tune bench --seq-len 256,1024 --causal
+	$(BIN)/attn-tune tune --preset quick --out tuned.json
 
 test: setup
 	$(BIN)/python -m pytest -q

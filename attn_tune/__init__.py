@@ -31,4 +31,22 @@ __all__ = [
     "hookimpl",
     "hookspec",
     "variants",
+    "tune",
+    "TunedConfig",
+    "load_config",
 ]
+
+_LAZY = {
+    "tune": "attn_tune.tuner.tune",
+    "TunedConfig": "attn_tune.tuner.config",
+    "load_config": "attn_tune.tuner.config",
+}
+
+
+def __getattr__(name: str):
+    """The tuner imports optuna: load it only when asked for, so the runtime path stays light."""
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'attn_tune' has no attribute {name!r}")

@@ -173,3 +173,6 @@ def bench_command(variant_names: tuple[str, ...], min_time: float, seed: int, as
 def main() -> None:
     """Console-script entry point."""
     cli(prog_name="attn-tune")
+
+
+from attn_tune.cli import tune_commands  # noqa: E402,F401  (registers tune, show, merge, plot on `cli`)

@@ -1,0 +1,222 @@
+"""`attn-tune tune | show | merge | plot`: search, then read, join and draw tuned configs."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from attn_tune.cli.main import _given, cli
+from attn_tune.cli.options import problem_options, problems_from_options
+from attn_tune.cli.render import echo_json, mib, table
+from attn_tune.errors import AttnTuneError, InvalidProblem
+from attn_tune.problem import Problem, check_device
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+class ByteSize(click.ParamType):
+    """A size such as 2GiB, 512MB or 1000000 (bytes)."""
+
+    name = "SIZE"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int):
+            return value
+        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
+        if not match or match.group(2).lower() not in _UNITS:
+            self.fail(f"{value!r} is not a size like 2GiB, 512MB or 1000000", param, ctx)
+        size = int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+        if size <= 0:
+            self.fail(f"{value!r} must be positive", param, ctx)
+        return size
+
+
+def _problems_from_shapes(path: str) -> list[Problem]:
+    try:
+        data = json.loads(Path(path).read_text())
+    except OSError as exc:
+        raise click.BadParameter(f"cannot read {path}: {exc.strerror or exc}", param_hint="'--shapes'") from None
+    except json.JSONDecodeError as exc:
+        raise click.BadParameter(f"{path} is not valid JSON ({exc.msg}, line {exc.lineno})", param_hint="'--shapes'") from None
+    if isinstance(data, dict) and "problems" in data:  # the output of `attn-tune capture`
+        data = data["problems"]
+    if not isinstance(data, list) or not data:
+        raise click.BadParameter(f"{path} must hold a non-empty JSON list of problems", param_hint="'--shapes'")
+    problems = []
+    for i, raw in enumerate(data):
+        try:
+            problems.append(Problem.from_dict(raw))
+        except InvalidProblem as exc:
+            raise InvalidProblem(f"{path}, problem {i}: {exc}") from None
+    return list(dict.fromkeys(problems))
+
+
+class _TrialProgress:
+    """One progress bar per problem on stderr, advanced by tune()'s on_trial callback."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.problem: Problem | None = None
+        self.bar: Any = None
+
+    def __call__(self, problem: Problem, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        if problem != self.problem:
+            self.close()
+            self.problem = problem
+            self.bar = click.progressbar(length=total, label=problem.describe(), file=sys.stderr, show_pos=True)
+            self.bar.__enter__()
+        self.bar.update(max(0, min(done, total) - self.bar.pos))
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(None, None, None)
+            self.bar = None
+
+
+def _summary(problem: Problem, entry: Any, note: str) -> str:
+    if entry is None:
+        return f"{problem.describe()}: no choice: {note}"
+    params = ",".join(f"{k}={v}" for k, v in entry.choice["params"].items())
+    choice = entry.choice["variant"] + (f"({params})" if params else "")
+    latency = entry.measured["latency_ms"]
+    base = entry.baseline_latency_ms()
+    versus = f", {latency / base:.2f}x sdpa's {base:.3f} ms" if base else ", sdpa not measured"
+    return f"{problem.describe()}: {choice} {latency:.3f} ms{versus}, {mib(entry.measured['peak_bytes'])} MiB, {entry.trials} trials"
+
+
+@cli.command("tune")
+@problem_options
+@click.option("--shapes", type=click.Path(dir_okay=False), help="A JSON list of problems (e.g. from `attn-tune capture`).")
+@click.option("--preset", type=click.Choice(["quick"]), help="A named set of problems: quick = 8 CPU problems, about a minute.")
+@click.option("--trials", type=click.IntRange(min=1), default=None, help="Trials per problem. [default: 20, quick: 12]")
+@click.option("--max-error", type=click.FloatRange(min=0), default=None, help="Let approximate variants take part within this relative error.")
+@click.option("--memory-budget", type=ByteSize(), default=None, help="Never choose a candidate whose peak memory exceeds this (2GiB, 512MB).")
+@click.option("--objective", type=click.Choice(["latency", "memory", "balanced"]), default="latency", show_default=True)
+@click.option("--storage", default=None, help="Optuna storage URL. [default: an SQLite file beside --out]")
+@click.option("--seed", type=int, default=None, help="Seed of the sampler, for reproducible searches.")
+@click.option("--out", type=click.Path(dir_okay=False), default="tuned.json", show_default=True, help="Where the tuned config goes.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None, help="Also draw the report PNG here. [quick: report.png]")
+@click.pass_context
+def tune_command(ctx: click.Context, shapes: str | None, preset: str | None, trials: int | None, max_error: float | None,
+                 memory_budget: int | None, objective: str, storage: str | None, seed: int | None, out: str,
+                 plot_path: str | None, **options: Any) -> None:
+    """Search variants and knobs per problem by measuring them; write the tuned config."""
+    from attn_tune.tuner.plot import plot_config
+    from attn_tune.tuner.presets import PRESETS
+    from attn_tune.tuner.storage import default_storage_url, redact
+    from attn_tune.tuner.tune import tune
+
+    if sum(bool(x) for x in (shapes, preset, _given(ctx))) > 1:
+        raise click.UsageError("give problem options, --shapes or --preset, not more than one")
+    settings: dict[str, Any] = {}
+    if preset:
+        chosen = PRESETS[preset]
+        problems = list(chosen.problems)
+        settings = dict(measure_kwargs=chosen.measure_kwargs, final_kwargs=chosen.final_kwargs, rounds=chosen.rounds)
+        trials = trials or chosen.trials
+        plot_path = plot_path or str(Path(out).with_name("report.png"))
+    elif shapes:
+        problems = _problems_from_shapes(shapes)
+        for device in sorted({p.device for p in problems}):
+            check_device(device)
+    else:
+        problems = problems_from_options(options)
+    if not Path(out).resolve().parent.is_dir():
+        raise click.BadParameter(f"folder {Path(out).parent} does not exist", param_hint="'--out'")
+    storage = storage or default_storage_url(out)
+    progress = _TrialProgress(enabled=True)
+    lines: list[str] = []
+
+    def on_result(problem: Problem, entry: Any, note: str) -> None:
+        progress.close()
+        progress.problem = None
+        lines.append(_summary(problem, entry, note))
+
+    try:
+        config = tune(problems, trials=trials or 20, max_error=max_error, memory_budget=memory_budget,
+                      objective=objective, storage=storage, seed=seed, on_trial=progress, on_result=on_result,
+                      **settings)
+    except KeyboardInterrupt:
+        progress.close()
+        click.echo(f"Interrupted: finished trials are kept in {redact(storage)}; run the same command to resume.", err=True)
+        sys.exit(130)
+    progress.close()
+    for line in lines:
+        click.echo(line)
+    if not config.entries:
+        raise AttnTuneError("no problem got a choice; nothing written")
+    config.save(out)
+    click.echo(f"wrote {out} ({len(config.entries)} entries; trials in {redact(storage)})")
+    if plot_path:
+        plot_config(config, plot_path)
+        click.echo(f"wrote {plot_path}")
+
+
+def _load(path: str):
+    from attn_tune.tuner.config import load_config
+
+    return load_config(path)
+
+
+@cli.command("show")
+@click.argument("config_path", metavar="TUNED.json")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output only.")
+def show_command(config_path: str, as_json: bool) -> None:
+    """Print a tuned config as a table."""
+    config = _load(config_path)
+    if as_json:
+        echo_json(config.to_dict())
+        return
+    device = config.device
+    click.echo(f"{config_path}: {len(config.entries)} entries, {device.get('type')} {device.get('name', '')}, "
+               f"attn-tune {config.attn_tune}, torch {config.torch}, created {config.created}")
+    rows = []
+    for e in config.entries:
+        base = e.baseline_latency_ms()
+        m = e.measured
+        rows.append((
+            e.problem.describe(),
+            e.choice["variant"],
+            ",".join(f"{k}={v}" for k, v in e.choice["params"].items()),
+            f"{m['latency_ms']:.3f}",
+            f"{m['latency_ms'] / base:.2f}x" if base else "",
+            mib(m.get("peak_bytes")),
+            f"{m.get('rel_error', float('nan')):.1e}",
+            e.trials,
+        ) + (((e.device or device).get("name", ""),) if device.get("type") == "mixed" else ()))
+    headers = ("PROBLEM", "VARIANT", "PARAMS", "LATENCY ms", "vs sdpa", "PEAK MiB", "REL ERR", "TRIALS")
+    click.echo(table(headers + (("DEVICE",) if device.get("type") == "mixed" else ()), rows))
+
+
+@cli.command("merge")
+@click.argument("config_paths", nargs=-1, required=True, metavar="A.json B.json...")
+@click.option("--out", type=click.Path(dir_okay=False), required=True, help="The merged config.")
+def merge_command(config_paths: tuple[str, ...], out: str) -> None:
+    """Join configs from several devices; each entry keeps its device."""
+    from attn_tune.tuner.config import merge_configs
+
+    merged = merge_configs([_load(p) for p in config_paths])
+    merged.save(out)
+    click.echo(f"wrote {out} ({len(merged.entries)} entries from {len(config_paths)} configs)")
+
+
+@cli.command("plot")
+@click.argument("config_path", metavar="TUNED.json")
+@click.option("--out", type=click.Path(dir_okay=False), required=True, help="The PNG to write.")
+def plot_command(config_path: str, out: str) -> None:
+    """Draw latency and peak memory against q_len per variant, the chosen one marked."""
+    from attn_tune.tuner.plot import plot_config
+
+    config = _load(config_path)
+    if not config.entries:
+        raise AttnTuneError(f"{config_path} has no entries to plot")
+    plot_config(config, out)
+    click.echo(f"wrote {out}")

@@ -1,0 +1,69 @@
+"""The search space of one problem: which variants take part (and why the others do not), their knobs, its size."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import optuna
+from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
+
+from attn_tune.problem import Problem
+from attn_tune.registry.catalog import availability
+from attn_tune.registry.variant import Variant
+
+__all__ = ["eligible_variants", "space_size", "suggest", "knob_name"]
+
+
+def eligible_variants(
+    problem: Problem, variants: Sequence[Variant], *, approximate: bool
+) -> tuple[list[Variant], dict[str, str]]:
+    """The variants that may serve `problem`, and for each that may not, the reason (pruned before any trial)."""
+    chosen, excluded = [], {}
+    for variant in variants:
+        reason = availability(variant) or variant.supports(problem)
+        if reason is None and not variant.exact and not approximate:
+            reason = "approximate: takes part only when a max_error is given"
+        if reason is None:
+            chosen.append(variant)
+        else:
+            excluded[variant.name] = reason
+    return chosen, excluded
+
+
+def knob_name(variant: str, knob: str) -> str:
+    """Optuna parameter name of a variant's knob: namespaced, so each knob keeps one distribution."""
+    return f"{variant}:{knob}"
+
+
+def _size(dist: BaseDistribution) -> float:
+    if isinstance(dist, CategoricalDistribution):
+        return len(dist.choices)
+    if isinstance(dist, IntDistribution) and not dist.log:
+        return (dist.high - dist.low) // dist.step + 1
+    if isinstance(dist, FloatDistribution) and dist.step is not None:
+        return int(round((dist.high - dist.low) / dist.step)) + 1
+    return math.inf
+
+
+def space_size(problem: Problem, variants: Sequence[Variant]) -> float:
+    """How many distinct (variant, knobs) points exist; inf when a knob is continuous or log-scaled."""
+    return sum(math.prod(_size(d) for d in v.space(problem).values()) for v in variants)
+
+
+def _suggest(trial: optuna.Trial, name: str, dist: BaseDistribution) -> Any:
+    if isinstance(dist, CategoricalDistribution):
+        return trial.suggest_categorical(name, dist.choices)
+    if isinstance(dist, IntDistribution):
+        return trial.suggest_int(name, dist.low, dist.high, step=dist.step, log=dist.log)
+    if isinstance(dist, FloatDistribution):
+        return trial.suggest_float(name, dist.low, dist.high, step=dist.step, log=dist.log)
+    raise TypeError(f"unsupported distribution {type(dist).__name__} for {name}")
+
+
+def suggest(trial: optuna.Trial, problem: Problem, variants: Sequence[Variant]) -> tuple[Variant, dict[str, Any]]:
+    """Define-by-run: the variant first, then that variant's own knobs."""
+    by_name = {v.name: v for v in variants}
+    variant = by_name[trial.suggest_categorical("variant", list(by_name))]
+    params = {knob: _suggest(trial, knob_name(variant.name, knob), dist) for knob, dist in variant.space(problem).items()}
+    return variant, params

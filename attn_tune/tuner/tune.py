@@ -1,0 +1,331 @@
+"""`tune()`: one Optuna study per problem over variants and their knobs, then a head-to-head of the best few."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import statistics
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Sequence
+
+import optuna
+import torch
+
+from attn_tune.errors import AttnTuneError
+from attn_tune.problem import Problem, check_device
+from attn_tune.registry.catalog import variants as registered_variants
+from attn_tune.registry.variant import Variant
+from attn_tune.tuner.config import Entry, TunedConfig, device_info
+from attn_tune.tuner.measure import Measurement, measure
+from attn_tune.tuner.space import eligible_variants, knob_name, space_size, suggest
+from attn_tune.tuner.storage import open_storage
+
+__all__ = ["OBJECTIVES", "tune", "study_name", "EXACT_TOLERANCE"]
+
+OBJECTIVES = ("latency", "memory", "balanced")
+BASELINE = "sdpa"
+# An exact variant whose measured error exceeds its dtype's rounding is computing something else: never chosen.
+EXACT_TOLERANCE = {"float32": 1e-4, "float16": 1e-2, "bfloat16": 5e-2}
+_FAILURES = (Exception,)  # anything a variant raises is a recorded failure, never the end of the study
+
+MeasureFn = Callable[..., Measurement]
+
+
+@dataclass
+class _Point:
+    """One measured (variant, params) point of a study."""
+
+    variant: str
+    params: dict[str, Any]
+    status: str  # ok | excluded | failed
+    reason: str | None = None
+    measured: dict[str, Any] | None = None
+    pareto: bool = False
+
+    @property
+    def key(self) -> str:
+        return json.dumps([self.variant, self.params], sort_keys=True)
+
+    def to_candidate(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"variant": self.variant, "params": self.params}
+        data.update(self.measured or {})
+        data["status"] = self.status
+        if self.reason:
+            data["reason"] = self.reason
+        if self.pareto:
+            data["pareto"] = True
+        return data
+
+
+def study_name(problem: Problem, device: dict[str, Any], variant_names: Sequence[str], objective: str) -> str:
+    """Stable per (problem, device, set of taking-part variants, objective), so a resumed run finds its study."""
+    digest = hashlib.sha1(",".join(sorted(variant_names)).encode()).hexdigest()[:10]
+    return f"attn-tune/{objective}/{device['type']}:{device.get('name', '')}/{problem.describe().replace(' ', '_')}/{digest}"
+
+
+def _violation(variant: Variant, problem: Problem, m: Measurement, max_error: float | None, budget: int | None) -> str | None:
+    if variant.exact and not m.rel_error <= EXACT_TOLERANCE[problem.dtype]:
+        return f"error {m.rel_error:.2e} is beyond {problem.dtype} rounding for an exact variant"
+    if not variant.exact and not m.rel_error <= (max_error or 0.0):
+        return f"error {m.rel_error:.2e} above max_error {max_error:g}"
+    if budget is not None and m.peak_bytes > budget:
+        return f"peak memory {m.peak_bytes} B above the budget {budget} B"
+    return None
+
+
+def _values(m: Measurement, objective: str) -> tuple[float, ...]:
+    if objective == "latency":
+        return (m.latency_ms,)
+    if objective == "memory":
+        return (float(m.peak_bytes),)
+    return (m.latency_ms, float(m.peak_bytes))
+
+
+def _rank_key(point: _Point, objective: str) -> tuple[float, ...]:
+    m = point.measured or {}
+    if objective == "memory":
+        return (m["peak_bytes"], m["latency_ms"])
+    return (m["latency_ms"], m["peak_bytes"])
+
+
+def _pareto(points: list[_Point]) -> list[_Point]:
+    """Points no other point beats on both latency and peak memory."""
+    def dominated(p: _Point) -> bool:
+        a = p.measured
+        return any(
+            b["latency_ms"] <= a["latency_ms"] and b["peak_bytes"] <= a["peak_bytes"]
+            and (b["latency_ms"] < a["latency_ms"] or b["peak_bytes"] < a["peak_bytes"])
+            for b in (q.measured for q in points)
+        )
+
+    return [p for p in points if not dominated(p)]
+
+
+@contextlib.contextmanager
+def _quiet_optuna() -> Iterator[None]:
+    """Optuna logs every trial at INFO; the progress bar and the summary say what matters."""
+    level = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            yield
+    finally:
+        optuna.logging.set_verbosity(level)
+
+
+def _points(study: optuna.Study) -> list[_Point]:
+    points = []
+    for t in study.trials:
+        if t.state not in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED) or "variant" not in t.params:
+            continue
+        name = t.params["variant"]
+        params = {k.split(":", 1)[1]: v for k, v in t.params.items() if k.startswith(knob_name(name, ""))}
+        points.append(_Point(name, params, t.user_attrs.get("status", "failed"), t.user_attrs.get("reason"),
+                             t.user_attrs.get("measured")))
+    return points
+
+
+def _head_to_head(
+    finalists: list[tuple[Variant, dict[str, Any]]], problem: Problem, measure_fn: MeasureFn, rounds: int,
+    final_kwargs: dict[str, Any],
+) -> dict[str, Measurement | str]:
+    """Re-measure the finalists in interleaved rounds (A B C A B C ...), so drift hits them all alike."""
+    runs: dict[str, list[Measurement]] = {}
+    failed: dict[str, str] = {}
+    for _ in range(rounds):
+        for variant, params in finalists:
+            key = json.dumps([variant.name, params], sort_keys=True)
+            if key in failed:
+                continue
+            try:
+                runs.setdefault(key, []).append(measure_fn(variant, problem, params, **final_kwargs))
+            except _FAILURES as exc:
+                failed[key] = f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+    result: dict[str, Measurement | str] = dict(failed)
+    for key, ms in runs.items():
+        if key not in failed:
+            result[key] = Measurement(
+                latency_ms=statistics.median(m.latency_ms for m in ms),
+                latency_iqr_ms=statistics.median(m.latency_iqr_ms for m in ms),
+                peak_bytes=max(m.peak_bytes for m in ms),
+                rel_error=max(m.rel_error for m in ms),
+                repeats=sum(m.repeats for m in ms),
+            )
+    return result
+
+
+def _tune_one(
+    problem: Problem, *, pool: Sequence[Variant], trials: int, max_error: float | None, memory_budget: int | None,
+    objective: str, storage: Any, seed: int | None, measure_fn: MeasureFn, measure_kwargs: dict[str, Any],
+    finalists: int, rounds: int, final_kwargs: dict[str, Any], device: dict[str, Any],
+    on_trial: Callable[[Problem, int, int], None] | None,
+) -> tuple[Entry | None, str]:
+    chosen, excluded = eligible_variants(problem, pool, approximate=max_error is not None)
+    if not chosen:
+        return None, "no variant can serve this problem here: " + "; ".join(f"{k}: {v}" for k, v in excluded.items())
+    by_name = {v.name: v for v in chosen}
+    size = space_size(problem, chosen)
+    enumerate_all = size <= trials
+    if enumerate_all:
+        sampler: optuna.samplers.BaseSampler = optuna.samplers.BruteForceSampler(seed=seed)
+    else:
+        sampler = optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True)
+    directions = ["minimize", "minimize"] if objective == "balanced" else ["minimize"]
+    study = optuna.create_study(
+        study_name=study_name(problem, device, list(by_name), objective), storage=storage, sampler=sampler,
+        directions=directions, load_if_exists=True,
+    )
+    study.set_user_attr("problem", problem.to_dict())
+    study.set_user_attr("excluded_variants", excluded)
+    finished = sum(t.state.is_finished() and t.state != optuna.trial.TrialState.FAIL for t in study.trials)
+    budget = int(min(trials, size))
+
+    def objective_fn(trial: optuna.Trial) -> tuple[float, ...] | float:
+        variant, params = suggest(trial, problem, chosen)
+        try:
+            m = measure_fn(variant, problem, params, **measure_kwargs)
+        except _FAILURES as exc:
+            reason = f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+            if isinstance(exc, torch.OutOfMemoryError):
+                torch.cuda.empty_cache()
+            trial.set_user_attr("status", "failed")
+            trial.set_user_attr("reason", reason)
+            study.set_user_attr(f"failure:{trial.number}", {"variant": variant.name, "params": params, "reason": reason})
+            raise optuna.TrialPruned(reason) from None
+        violation = _violation(variant, problem, m, max_error, memory_budget)
+        trial.set_user_attr("measured", {k: v for k, v in m.to_dict().items() if k != "repeats"})
+        trial.set_user_attr("status", "ok" if violation is None else "excluded")
+        trial.set_constraint("within-limits", 0.0 if violation is None else 1.0)  # TPE learns what is infeasible
+        if violation is not None:
+            trial.set_user_attr("reason", violation)
+            study.set_user_attr(f"failure:{trial.number}", {"variant": variant.name, "params": params, "reason": violation})
+        values = _values(m, objective)
+        return values if objective == "balanced" else values[0]
+
+    def progress(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        if on_trial is not None:
+            on_trial(problem, sum(t.state.is_finished() for t in study.trials), budget)
+
+    if finished < budget:
+        study.optimize(objective_fn, n_trials=budget - finished, callbacks=[progress])
+
+    points = _points(study)
+    unique: dict[str, _Point] = {}
+    for p in points:  # a point measured twice (a sampler's repeat, a resumed run) keeps its first figures
+        unique.setdefault(p.key, p)
+    feasible = [p for p in unique.values() if p.status == "ok"]
+    if objective == "balanced":
+        for p in _pareto(feasible):
+            p.pareto = True
+        ranked = sorted((p for p in feasible if p.pareto), key=lambda p: _rank_key(p, objective))
+    else:
+        ranked = sorted(feasible, key=lambda p: _rank_key(p, objective))
+    if not ranked:
+        reasons = "; ".join(f"{p.variant}: {p.reason}" for p in unique.values())
+        return None, f"no candidate met the constraints ({reasons or 'no trial finished'})"
+
+    contenders = ranked[:finalists]
+    baseline = next((p for p in feasible if p.variant == BASELINE and not p.params), None)
+    if baseline is not None and baseline not in contenders:
+        contenders.append(baseline)
+    final = _head_to_head([(by_name[p.variant], p.params) for p in contenders], problem, measure_fn, rounds, final_kwargs)
+    for p in contenders:
+        outcome = final[p.key]
+        if isinstance(outcome, str):
+            p.status, p.reason = "failed", f"head-to-head: {outcome}"
+            continue
+        p.measured = {k: v for k, v in outcome.to_dict().items() if k != "repeats"}
+        violation = _violation(by_name[p.variant], problem, outcome, max_error, memory_budget)
+        if violation is not None:
+            p.status, p.reason = "excluded", violation
+    standing = [p for p in contenders if p.status == "ok" and (objective != "balanced" or p.pareto)]
+    if not standing:
+        return None, "every finalist failed or broke a constraint when measured again"
+    winner = min(standing, key=lambda p: _rank_key(p, "latency" if objective == "balanced" else objective))
+
+    candidates = sorted(unique.values(), key=lambda p: (p.status != "ok", (p.measured or {}).get("latency_ms", math.inf)))
+    entry = Entry(
+        problem=problem,
+        choice={"variant": winner.variant, "params": winner.params},
+        measured=dict(winner.measured),
+        max_error=max_error or 0.0,
+        candidates=[p.to_candidate() for p in candidates]
+        + [{"variant": name, "status": "unsupported", "reason": reason} for name, reason in excluded.items()],
+        trials=sum(t.state.is_finished() for t in study.trials),
+    )
+    return entry, "ok"
+
+
+def tune(
+    problems: Sequence[Problem],
+    *,
+    trials: int = 20,
+    max_error: float | None = None,
+    memory_budget: int | None = None,
+    objective: str = "latency",
+    storage: str | None = None,
+    seed: int | None = None,
+    variants: Sequence[Variant] | None = None,
+    measure_fn: MeasureFn = measure,
+    measure_kwargs: dict[str, Any] | None = None,
+    finalists: int = 3,
+    rounds: int = 3,
+    final_kwargs: dict[str, Any] | None = None,
+    on_trial: Callable[[Problem, int, int], None] | None = None,
+    on_result: Callable[[Problem, Entry | None, str], None] | None = None,
+) -> TunedConfig:
+    """Find, by measuring, the best variant and knobs for each problem on this machine.
+
+    Args:
+        problems: what to tune; each gets its own Optuna study.
+        trials: trials per problem; a space smaller than this is enumerated instead of sampled.
+        max_error: let approximate variants take part, chosen only if their measured error is within it.
+        memory_budget: bytes; candidates whose measured peak exceeds it are never chosen.
+        objective: "latency", "memory", or "balanced" (both; the fastest point of the Pareto front wins).
+        storage: an Optuna storage URL (SQLite, PostgreSQL, ...) so an interrupted run resumes; None keeps it in memory.
+        seed: makes the sampler reproducible.
+        variants: the pool to search (default: every registered variant).
+        measure_fn: `measure`, or a stand-in with its signature (tests inject one, as triton's autotuner does).
+        measure_kwargs / final_kwargs: passed to `measure_fn` in the trials and in the head-to-head.
+        finalists / rounds: how many of the best are re-measured, interleaved, and how many rounds.
+        on_trial / on_result: progress callbacks.
+
+    Returns:
+        A `TunedConfig` with one entry per problem that some candidate could serve within the constraints.
+
+    Raises:
+        AttnTuneError: a bad objective or trial count, an unreachable storage, a device this machine lacks.
+    """
+    if objective not in OBJECTIVES:
+        raise AttnTuneError(f"unknown objective {objective!r}; choose one of {', '.join(OBJECTIVES)}")
+    if trials < 1:
+        raise AttnTuneError(f"trials must be positive, got {trials}")
+    for device in sorted({p.device for p in problems}):
+        check_device(device)
+    from attn_tune import __version__
+
+    pool = list(variants) if variants is not None else registered_variants()
+    devices = {p.device: device_info(p.device) for p in problems}
+    top = devices[problems[0].device] if problems else device_info("cpu")
+    entries = []
+    with _quiet_optuna():
+        opened = open_storage(storage)
+        for problem in problems:
+            entry, note = _tune_one(
+                problem, pool=pool, trials=trials, max_error=max_error, memory_budget=memory_budget,
+                objective=objective, storage=opened, seed=seed, measure_fn=measure_fn,
+                measure_kwargs=dict(measure_kwargs or {}), finalists=finalists, rounds=rounds,
+                final_kwargs=dict(final_kwargs or {"min_repeats": 10, "min_time_s": 0.3}),
+                device=devices[problem.device], on_trial=on_trial,
+            )
+            if entry is not None:
+                entry.device = devices[problem.device] if devices[problem.device] != top else None
+                entries.append(entry)
+            if on_result is not None:
+                on_result(problem, entry, note)
+    return TunedConfig(entries=entries, device=top, attn_tune=__version__, torch=torch.__version__)
+

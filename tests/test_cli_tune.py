@@ -1,0 +1,118 @@
+"""`attn-tune tune | show | merge | plot` through click's CliRunner, on tiny real CPU problems."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from attn_tune.cli.main import cli
+from attn_tune.tuner.config import load_config
+
+TINY = ["--seq-len", "32,64", "--heads", "2", "--head-dim", "8", "--causal", "--trials", "4", "--seed", "0"]
+
+
+def run(*args: str):
+    return CliRunner().invoke(cli, [str(a) for a in args], prog_name="attn-tune")
+
+
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("tune")
+    out = folder / "tuned.json"
+    result = run("tune", *TINY, "--out", out, "--plot", folder / "report.png")
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_tune_writes_config_plot_and_a_summary_line_per_problem(tuned: Path) -> None:
+    config = load_config(tuned)
+    assert [e.problem.q_len for e in config.entries] == [32, 64]
+    assert (tuned.parent / "tuned.optuna.db").exists()  # the default storage: an SQLite file beside the output
+    png = (tuned.parent / "report.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    result = run("tune", *TINY, "--out", tuned)  # resumed: the studies are complete, nothing new is sampled
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("b1 h2 q32 d8 float32 cpu causal: ") and "x sdpa's" in lines[0] and "4 trials" in lines[0]
+    assert lines[-1].startswith(f"wrote {tuned} (2 entries")
+
+
+def test_show_table_and_json(tuned: Path) -> None:
+    table = run("show", tuned)
+    assert table.exit_code == 0
+    assert table.stdout.splitlines()[1].split()[:3] == ["PROBLEM", "VARIANT", "PARAMS"]
+    assert "b1 h2 q64 d8 float32 cpu causal" in table.stdout
+    data = json.loads(run("show", tuned, "--json").stdout)
+    assert data["format"] == "attn-tune/config" and len(data["entries"]) == 2
+
+
+def test_merge_keeps_each_entry_device(tuned: Path, tmp_path: Path) -> None:
+    other = json.loads(tuned.read_text())
+    other["device"] = {"type": "cuda", "name": "NVIDIA H100 80GB HBM3", "capability": "9.0"}
+    for entry in other["entries"]:
+        entry["problem"]["device"] = "cuda"
+    (tmp_path / "gpu.json").write_text(json.dumps(other))
+    result = run("merge", tuned, tmp_path / "gpu.json", "--out", tmp_path / "all.json")
+    assert result.exit_code == 0, result.output
+    merged = load_config(tmp_path / "all.json")
+    assert merged.device["type"] == "mixed"
+    assert sorted(e.device["type"] for e in merged.entries) == ["cpu", "cpu", "cuda", "cuda"]
+    assert "NVIDIA H100 80GB HBM3" in run("show", tmp_path / "all.json").stdout
+
+
+def test_plot_command(tuned: Path, tmp_path: Path) -> None:
+    result = run("plot", tuned, "--out", tmp_path / "r.png")
+    assert result.exit_code == 0 and (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_tune_from_a_shapes_file(tmp_path: Path) -> None:
+    shapes = [{"batch": 1, "heads": 2, "q_len": 16, "head_dim": 8, "kv_heads": 1, "window": 4}]
+    (tmp_path / "shapes.json").write_text(json.dumps(shapes))
+    result = run("tune", "--shapes", tmp_path / "shapes.json", "--trials", "3", "--out", tmp_path / "t.json")
+    assert result.exit_code == 0, result.output
+    (entry,) = load_config(tmp_path / "t.json").entries
+    assert entry.problem.kv_heads == 1 and entry.problem.window == 4
+
+
+@pytest.mark.parametrize(
+    "content,fragment",
+    [
+        ("{not json", "is not valid JSON"),
+        (json.dumps({"format": "something/else", "version": 1}), "not an attn-tune config"),
+        (json.dumps({"format": "attn-tune/config", "version": 7, "entries": [], "device": {}}), "version 7 is newer"),
+        (json.dumps({"format": "attn-tune/config", "version": 1, "device": {}, "entries": [{"problem": {}}]}),
+         "malformed config entry 0"),
+    ],
+)
+def test_corrupt_or_foreign_config_is_one_line(tmp_path: Path, content: str, fragment: str) -> None:
+    path = tmp_path / "bad.json"
+    path.write_text(content)
+    for args in (["show", path], ["plot", path, "--out", tmp_path / "x.png"], ["merge", path, "--out", tmp_path / "m.json"]):
+        result = run(*args)
+        assert result.exit_code == 2
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and fragment in lines[0], lines
+    assert not (tmp_path / "x.png").exists() and not (tmp_path / "m.json").exists()
+
+
+@pytest.mark.parametrize(
+    "args,fragment",
+    [
+        (["--memory-budget", "lots"], "is not a size"),
+        (["--objective", "speed"], "'speed' is not one of"),
+        (["--trials", "0"], "0 is not in the range"),
+        (["--preset", "quick", "--seq-len", "64"], "not more than one"),
+        (["--storage", "nosuchdb://user:hunter2@host/db"], "cannot open storage nosuchdb://user:***@host/db"),
+        (["--shapes", "/nonexistent/shapes.json"], "cannot read /nonexistent/shapes.json"),
+        (["--out", "/nonexistent/folder/t.json"], "does not exist"),
+    ],
+)
+def test_tune_bad_input_is_one_line_and_writes_nothing(tmp_path: Path, args, fragment) -> None:
+    problem = [] if args[0] in ("--shapes", "--preset") else ["--seq-len", "16", "--heads", "2", "--head-dim", "8"]
+    result = run("tune", *problem, "--out", tmp_path / "t.json", *args)
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and fragment in lines[0] and "hunter2" not in result.stderr
+    assert not (tmp_path / "t.json").exists()

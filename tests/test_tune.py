@@ -1,0 +1,235 @@
+"""The tuner with an injected measurement (as triton's autotuner injects do_bench), and once for real."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.distributions import CategoricalDistribution, IntDistribution
+
+import attn_tune
+from attn_tune import Problem, Variant
+from attn_tune.families.dense import dense_attention
+from attn_tune.tuner.config import load_config
+from attn_tune.tuner.measure import Measurement
+from attn_tune.tuner.tune import tune
+
+PROBLEM = Problem(batch=1, heads=2, q_len=64, head_dim=16)
+MiB = 2**20
+
+
+def _variant(name: str, exact: bool = True, space=None) -> Variant:
+    return Variant(name=name, family="dense", fn=dense_attention, exact=exact,
+                   space=space or (lambda p: {}))
+
+
+class FakeMeasure:
+    """Figures from a table keyed by (variant, params); every call is logged with its phase."""
+
+    def __init__(self, table, *, final_table=None, fail=()):
+        self.table, self.final_table, self.fail = table, final_table or {}, set(fail)
+        self.calls: list[tuple[str, str, dict]] = []
+
+    def __call__(self, variant, problem, params, **kwargs):
+        phase = kwargs.get("phase", "trial")
+        self.calls.append((phase, variant.name, dict(params)))
+        if variant.name in self.fail:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 8.00 GiB")
+        key = (variant.name, tuple(sorted(params.items())))
+        latency, peak, error = (self.final_table if phase == "final" else {}).get(key) or self.table[key]
+        return Measurement(latency_ms=latency, latency_iqr_ms=0.01, peak_bytes=peak, rel_error=error, repeats=5)
+
+    def trial_points(self):
+        return [(name, tuple(sorted(p.items()))) for phase, name, p in self.calls if phase == "trial"]
+
+
+KNOB = lambda p: {"k": CategoricalDistribution([1, 2, 3, 4, 5, 6, 7, 8])}  # noqa: E731
+POOL = [_variant("sdpa"), _variant("slow"), _variant("knobby", space=KNOB)]
+TABLE = {("sdpa", ()): (5.0, 1 * MiB, 1e-7), ("slow", ()): (20.0, 1 * MiB, 1e-7)}
+TABLE.update({("knobby", (("k", k),)): (2.0 + abs(k - 5), 4 * MiB, 1e-7) for k in range(1, 9)})
+FINAL = {"final_kwargs": {"phase": "final"}, "rounds": 2}
+
+
+def test_small_space_is_enumerated_and_the_known_best_found() -> None:
+    fake = FakeMeasure(TABLE)
+    config = tune([PROBLEM], trials=50, variants=POOL, measure_fn=fake, seed=1, **FINAL)
+    (entry,) = config.entries
+    assert entry.choice == {"variant": "knobby", "params": {"k": 5}}
+    assert entry.measured["latency_ms"] == 2.0
+    points = fake.trial_points()
+    assert len(points) == len(set(points)) == 10  # every point once, none twice, no more than exist
+    assert entry.trials == 10
+    assert entry.baseline_latency_ms() == 5.0
+
+
+def test_large_space_is_sampled_within_the_budget() -> None:
+    wide = _variant("wide", space=lambda p: {"k": IntDistribution(1, 400)})
+    table = {("sdpa", ()): (5.0, MiB, 1e-7)}
+    table.update({("wide", (("k", k),)): (1.0 + abs(k - 300) / 50, MiB, 1e-7) for k in range(1, 401)})
+    fake = FakeMeasure(table)
+    config = tune([PROBLEM], trials=30, variants=[POOL[0], wide], measure_fn=fake, seed=3, **FINAL)
+    assert len(fake.trial_points()) == 30
+    assert config.entries[0].choice["variant"] == "wide"  # better than sdpa's 5 ms somewhere in 400 values
+    assert config.entries[0].measured["latency_ms"] < 5.0
+
+
+def test_approximate_variants_only_within_max_error() -> None:
+    pool = POOL + [_variant("approx", exact=False)]
+    table = {**TABLE, ("approx", ()): (0.5, MiB, 0.05)}
+    exact_only = tune([PROBLEM], trials=50, variants=pool, measure_fn=FakeMeasure(table), **FINAL).entries[0]
+    assert exact_only.choice["variant"] == "knobby"
+    assert {"variant": "approx", "status": "unsupported",
+            "reason": "approximate: takes part only when a max_error is given"} in exact_only.candidates
+    loose = tune([PROBLEM], trials=50, max_error=0.1, variants=pool, measure_fn=FakeMeasure(table), **FINAL).entries[0]
+    assert loose.choice["variant"] == "approx" and loose.max_error == 0.1
+    strict = tune([PROBLEM], trials=50, max_error=0.01, variants=pool, measure_fn=FakeMeasure(table), **FINAL).entries[0]
+    assert strict.choice["variant"] == "knobby"
+    (approx,) = [c for c in strict.candidates if c["variant"] == "approx"]
+    assert approx["status"] == "excluded" and "above max_error" in approx["reason"]
+
+
+def test_memory_budget_excludes_what_does_not_fit() -> None:
+    entry = tune([PROBLEM], trials=50, memory_budget=2 * MiB, variants=POOL, measure_fn=FakeMeasure(TABLE), **FINAL).entries[0]
+    assert entry.choice["variant"] == "sdpa"  # knobby is faster but needs 4 MiB
+    assert all(c["status"] == "excluded" for c in entry.candidates if c["variant"] == "knobby")
+
+
+def test_failures_are_recorded_and_the_study_goes_on(tmp_path) -> None:
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    fake = FakeMeasure(TABLE, fail={"slow"})
+    entry = tune([PROBLEM], trials=50, storage=storage, variants=POOL, measure_fn=fake, **FINAL).entries[0]
+    assert entry.choice["variant"] == "knobby"
+    (slow,) = [c for c in entry.candidates if c["variant"] == "slow"]
+    assert slow["status"] == "failed" and "CUDA out of memory" in slow["reason"]
+    (study,) = optuna.get_all_study_summaries(storage)
+    failures = [v for k, v in study.user_attrs.items() if k.startswith("failure:")]
+    assert failures == [{"variant": "slow", "params": {}, "reason": "RuntimeError: CUDA out of memory. Tried to allocate 8.00 GiB"}]
+
+
+def test_objectives_memory_and_balanced() -> None:
+    table = {("fast-fat", ()): (1.0, 64 * MiB, 1e-7), ("lean", ()): (9.0, 1 * MiB, 1e-7),
+             ("middle", ()): (3.0, 8 * MiB, 1e-7), ("dominated", ()): (4.0, 16 * MiB, 1e-7)}
+    pool = [_variant(n) for n, _ in table]
+    memory = tune([PROBLEM], trials=10, objective="memory", variants=pool, measure_fn=FakeMeasure(table), **FINAL)
+    assert memory.entries[0].choice["variant"] == "lean"
+    balanced = tune([PROBLEM], trials=10, objective="balanced", memory_budget=32 * MiB, variants=pool,
+                    measure_fn=FakeMeasure(table), **FINAL).entries[0]
+    assert balanced.choice["variant"] == "middle"  # the fastest point of the front within the budget
+    front = {c["variant"] for c in balanced.candidates if c.get("pareto")}
+    assert front == {"lean", "middle"}  # fast-fat broke the budget; dominated is dominated
+
+
+def test_head_to_head_corrects_a_lucky_trial() -> None:
+    table = {**TABLE, ("lucky", ()): (1.0, MiB, 1e-7)}
+    final = {("lucky", ()): (8.0, MiB, 1e-7)}  # measured again, it is really slower
+    fake = FakeMeasure(table, final_table=final)
+    entry = tune([PROBLEM], trials=50, variants=POOL + [_variant("lucky")], measure_fn=fake, finalists=2, **FINAL).entries[0]
+    assert entry.choice["variant"] == "knobby"
+    finals = [(name, p) for phase, name, p in fake.calls if phase == "final"]
+    assert finals == [("lucky", {}), ("knobby", {"k": 5}), ("sdpa", {})] * 2  # interleaved rounds, sdpa as baseline
+
+
+def test_resume_reuses_the_study(tmp_path) -> None:
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    tune([PROBLEM], trials=50, storage=storage, variants=POOL, measure_fn=FakeMeasure(TABLE), **FINAL)
+    again = FakeMeasure(TABLE)
+    entry = tune([PROBLEM], trials=50, storage=storage, variants=POOL, measure_fn=again, **FINAL).entries[0]
+    assert again.trial_points() == [] and entry.choice["variant"] == "knobby"
+    other = Problem(batch=1, heads=2, q_len=128, head_dim=16)  # another problem: its own study
+    tune([other], trials=50, storage=storage, variants=POOL, measure_fn=(third := FakeMeasure(TABLE)), **FINAL)
+    assert len(third.trial_points()) == 10
+
+
+KILLABLE = textwrap.dedent(
+    """
+    import json, sys, time
+    from optuna.distributions import CategoricalDistribution
+    from attn_tune import Problem, Variant
+    from attn_tune.families.dense import dense_attention
+    from attn_tune.tuner.measure import Measurement
+    from attn_tune.tuner.tune import tune
+
+    storage, log = sys.argv[1], sys.argv[2]
+    knob = lambda p: {"k": CategoricalDistribution(list(range(12)))}
+    pool = [Variant(name="knobby", family="dense", fn=dense_attention, exact=True, space=knob)]
+
+    def slow_measure(variant, problem, params, **kwargs):
+        phase = kwargs.get("phase", "trial")
+        with open(log, "a") as f:
+            f.write(json.dumps(["start", phase, params]) + "\\n")
+        time.sleep(0.3)
+        with open(log, "a") as f:
+            f.write(json.dumps(["end", phase, params]) + "\\n")
+        return Measurement(latency_ms=1.0 + params["k"], latency_iqr_ms=0.0, peak_bytes=1, rel_error=0.0, repeats=1)
+
+    problem = Problem(batch=1, heads=2, q_len=64, head_dim=16)
+    config = tune([problem], trials=12, storage=storage, variants=pool, measure_fn=slow_measure,
+                  final_kwargs={"phase": "final"}, rounds=1)
+    print(json.dumps(config.entries[0].choice))
+    """
+)
+
+
+def _log(path: Path) -> list[tuple[str, str, int]]:
+    if not path.exists():
+        return []
+    return [(e, phase, p["k"]) for e, phase, p in map(json.loads, path.read_text().splitlines())]
+
+
+def test_killed_run_resumes_without_repeating_finished_trials(tmp_path) -> None:
+    script, log = tmp_path / "run.py", tmp_path / "calls.log"
+    script.write_text(KILLABLE)
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    cmd = [sys.executable, str(script), storage, str(log)]
+    first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 60
+    while sum(e == "end" for e, _, _ in _log(log)) < 4 and time.time() < deadline:
+        time.sleep(0.05)
+    os.kill(first.pid, signal.SIGKILL)
+    first.wait()
+    killed = _log(log)
+    finished_before = {k for e, phase, k in killed if e == "end" and phase == "trial"}
+    assert 4 <= len(finished_before) < 12
+
+    second = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert second.returncode == 0, second.stderr
+    assert json.loads(second.stdout.strip().splitlines()[-1]) == {"variant": "knobby", "params": {"k": 0}}
+    resumed = _log(log)[len(killed):]
+    remeasured = {k for e, phase, k in resumed if e == "start" and phase == "trial"}
+    assert not (remeasured & finished_before)  # no finished trial is measured again
+    assert finished_before | remeasured == set(range(12))  # and the whole space was covered
+    (summary,) = optuna.get_all_study_summaries(storage)
+    study = optuna.load_study(study_name=summary.study_name, storage=storage)
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert sorted(t.params["knobby:k"] for t in complete) == list(range(12))
+
+
+def test_real_tune_on_tiny_cpu_problems_writes_a_config_that_loads_back(tmp_path) -> None:
+    problems = [Problem(batch=1, heads=2, q_len=n, head_dim=16, causal=True) for n in (32, 96)]
+    config = tune(problems, trials=6, seed=0, measure_kwargs={"warmup": 1, "min_repeats": 3, "min_time_s": 0.0},
+                  final_kwargs={"min_repeats": 3, "min_time_s": 0.0}, rounds=1)
+    out = tmp_path / "tuned.json"
+    config.save(out)
+    loaded = load_config(out)
+    assert loaded.to_dict() == json.loads(out.read_text()) == config.to_dict()
+    assert [e.problem for e in loaded.entries] == problems
+    for entry in loaded.entries:
+        chosen = attn_tune.get_variant(entry.choice["variant"])
+        assert chosen.exact and entry.measured["rel_error"] < 1e-5 and entry.measured["peak_bytes"] > 0
+        assert 1 <= entry.trials <= 6
+    assert loaded.device["type"] == "cpu" and loaded.torch and loaded.attn_tune == attn_tune.__version__
+
+
+def test_bad_arguments_are_one_line_errors() -> None:
+    with pytest.raises(attn_tune.AttnTuneError, match="unknown objective 'speed'"):
+        tune([PROBLEM], objective="speed")
+    with pytest.raises(attn_tune.AttnTuneError, match="cannot open storage nosuchdb://u:\\*\\*\\*@h/x"):
+        tune([PROBLEM], storage="nosuchdb://u:secret@h/x")
