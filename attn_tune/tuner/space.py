@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Any, Sequence
 
@@ -12,7 +13,7 @@ from attn_tune.problem import Problem
 from attn_tune.registry.catalog import availability
 from attn_tune.registry.variant import Variant
 
-__all__ = ["eligible_variants", "space_size", "suggest", "knob_name"]
+__all__ = ["eligible_variants", "space_size", "grid_points", "suggest", "knob_name"]
 
 
 def eligible_variants(
@@ -49,6 +50,27 @@ def _size(dist: BaseDistribution) -> float:
 def space_size(problem: Problem, variants: Sequence[Variant]) -> float:
     """How many distinct (variant, knobs) points exist; inf when a knob is continuous or log-scaled."""
     return sum(math.prod(_size(d) for d in v.space(problem).values()) for v in variants)
+
+
+def _values(dist: BaseDistribution) -> list[Any]:
+    if isinstance(dist, CategoricalDistribution):
+        return list(dist.choices)
+    if isinstance(dist, IntDistribution) and not dist.log:
+        return list(range(dist.low, dist.high + 1, dist.step))
+    if isinstance(dist, FloatDistribution) and dist.step is not None:
+        return [dist.low + i * dist.step for i in range(int(round((dist.high - dist.low) / dist.step)) + 1)]
+    raise ValueError(f"cannot enumerate {dist!r}")
+
+
+def grid_points(problem: Problem, variants: Sequence[Variant]) -> list[dict[str, Any]]:
+    """Every point of a finite space, as Optuna params ({"variant": ..., "name:knob": ...}) for enqueue_trial."""
+    points = []
+    for variant in variants:
+        knobs = variant.space(problem)
+        names = [knob_name(variant.name, k) for k in knobs]
+        for combo in itertools.product(*(_values(d) for d in knobs.values())):
+            points.append({"variant": variant.name, **dict(zip(names, combo))})
+    return points
 
 
 def _suggest(trial: optuna.Trial, name: str, dist: BaseDistribution) -> Any:

@@ -20,7 +20,7 @@ from attn_tune.registry.catalog import variants as registered_variants
 from attn_tune.registry.variant import Variant
 from attn_tune.tuner.config import Entry, TunedConfig, device_info
 from attn_tune.tuner.measure import Measurement, measure
-from attn_tune.tuner.space import eligible_variants, knob_name, space_size, suggest
+from attn_tune.tuner.space import eligible_variants, grid_points, knob_name, space_size, suggest
 from attn_tune.tuner.storage import open_storage
 
 __all__ = ["OBJECTIVES", "tune", "study_name", "EXACT_TOLERANCE"]
@@ -120,13 +120,33 @@ def _quiet_optuna() -> Iterator[None]:
 def _points(study: optuna.Study) -> list[_Point]:
     points = []
     for t in study.trials:
-        if t.state not in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED) or "variant" not in t.params:
+        if t.state not in _DONE or "variant" not in t.params:
             continue
         name = t.params["variant"]
         params = {k.split(":", 1)[1]: v for k, v in t.params.items() if k.startswith(knob_name(name, ""))}
         points.append(_Point(name, params, t.user_attrs.get("status", "failed"), t.user_attrs.get("reason"),
                              t.user_attrs.get("measured")))
     return points
+
+
+_DONE = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)  # measured, or failed with a reason
+
+
+def _finished(study: optuna.Study) -> int:
+    return sum(t.state in _DONE for t in study.trials)
+
+
+def _queue_missing(study: optuna.Study, points: list[dict[str, Any]]) -> None:
+    """Queue each point that has neither a finished trial nor a queued one (a killed run's point is queued again)."""
+    waiting = optuna.trial.TrialState.WAITING
+    done = {
+        json.dumps(t.system_attrs.get("fixed_params", {}) if t.state == waiting else t.params, sort_keys=True)
+        for t in study.trials
+        if t.state in _DONE or t.state == waiting
+    }
+    for point in points:
+        if json.dumps(point, sort_keys=True) not in done:
+            study.enqueue_trial(point)
 
 
 def _head_to_head(
@@ -170,8 +190,10 @@ def _tune_one(
     by_name = {v.name: v for v in chosen}
     size = space_size(problem, chosen)
     enumerate_all = size <= trials
+    # A space no larger than the budget is enumerated through the queue (enqueue_trial): each point is taken by
+    # one trial, and on resume exactly the points without a finished trial are queued again.
     if enumerate_all:
-        sampler: optuna.samplers.BaseSampler = optuna.samplers.BruteForceSampler(seed=seed)
+        sampler: optuna.samplers.BaseSampler = optuna.samplers.RandomSampler(seed=seed)  # queued points fix params
     else:
         sampler = optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True)
     directions = ["minimize", "minimize"] if objective == "balanced" else ["minimize"]
@@ -181,8 +203,12 @@ def _tune_one(
     )
     study.set_user_attr("problem", problem.to_dict())
     study.set_user_attr("excluded_variants", excluded)
-    finished = sum(t.state.is_finished() and t.state != optuna.trial.TrialState.FAIL for t in study.trials)
     budget = int(min(trials, size))
+    if enumerate_all:
+        _queue_missing(study, grid_points(problem, chosen))
+        to_run = sum(t.state == optuna.trial.TrialState.WAITING for t in study.trials)
+    else:
+        to_run = max(0, budget - _finished(study))
 
     def objective_fn(trial: optuna.Trial) -> tuple[float, ...] | float:
         variant, params = suggest(trial, problem, chosen)
@@ -208,10 +234,10 @@ def _tune_one(
 
     def progress(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         if on_trial is not None:
-            on_trial(problem, sum(t.state.is_finished() for t in study.trials), budget)
+            on_trial(problem, _finished(study), budget)
 
-    if finished < budget:
-        study.optimize(objective_fn, n_trials=budget - finished, callbacks=[progress])
+    if to_run:
+        study.optimize(objective_fn, n_trials=to_run, callbacks=[progress])
 
     points = _points(study)
     unique: dict[str, _Point] = {}
@@ -255,7 +281,7 @@ def _tune_one(
         max_error=max_error or 0.0,
         candidates=[p.to_candidate() for p in candidates]
         + [{"variant": name, "status": "unsupported", "reason": reason} for name, reason in excluded.items()],
-        trials=sum(t.state.is_finished() for t in study.trials),
+        trials=_finished(study),
     )
     return entry, "ok"
 
