@@ -10,7 +10,6 @@ figures are the median of timed calls after warm-up (see attn_tune.tuner.measure
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 
 import torch
@@ -18,18 +17,11 @@ import torch
 import attn_tune
 from attn_tune import Problem
 from attn_tune.tuner.bench import BASELINE, bench
+from attn_tune.tuner.config import device_info
 
 
 def _ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",")]
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "cpu"
 
 
 def main() -> None:
@@ -63,7 +55,7 @@ def main() -> None:
                     min_time_s=args.min_time)
     print(file=sys.stderr)
 
-    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else _cpu_name()
+    device_name = device_info(args.device)["name"]
     print(f"torch {torch.__version__}, attn-tune {attn_tune.__version__}, {device_name}, "
           f"{torch.get_num_threads()} CPU threads; batch {args.batch}, heads {args.heads}, head_dim {args.head_dim}\n")
     print(f"| dtype | causal | q_len | variant | latency ms | x {BASELINE} | peak MiB | peak x {BASELINE} | rel error |")

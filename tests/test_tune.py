@@ -137,6 +137,15 @@ def test_head_to_head_corrects_a_lucky_trial() -> None:
     assert finals == [("lucky", {}), ("knobby", {"k": 5}), ("sdpa", {})] * 2  # interleaved rounds, sdpa as baseline
 
 
+@pytest.mark.parametrize("speedup,chosen", [(0.98, "sdpa"), (0.90, "rival")])
+def test_default_is_kept_unless_clearly_beaten(speedup: float, chosen: str) -> None:
+    """Within TIE_MARGIN (3%) of sdpa is noise, not a reason to leave the default."""
+    table = {("sdpa", ()): (10.0, MiB, 1e-7), ("rival", ()): (10.0 * speedup, MiB, 1e-7)}
+    pool = [_variant("sdpa"), _variant("rival")]
+    entry = tune([PROBLEM], trials=5, variants=pool, measure_fn=FakeMeasure(table), **FINAL).entries[0]
+    assert entry.choice["variant"] == chosen
+
+
 def test_resume_reuses_the_study(tmp_path) -> None:
     storage = f"sqlite:///{tmp_path / 'study.db'}"
     tune([PROBLEM], trials=50, storage=storage, variants=POOL, measure_fn=FakeMeasure(TABLE), **FINAL)

@@ -27,6 +27,9 @@ __all__ = ["OBJECTIVES", "tune", "study_name", "EXACT_TOLERANCE"]
 
 OBJECTIVES = ("latency", "memory", "balanced")
 BASELINE = "sdpa"
+# The default policy keeps the choice unless a candidate beats it by more than this in the head-to-head: two
+# dispatch paths to one kernel differ by noise alone, and a config should not flip between them.
+TIE_MARGIN = 0.03
 # An exact variant whose measured error exceeds its dtype's rounding is computing something else: never chosen.
 EXACT_TOLERANCE = {"float32": 1e-4, "float16": 1e-2, "bfloat16": 5e-2}
 _FAILURES = (Exception,)  # anything a variant raises is a recorded failure, never the end of the study
@@ -238,7 +241,17 @@ def _tune_one(
 
     if to_run:
         study.optimize(objective_fn, n_trials=to_run, callbacks=[progress])
+    return _choose(study, problem, by_name, excluded, objective=objective, max_error=max_error,
+                   memory_budget=memory_budget, measure_fn=measure_fn, finalists=finalists, rounds=rounds,
+                   final_kwargs=final_kwargs)
 
+
+def _choose(
+    study: optuna.Study, problem: Problem, by_name: dict[str, Variant], excluded: dict[str, str], *, objective: str,
+    max_error: float | None, memory_budget: int | None, measure_fn: MeasureFn, finalists: int, rounds: int,
+    final_kwargs: dict[str, Any],
+) -> tuple[Entry | None, str]:
+    """Rank the study's feasible points, re-measure the best few (and sdpa) head to head, build the entry."""
     points = _points(study)
     unique: dict[str, _Point] = {}
     for p in points:  # a point measured twice (a sampler's repeat, a resumed run) keeps its first figures
@@ -272,6 +285,12 @@ def _tune_one(
     if not standing:
         return None, "every finalist failed or broke a constraint when measured again"
     winner = min(standing, key=lambda p: _rank_key(p, "latency" if objective == "balanced" else objective))
+    default = next((p for p in standing if p.variant == BASELINE and not p.params), None)
+    if (
+        objective != "memory" and default is not None and winner is not default
+        and winner.measured["latency_ms"] > default.measured["latency_ms"] * (1 - TIE_MARGIN)
+    ):
+        winner = default
 
     candidates = sorted(unique.values(), key=lambda p: (p.status != "ok", (p.measured or {}).get("latency_ms", math.inf)))
     entry = Entry(
