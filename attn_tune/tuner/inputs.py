@@ -64,7 +64,7 @@ def reference_output(problem: Problem, seed: int = 0) -> Tensor:
     inputs = make_inputs(problem, seed)
     q, k, v = (t.detach().to(torch.float64) for t in (inputs.q, inputs.k, inputs.v))
     with torch.no_grad():
-        return chunked_attention(q, k, v, chunk=256, **{**inputs.call_kwargs(problem), "scale": None})
+        return chunked_attention(q, k, v, chunk=256, **inputs.call_kwargs(problem))
 
 
 def relative_error(out: Tensor, ref: Tensor) -> float:
