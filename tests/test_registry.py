@@ -8,7 +8,6 @@ import textwrap
 from contextlib import contextmanager
 
 import pytest
-import torch
 
 import attn_tune
 from attn_tune import UnknownVariant, Variant, hookimpl
