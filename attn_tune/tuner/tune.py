@@ -42,9 +42,9 @@ def _values(m: Measurement, objective: str) -> tuple[float, ...]:
 
 @contextlib.contextmanager
 def _quiet_optuna() -> Iterator[None]:
-    """Optuna logs every trial at INFO; the progress bar and the summary say what matters."""
+    """Optuna logs every trial (and an interrupted one as a warning); the progress bar and summary say what matters."""
     level = optuna.logging.get_verbosity()
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
