@@ -22,13 +22,18 @@ __all__ = ["Measurement", "measure", "make_step"]
 
 @dataclass(frozen=True)
 class Measurement:
-    """What one variant costs on one problem; `rel_error` is against the problem's float64 exact attention."""
+    """What one variant costs on one problem; `rel_error` is against the problem's float64 exact attention.
+
+    `first_call_ms` is the first (cold) call alone: one-time set-up such as compiling a kernel or building a block
+    mask shows there, kept apart from the per-call `latency_ms`.
+    """
 
     latency_ms: float
     latency_iqr_ms: float
     peak_bytes: int
     rel_error: float
     repeats: int
+    first_call_ms: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -90,7 +95,7 @@ def measure(
 ) -> Measurement:
     """Measure `variant` with `params` on seeded random inputs for `problem`.
 
-    Order: error (one call against the float64 reference), `warmup` untimed calls (so one-time set-up such as
+    Order: error (one call against the float64 reference, timed alone as `first_call_ms`), `warmup` untimed calls (so one-time set-up such as
     library handles is live before memory is read), peak memory of one call, then timed calls until both
     `min_repeats` and `min_time_s` are reached (at most `max_repeats`). CUDA work is synchronised around each call.
 
@@ -106,8 +111,12 @@ def measure(
     device = torch.device(problem.device)
 
     inputs = make_inputs(problem, seed)
+    _synchronize(device)
+    started = time.perf_counter()
     with torch.no_grad():
         out = variant.fn(inputs.q, inputs.k, inputs.v, **inputs.call_kwargs(problem), **params)
+    _synchronize(device)
+    first_call_ms = (time.perf_counter() - started) * 1e3
     if out.shape != inputs.q.shape[:-1] + (inputs.v.shape[-1],) or out.dtype != inputs.q.dtype:
         raise UnsupportedProblem(f"{variant.name} returned {tuple(out.shape)} {out.dtype}, not q's shape and dtype")
     rel_error = relative_error(out, reference_output(problem, seed))
@@ -126,4 +135,5 @@ def measure(
         peak_bytes=peak,
         rel_error=rel_error,
         repeats=len(times),
+        first_call_ms=first_call_ms,
     )

@@ -115,6 +115,7 @@ def _head_to_head(
                 peak_bytes=max(m.peak_bytes for m in ms),
                 rel_error=max(m.rel_error for m in ms),
                 repeats=sum(m.repeats for m in ms),
+                first_call_ms=ms[0].first_call_ms,
             )
     return result
 
