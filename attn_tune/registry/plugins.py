@@ -23,6 +23,11 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "attn_tune.families.chunked",
     "attn_tune.families.xformers_mea",
     "attn_tune.families.flash_attn",
+    "attn_tune.families.windowed",
+    "attn_tune.families.flex",
+    "attn_tune.families.blocksparse",
+    "attn_tune.families.xformers_blocksparse",
+    "attn_tune.families.linformer",
 )
 
 pm = pluggy.PluginManager("attn_tune")

@@ -1,0 +1,103 @@
+"""`linformer` (approximate, non-causal): keys and values projected along the sequence to rank k.
+
+Uses `linformer_pytorch`'s own attention head and its parameter-free projection (`get_EF(method="no_params")`),
+drawn from a fixed seed so that it works as a drop-in without training. The function computed is
+softmax(scale * q (E^T k)^T) (F^T v), with E, F of shape (kv_len, k): memory O(q_len x k), not O(q_len x kv_len).
+The package's masked path fills its inputs in place; this wrapper never takes it.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from attn_tune.errors import UnsupportedProblem
+from attn_tune.families.masks import repeat_kv, resolve_scale
+from attn_tune.problem import Problem
+from attn_tune.registry.hookspecs import hookimpl
+from attn_tune.registry.variant import Variant
+
+__all__ = ["linformer_attention", "linformer_projections", "PROJECTION_SEED", "RANK_CHOICES"]
+
+PROJECTION_SEED = 0
+RANK_CHOICES: tuple[int, ...] = (32, 64, 128, 256, 512)
+
+
+@functools.lru_cache(maxsize=64)
+def linformer_projections(kv_len: int, rank: int, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
+    """The fixed (kv_len, rank) projections E (keys) and F (values), seeded; the global RNG is left untouched."""
+    from linformer_pytorch.linformer_pytorch import get_EF
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(PROJECTION_SEED)
+        e = get_EF(kv_len, rank, method="no_params")
+        f = get_EF(kv_len, rank, method="no_params")
+    return e.to(device=device, dtype=dtype), f.to(device=device, dtype=dtype)
+
+
+def linformer_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    is_causal: bool = False,
+    window: int | None = None,
+    attn_mask: Tensor | None = None,
+    scale: float | None = None,
+    rank: int = 128,
+) -> Tensor:
+    """Linformer attention through `linformer_pytorch.LinearAttentionHead`, every head at once."""
+    from linformer_pytorch.linformer_pytorch import LinearAttentionHead
+
+    if is_causal or window is not None or attn_mask is not None:
+        raise UnsupportedProblem(
+            "linformer mixes every key into each projected key: no causal cut, window or attn_mask can be honoured"
+        )
+    if rank < 1:
+        raise ValueError(f"rank must be positive, got {rank}")
+    k, v = repeat_kv(k, v, q.shape[1])
+    batch, heads, q_len, _ = q.shape
+    e, f = linformer_projections(k.shape[-2], rank, q.dtype, q.device)
+    # dim=1 and q pre-scaled: the head divides by sqrt(dim) in q's dtype, which would round a custom scale.
+    head = LinearAttentionHead(1.0, 0.0, e, f, None)
+    out = head((q * resolve_scale(q, scale)).flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1))
+    return out.unflatten(0, (batch, heads))
+
+
+def _supports(problem: Problem) -> str | None:
+    if problem.causal:
+        return "linformer projects along the sequence, mixing future keys into every projected key: no causal"
+    if problem.window is not None or problem.mask:
+        return "linformer cannot honour a sliding window or an explicit attn_mask"
+    if not _rank_choices(problem):
+        return f"kv_len {problem.n_kv_len} is too short to project to rank {RANK_CHOICES[0]} or more"
+    return None
+
+
+def _rank_choices(problem: Problem) -> list[int]:
+    return [r for r in RANK_CHOICES if r < problem.n_kv_len]
+
+
+def _space(problem: Problem) -> dict[str, Any]:
+    from optuna.distributions import CategoricalDistribution
+
+    return {"rank": CategoricalDistribution(_rank_choices(problem) or [RANK_CHOICES[0]])}
+
+
+@hookimpl
+def attn_tune_variants() -> list[Variant]:
+    return [
+        Variant(
+            name="linformer",
+            family="low-rank",
+            fn=linformer_attention,
+            exact=False,
+            space=_space,
+            supports=_supports,
+            requires=("linformer_pytorch",),
+            description="approximate: keys/values projected to rank k along the sequence (seeded linformer-pytorch)",
+        )
+    ]
