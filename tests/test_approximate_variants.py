@@ -1,0 +1,257 @@
+"""The approximate families: each equals its own pattern's exact attention, its error against the full problem is
+measured (> 0, finite), memory grows with the work really done, and training works or is refused with a reason."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import attn_tune
+from attn_tune import Problem, UnsupportedProblem
+from attn_tune.families.blocksparse import block_layout, pattern_mask
+from attn_tune.families.linformer import linformer_projections
+from attn_tune.tuner import make_inputs, measure
+from tests.oracle import oracle, rel_error
+
+APPROXIMATE = [v.name for v in attn_tune.variants() if not v.exact]
+BLOCK_PATTERN = ["blocksparse", "flex-blocksparse", "xformers-blocksparse"]
+TOLERANCE = {"float32": 1e-5, "bfloat16": 2e-2}
+
+
+def _variant(name: str, problem: Problem | None = None) -> attn_tune.Variant:
+    """The variant, or a skip saying why it cannot run here (only for kernels this install lacks)."""
+    variant = attn_tune.get_variant(name)
+    reason = attn_tune.availability(variant) or (problem is not None and variant.supports(problem))
+    if reason:
+        pytest.skip(f"{name} cannot run here: {reason}")
+    return variant
+
+
+def pattern_reference(name: str, problem: Problem, q, k, v, params: dict) -> torch.Tensor:
+    """The exact function an approximate variant claims to compute, written independently in float64."""
+    if name == "local":
+        narrow = params["local_window"] if problem.window is None else min(problem.window, params["local_window"])
+        return oracle(q, k, v, causal=problem.causal, window=narrow)
+    if name in BLOCK_PATTERN:
+        keep = pattern_mask(problem.q_len, problem.n_kv_len, causal=problem.causal, **params)
+        return oracle(q, k, v, mask=keep)  # pattern_mask already holds the causal cut
+    if name == "linformer":
+        e, f = linformer_projections(problem.n_kv_len, params["rank"], torch.float64, torch.device("cpu"))
+        q64, k64, v64 = (t.to("cpu", torch.float64) for t in (q, k, v))
+        group = problem.heads // problem.n_kv_heads
+        k64, v64 = k64.repeat_interleave(group, 1), v64.repeat_interleave(group, 1)
+        scores = (q64 / math.sqrt(problem.head_dim)) @ (e.T @ k64).transpose(-1, -2)  # (b, h, q_len, rank)
+        return torch.softmax(scores, dim=-1) @ (f.T @ v64)
+    raise AssertionError(f"no pattern reference for {name}: add one here")
+
+
+CASES = [
+    # name, problem fields, params
+    ("local", dict(q_len=150, causal=False), {"local_window": 16}),
+    ("local", dict(q_len=150, causal=True, kv_heads=2), {"local_window": 40}),
+    ("local", dict(q_len=90, kv_len=140, causal=True, window=64), {"local_window": 16}),
+    ("local", dict(q_len=140, kv_len=90, causal=False), {"local_window": 64}),
+    ("linformer", dict(q_len=100, kv_len=160), {"rank": 32}),
+    ("linformer", dict(q_len=160, kv_len=100, kv_heads=2), {"rank": 64}),
+]
+for _name in BLOCK_PATTERN:
+    CASES += [
+        (_name, dict(q_len=200, causal=False), {"block": 32, "window_blocks": 1, "global_blocks": 1, "random_blocks": 2}),
+        (_name, dict(q_len=200, causal=True, kv_heads=2), {"block": 16, "window_blocks": 0, "global_blocks": 2, "random_blocks": 1}),
+        (_name, dict(q_len=130, kv_len=300, causal=True), {"block": 32, "window_blocks": 2, "global_blocks": 1, "random_blocks": 0}),
+        (_name, dict(q_len=300, kv_len=130, causal=False), {"block": 64, "window_blocks": 0, "global_blocks": 1, "random_blocks": 3}),
+    ]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("name,fields,params", CASES, ids=lambda x: x if isinstance(x, str) else None)
+def test_approximate_variant_equals_its_own_pattern(name: str, fields: dict, params: dict, dtype: str) -> None:
+    problem = Problem(batch=2, heads=4, head_dim=32, dtype=dtype, **fields)
+    variant = _variant(name, problem)
+    inputs = make_inputs(problem, seed=len(name) + problem.q_len)
+    before = [t.clone() for t in (inputs.q, inputs.k, inputs.v)]
+    out = variant.fn(inputs.q, inputs.k, inputs.v, **inputs.call_kwargs(problem), **params)
+    assert all(torch.equal(a, b) for a, b in zip(before, (inputs.q, inputs.k, inputs.v))), "inputs changed in place"
+    assert out.shape == inputs.q.shape and out.dtype == inputs.q.dtype
+    again = variant.fn(inputs.q, inputs.k, inputs.v, **inputs.call_kwargs(problem), **params)
+    assert torch.equal(out, again), "two calls on the same inputs differ: the pattern is not fixed"
+    err = rel_error(out, pattern_reference(name, problem, inputs.q, inputs.k, inputs.v, params))
+    assert err < TOLERANCE[dtype], f"{name} {params}: {err:.2e} from its own pattern"
+
+
+@pytest.mark.parametrize("name", APPROXIMATE)
+def test_every_approximate_variant_has_pattern_cases(name: str) -> None:
+    assert name in {case[0] for case in CASES}, f"{name} is approximate but has no pattern test case"
+
+
+@pytest.mark.parametrize("name", APPROXIMATE)
+def test_error_against_full_attention_is_measured(name: str) -> None:
+    problem = Problem(batch=1, heads=2, q_len=512, head_dim=32)  # longer than every default window or rank
+    variant = _variant(name, problem)
+    m = measure(variant, problem, min_repeats=2, min_time_s=0.0)
+    assert math.isfinite(m.rel_error) and m.rel_error > 1e-3, f"{name}: rel_error {m.rel_error}"
+    assert m.first_call_ms > 0 and m.latency_ms > 0
+
+
+@pytest.mark.parametrize(
+    "name,fields",
+    [("window-chunked", {"window": 64}), ("blocksparse", {}), ("linformer", {}), ("xformers-blocksparse", {}),
+     ("dense", {})],
+)
+def test_peak_memory_per_doubling(name: str, fields: dict) -> None:
+    """From q_len N to 2N, the structured variants' peak grows about 2x; dense attention's about 4x."""
+    peaks = []
+    for q_len in (1024, 2048):
+        problem = Problem(batch=1, heads=4, q_len=q_len, head_dim=32, **fields)
+        peaks.append(measure(_variant(name, problem), problem, min_repeats=1, min_time_s=0.0).peak_bytes)
+    growth = peaks[1] / peaks[0]
+    if name == "dense":
+        assert growth > 3.5, f"dense grew only {growth:.2f}x"
+    else:
+        assert growth <= 2.3, f"{name} grew {growth:.2f}x per doubling ({peaks[0]} -> {peaks[1]} bytes)"
+
+
+@pytest.mark.parametrize("name", BLOCK_PATTERN)
+def test_sparse_path_is_really_sparse(name: str) -> None:
+    """At ~10% block density the peak is under a third of dense attention's, and it falls with the density.
+
+    FlexAttention's fused kernel holds no scores at all (its peak is the output's, whatever the density), so for
+    it the proof is the block mask: it visits exactly the pattern's blocks.
+    """
+    problem = Problem(batch=1, heads=4, q_len=2048, head_dim=32)
+    variant = _variant(name, problem)
+    dense_peak = measure(attn_tune.get_variant("dense"), problem, min_repeats=1, min_time_s=0.0).peak_bytes
+    peaks, densities = [], []
+    for random_blocks in (6, 2, 0):
+        params = {"block": 32, "window_blocks": 1, "global_blocks": 1, "random_blocks": random_blocks}
+        layout = block_layout(2048, 2048, causal=False, **params)
+        densities.append(layout.float().mean().item())
+        peaks.append(measure(variant, problem, params, min_repeats=1, min_time_s=0.0).peak_bytes)
+    assert 0.05 < densities[1] < 0.15, densities
+    assert peaks[1] < dense_peak / 3, f"{name}: {peaks[1]} bytes at density {densities[1]:.2f} vs dense {dense_peak}"
+    if name != "flex-blocksparse":
+        assert peaks[0] > peaks[1] > peaks[2], f"{name}: peaks {peaks} do not fall with density {densities}"
+        return
+    from attn_tune.families.flex import pattern_block_mask
+
+    assert peaks[0] >= peaks[1] >= peaks[2]
+    block_mask = pattern_block_mask(2048, 2048, False, 32, 1, 1, 0, torch.device("cpu"))
+    visited = block_mask.kv_num_blocks.sum() + block_mask.full_kv_num_blocks.sum()
+    assert visited == block_layout(2048, 2048, causal=False, **params).sum()
+
+
+TRAINABLE = [
+    ("local", dict(q_len=70, causal=True, kv_heads=2), {"local_window": 16}),
+    ("blocksparse", dict(q_len=70, kv_len=90, causal=True, kv_heads=2), {"block": 16, "window_blocks": 1, "global_blocks": 1, "random_blocks": 1}),
+    ("xformers-blocksparse", dict(q_len=70, causal=False), {"block": 16, "window_blocks": 1, "global_blocks": 1, "random_blocks": 1}),
+    ("linformer", dict(q_len=70, kv_len=90, kv_heads=2), {"rank": 32}),
+]
+
+
+@pytest.mark.parametrize("name,fields,params", TRAINABLE, ids=[t[0] for t in TRAINABLE])
+def test_gradients_match_own_pattern(name: str, fields: dict, params: dict) -> None:
+    problem = Problem(batch=2, heads=4, head_dim=16, training=True, **fields)
+    variant = _variant(name, problem)
+    inputs = make_inputs(problem, seed=5)
+    out = variant.fn(inputs.q, inputs.k, inputs.v, **inputs.call_kwargs(problem), **params)
+    grad_out = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (inputs.q, inputs.k, inputs.v), grad_out)
+    leaves = [t.detach().double().requires_grad_() for t in (inputs.q, inputs.k, inputs.v)]
+    ref = pattern_reference(name, problem, *leaves, params)
+    want = torch.autograd.grad(ref, leaves, grad_out.double())
+    for label, got, expected in zip("qkv", grads, want):
+        assert rel_error(got, expected) < 1e-4, f"d{label}: {rel_error(got, expected):.2e}"
+
+
+def test_every_approximate_variant_trains_or_says_why_not() -> None:
+    trained = {t[0] for t in TRAINABLE}
+    problem = Problem(batch=1, heads=2, q_len=128, head_dim=16, training=True)
+    for name in APPROXIMATE:
+        if name not in trained:
+            reason = attn_tune.get_variant(name).supports(problem)
+            assert reason and "backward" in reason, f"{name} is neither gradient-tested nor refuses training"
+
+
+def test_flex_refuses_cpu_backward_when_called_anyway() -> None:
+    problem = Problem(batch=1, heads=2, q_len=64, head_dim=16, training=True)
+    inputs = make_inputs(problem, seed=0)
+    for name, window in (("flex-blocksparse", None), ("window-flex", 8)):
+        with pytest.raises(UnsupportedProblem, match="no backward on CPU"):
+            attn_tune.get_variant(name).fn(inputs.q, inputs.k, inputs.v, is_causal=False, window=window)
+
+
+@pytest.mark.parametrize(
+    "name,fields,fragment",
+    [("linformer", {"causal": True}, "no causal"), ("linformer", {"window": 8}, "sliding window"),
+     ("blocksparse", {"window": 8}, "sliding window"), ("local", {"mask": True}, "attn_mask"),
+     ("window-chunked", {}, "needs a sliding window"), ("window-flex", {}, "needs a sliding window")],
+)
+def test_refusals_say_why_and_calls_raise(name: str, fields: dict, fragment: str) -> None:
+    problem = Problem(batch=1, heads=2, q_len=64, head_dim=16, **fields)
+    variant = attn_tune.get_variant(name)
+    assert fragment in (variant.supports(problem) or "")
+    inputs = make_inputs(problem, seed=0)
+    with pytest.raises(UnsupportedProblem):
+        variant.fn(inputs.q, inputs.k, inputs.v, **inputs.call_kwargs(problem))
+
+
+def test_window_flex_builds_its_block_mask_once_per_shape() -> None:
+    from attn_tune.families.flex import window_block_mask
+
+    problem = Problem(batch=1, heads=2, q_len=96, head_dim=16, window=24)
+    variant = _variant("window-flex", problem)
+    inputs = make_inputs(problem, seed=0)
+    window_block_mask.cache_clear()
+    for _ in range(3):
+        variant.fn(inputs.q, inputs.k, inputs.v, **inputs.call_kwargs(problem))
+    info = window_block_mask.cache_info()
+    assert (info.misses, info.hits) == (1, 2)
+
+
+@pytest.mark.parametrize("name", ["local", "blocksparse", "linformer"])
+def test_knob_space_samples_only_runnable_params(name: str) -> None:
+    """Every point of the search space runs and yields a finite output (the tuner never draws a broken knob)."""
+    import itertools
+
+    from optuna.distributions import CategoricalDistribution, IntDistribution
+
+    problem = Problem(batch=1, heads=2, q_len=200, kv_len=150, head_dim=16)
+    variant = _variant(name, problem)
+    space = variant.space(problem)
+    axes = []
+    for knob, dist in space.items():
+        if isinstance(dist, CategoricalDistribution):
+            axes.append([(knob, c) for c in dist.choices])
+        else:
+            assert isinstance(dist, IntDistribution)
+            axes.append([(knob, c) for c in range(dist.low, dist.high + 1, dist.step)])
+    inputs = make_inputs(problem, seed=0)
+    for point in itertools.product(*axes):
+        out = variant.fn(inputs.q, inputs.k, inputs.v, **inputs.call_kwargs(problem), **dict(point))
+        assert torch.isfinite(out).all(), f"{name} {dict(point)} gave non-finite output"
+
+
+def test_tuner_searches_the_approximate_knobs_under_max_error(tmp_path) -> None:
+    """A real tune: with a max_error every family takes part, its knobs come from its space, its error is measured
+    (never assumed), and what breaks the bound is recorded as excluded, with the reason."""
+    from attn_tune.tuner.tune import tune
+
+    problem = Problem(batch=1, heads=2, q_len=512, head_dim=16)
+    names = ["sdpa", "local", "blocksparse", "linformer"]
+    config = tune(
+        [problem], trials=8, max_error=1.2, objective="memory", storage=f"sqlite:///{tmp_path / 's.db'}", seed=1,
+        variants=[attn_tune.get_variant(n) for n in names], measure_kwargs={"min_repeats": 1, "min_time_s": 0.0},
+        final_kwargs={"min_repeats": 1, "min_time_s": 0.0}, rounds=1,
+    )
+    (entry,) = config.entries
+    approximate = [c for c in entry.candidates if c["variant"] in names[1:] and c.get("rel_error") is not None]
+    assert approximate, entry.candidates
+    for candidate in approximate:
+        space = attn_tune.get_variant(candidate["variant"]).space(problem)
+        assert set(candidate["params"]) == set(space)
+        assert candidate["rel_error"] > 1e-3
+        if candidate["rel_error"] > 1.2:
+            assert candidate["status"] == "excluded" and "error" in candidate["reason"]
+    assert entry.measured["rel_error"] <= 1.2
