@@ -63,7 +63,8 @@ def bench(
     on_result: Callable[[BenchResult], None] | None = None,
     **measure_kwargs: Any,
 ) -> list[BenchResult]:
-    """Measure every variant on every problem (exact variants only make sense here; nothing is tuned).
+    """Measure every variant on every problem (nothing is tuned; an approximate variant's error is against the
+    problem's exact attention).
 
     `measure_kwargs` go to `measure` (seed, warmup, min_time_s, ...). `on_result` is called after each cell,
     for progress bars.
