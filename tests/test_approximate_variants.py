@@ -32,8 +32,7 @@ def _variant(name: str, problem: Problem | None = None) -> attn_tune.Variant:
 def pattern_reference(name: str, problem: Problem, q, k, v, params: dict) -> torch.Tensor:
     """The exact function an approximate variant claims to compute, written independently in float64."""
     if name == "local":
-        narrow = params["local_window"] if problem.window is None else min(problem.window, params["local_window"])
-        return oracle(q, k, v, causal=problem.causal, window=narrow)
+        return oracle(q, k, v, causal=problem.causal, window=params["local_window"])
     if name in BLOCK_PATTERN:
         keep = pattern_mask(problem.q_len, problem.n_kv_len, causal=problem.causal, **params)
         return oracle(q, k, v, mask=keep)  # pattern_mask already holds the causal cut

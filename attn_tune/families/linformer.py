@@ -56,8 +56,8 @@ def linformer_attention(
         raise UnsupportedProblem(
             "linformer mixes every key into each projected key: no causal cut, window or attn_mask can be honoured"
         )
-    if rank < 1:
-        raise ValueError(f"rank must be positive, got {rank}")
+    if not 1 <= rank < k.shape[-2]:
+        raise UnsupportedProblem(f"rank {rank} does not project kv_len {k.shape[-2]} to fewer keys")
     k, v = repeat_kv(k, v, q.shape[1])
     batch, heads, q_len, _ = q.shape
     e, f = linformer_projections(k.shape[-2], rank, q.dtype, q.device)

@@ -51,18 +51,21 @@ def local_attention(
     local_window: int = 256,
     block: int = 128,
 ) -> Tensor:
-    """Exact attention under the window min(`window`, `local_window`): an approximation of the wider problem.
+    """Exact attention under the narrower window `local_window`: an approximation of the wider problem.
 
     Its own function is well defined: sliding-window attention with window `local_window` (and the problem's
-    causal cut), so its error against the problem is measured, never assumed.
+    causal cut), so its error against the problem is measured, never assumed. A `local_window` that narrows
+    nothing is refused, as `supports()` refuses problems with no narrower window.
     """
     if attn_mask is not None:
         raise UnsupportedProblem("local does not take an explicit attn_mask: a narrower window could leave a query no key")
     q_len, kv_len = q.shape[-2], k.shape[-2]
-    narrow = local_window if window is None else min(window, local_window)
-    if q_len >= kv_len + narrow:
-        raise UnsupportedProblem(f"local window {narrow} leaves queries past kv_len + window with no key")
-    return chunked_attention(q, k, v, is_causal=is_causal, window=narrow, scale=scale, chunk=block)
+    full = window if window is not None else max(q_len, kv_len)
+    if local_window >= full:
+        raise UnsupportedProblem(f"local_window {local_window} is not narrower than this call's attention ({full})")
+    if q_len >= kv_len + local_window:
+        raise UnsupportedProblem(f"local window {local_window} leaves queries past kv_len + window with no key")
+    return chunked_attention(q, k, v, is_causal=is_causal, window=local_window, scale=scale, chunk=block)
 
 
 def _window_supports(problem: Problem) -> str | None:
