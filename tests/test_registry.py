@@ -164,4 +164,7 @@ def test_every_hook_has_a_test_and_docs() -> None:
     hooks = [name for name in dir(hookspecs) if name.startswith("attn_tune_")]
     assert hooks
     for hook in hooks:
-        assert f"def {hook}(" in tests and hook in docs
+        assert f"def {hook}(" in tests, f"no test defines an implementation of {hook}"
+        assert f"### `{hook}(" in docs and "->" in docs.split(f"### `{hook}(", 1)[1].split("\n", 1)[0], (
+            f"docs/plugins.md has no '### `{hook}(...) -> ...`' heading giving its signature"
+        )

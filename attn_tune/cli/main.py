@@ -1,4 +1,4 @@
-"""`attn-tune`: list variants, show plugins, benchmark variants on problems."""
+"""`attn-tune`: list variants, show plugins, benchmark variants on problems, check a variant's conformance."""
 
 from __future__ import annotations
 
@@ -168,6 +168,44 @@ def bench_command(variant_names: tuple[str, ...], min_time: float, seed: int, as
         click.echo(
             table(("VARIANT", "LATENCY ms (IQR)", "PEAK MiB", "REL ERR", f"vs {BASELINE}", "STATUS"), rows)
         )
+
+
+@cli.command("check")
+@click.argument("variant_name", metavar="VARIANT")
+@click.option("--device", default="cpu", show_default=True, help="Run the conformance problems on this device.")
+@click.option("--check", "only", multiple=True, metavar="NAME", help="Only these checks (repeatable); default all.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output only.")
+def check_command(variant_name: str, device: str, only: tuple[str, ...], as_json: bool) -> None:
+    """Run the conformance kit on VARIANT: one line per finding; exit 1 if any, 0 if it conforms."""
+    from attn_tune.problem import check_device
+    from attn_tune.registry import get_variant
+    from attn_tune.testing import CHECKS, check_variant, conformance_problems
+
+    unknown = sorted(set(only) - set(CHECKS))
+    if unknown:
+        raise click.BadParameter(f"unknown check {', '.join(unknown)}; the checks are {', '.join(CHECKS)}",
+                                 param_hint="--check")
+    variant = get_variant(variant_name)
+    check_device(device)
+    problems = conformance_problems(device)
+    checks = only or CHECKS
+    if as_json:
+        findings = check_variant(variant, device, problems, checks)
+    else:
+        with click.progressbar(length=len(problems), label=f"checking {variant.name}", file=sys.stderr,
+                               show_pos=True) as bar:
+            findings = check_variant(variant, device, problems, checks, on_case=lambda _: bar.update(1))
+    if as_json:
+        echo_json({"variant": variant.name, "problems": len(problems), "checks": list(checks),
+                   "findings": [{"check": f.check, "problem": f.problem.to_dict() if f.problem else None,
+                                 "message": f.message} for f in findings]})
+    else:
+        for finding in findings:
+            click.echo(str(finding))
+        verdict = f"{len(findings)} finding(s)" if findings else "conforms"
+        click.echo(f"{variant.name}: {verdict} ({len(checks)} checks on {len(problems)} problems, {device})")
+    if findings:
+        sys.exit(1)
 
 
 def main() -> None:
