@@ -102,18 +102,21 @@ def _summary(problem: Problem, entry: Any, note: str) -> str:
 @click.option("--objective", type=click.Choice(["latency", "memory", "balanced"]), default="latency", show_default=True)
 @click.option("--storage", default=None, help="Optuna storage URL. [default: an SQLite file beside --out]")
 @click.option("--seed", type=int, default=None, help="Seed of the sampler, for reproducible searches.")
+@click.option("--variant", "variant_names", multiple=True, metavar="NAME", help="Only these variants take part (repeatable).")
 @click.option("--out", type=click.Path(dir_okay=False), default="tuned.json", show_default=True, help="Where the tuned config goes.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None, help="Also draw the report PNG here. [quick: report.png]")
 @click.pass_context
 def tune_command(ctx: click.Context, shapes: str | None, preset: str | None, trials: int | None, max_error: float | None,
-                 memory_budget: int | None, objective: str, storage: str | None, seed: int | None, out: str,
-                 plot_path: str | None, **options: Any) -> None:
+                 memory_budget: int | None, objective: str, storage: str | None, seed: int | None,
+                 variant_names: tuple[str, ...], out: str, plot_path: str | None, **options: Any) -> None:
     """Search variants and knobs per problem by measuring them; write the tuned config."""
     from attn_tune.tuner.plot import plot_config
     from attn_tune.tuner.presets import PRESETS
     from attn_tune.tuner.storage import default_storage_url, redact
+    from attn_tune.registry import get_variant
     from attn_tune.tuner.tune import tune
 
+    chosen_variants = [get_variant(name) for name in variant_names] or None
     if sum(bool(x) for x in (shapes, preset, _given(ctx))) > 1:
         raise click.UsageError("give problem options, --shapes or --preset, not more than one")
     settings: dict[str, Any] = {}
@@ -142,8 +145,8 @@ def tune_command(ctx: click.Context, shapes: str | None, preset: str | None, tri
 
     try:
         config = tune(problems, trials=trials or 20, max_error=max_error, memory_budget=memory_budget,
-                      objective=objective, storage=storage, seed=seed, on_trial=progress, on_result=on_result,
-                      **settings)
+                      objective=objective, storage=storage, seed=seed, variants=chosen_variants, on_trial=progress,
+                      on_result=on_result, **settings)
     except KeyboardInterrupt:
         progress.close()
         click.echo(f"Interrupted: finished trials are kept in {redact(storage)}; run the same command to resume.", err=True)
