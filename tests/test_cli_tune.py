@@ -107,6 +107,7 @@ def test_corrupt_or_foreign_config_is_one_line(tmp_path: Path, content: str, fra
         (["--storage", "nosuchdb://user:hunter2@host/db"], "cannot open storage nosuchdb://user:***@host/db"),
         (["--shapes", "/nonexistent/shapes.json"], "cannot read /nonexistent/shapes.json"),
         (["--out", "/nonexistent/folder/t.json"], "does not exist"),
+        (["--variant", "chunkd"], "unknown variant 'chunkd'; did you mean chunked"),
     ],
 )
 def test_tune_bad_input_is_one_line_and_writes_nothing(tmp_path: Path, args, fragment) -> None:
@@ -116,3 +117,12 @@ def test_tune_bad_input_is_one_line_and_writes_nothing(tmp_path: Path, args, fra
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and fragment in lines[0] and "hunter2" not in result.stderr
     assert not (tmp_path / "t.json").exists()
+
+
+def test_tune_variant_option_restricts_the_pool(tmp_path: Path) -> None:
+    out = tmp_path / "t.json"
+    result = run("tune", "--seq-len", "64", "--heads", "2", "--head-dim", "8", "--trials", "3", "--variant", "sdpa",
+                 "--variant", "chunked", "--out", out)
+    assert result.exit_code == 0, result.output
+    (entry,) = load_config(out).entries
+    assert {c["variant"] for c in entry.candidates} == {"sdpa", "chunked"}
