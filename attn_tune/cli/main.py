@@ -159,6 +159,7 @@ def bench_command(variant_names: tuple[str, ...], min_time: float, seed: int, as
                 (
                     r.variant.name,
                     f"{m.latency_ms:.3f} ± {m.latency_iqr_ms:.3f}" if m else "",
+                    f"{m.first_call_ms:.1f}" if m else "",
                     mib(m.peak_bytes) if m else "",
                     f"{m.rel_error:.1e}" if m else "",
                     f"{r.vs_baseline:.2f}x" if r.vs_baseline is not None else "",
@@ -166,7 +167,7 @@ def bench_command(variant_names: tuple[str, ...], min_time: float, seed: int, as
                 )
             )
         click.echo(
-            table(("VARIANT", "LATENCY ms (IQR)", "PEAK MiB", "REL ERR", f"vs {BASELINE}", "STATUS"), rows)
+            table(("VARIANT", "LATENCY ms (IQR)", "FIRST CALL ms", "PEAK MiB", "REL ERR", f"vs {BASELINE}", "STATUS"), rows)
         )
 
 
