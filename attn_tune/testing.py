@@ -24,8 +24,7 @@ Nothing here imports pytest; `conformance_cases` only builds objects with `run()
 from __future__ import annotations
 
 import itertools
-import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
@@ -35,6 +34,7 @@ from attn_tune.errors import InvalidProblem, UnsupportedProblem
 from attn_tune.problem import Problem
 from attn_tune.registry.catalog import availability
 from attn_tune.registry.variant import Variant, malformed_reason
+from attn_tune.tuner.inputs import Inputs, make_inputs, reference_output, relative_error
 
 __all__ = [
     "CHECKS", "TOLERANCE", "Finding", "Case", "conformance_problems", "conformance_cases", "check_variant",
@@ -48,6 +48,7 @@ CHECKS: tuple[str, ...] = (
 TOLERANCE: dict[str, float] = {"float32": 1e-5, "float16": 1e-2, "bfloat16": 1e-2}
 GRAD_TOLERANCE: dict[str, float] = {"float32": 1e-4, "float16": 3e-2, "bfloat16": 3e-2}
 SPACE_SAMPLES = 6
+SEED = 0  # of the inputs every check draws: the same numbers in every check, so a finding can be reproduced
 
 
 @dataclass(frozen=True)
@@ -82,66 +83,18 @@ def conformance_problems(device: str = "cpu") -> list[Problem]:
 
 
 def sample_params(variant: Variant, problem: Problem, count: int = 1, seed: int = 0) -> list[dict[str, Any]]:
-    """Up to `count` distinct knob settings drawn from the variant's space (the first one deterministic)."""
-    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+    """`count` knob settings drawn from the variant's space exactly as the tuner draws them (seeded)."""
+    import optuna
 
-    space = variant.space(problem)
-    rng = random.Random(seed)
-    axes: dict[str, list[Any]] = {}
-    for knob, dist in space.items():
-        if isinstance(dist, CategoricalDistribution):
-            axes[knob] = list(dist.choices)
-        elif isinstance(dist, IntDistribution):
-            values = list(range(dist.low, dist.high + 1, dist.step))
-            axes[knob] = values if len(values) <= 64 else sorted(rng.sample(values, 64))
-        elif isinstance(dist, FloatDistribution):
-            axes[knob] = [dist.low, (dist.low + dist.high) / 2, dist.high]
-        else:
-            raise TypeError(f"knob {knob!r}: {type(dist).__name__} is not an optuna distribution")
-    points = [dict(zip(axes, combo)) for combo in itertools.product(*axes.values())]
-    if not points:
-        return [{}]
-    head, rest = points[len(points) // 2], points[: len(points) // 2] + points[len(points) // 2 + 1:]
-    return [head] + rng.sample(rest, min(count - 1, len(rest)))
+    from attn_tune.tuner.space import quiet_optuna, suggest
+
+    with quiet_optuna():
+        study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
+        return [suggest(study.ask(), problem, [variant])[1] for _ in range(count)]
 
 
-@dataclass
-class _Run:
-    """One problem's inputs and what calling the variant did."""
-
-    problem: Problem
-    q: Tensor
-    k: Tensor
-    v: Tensor
-    attn_mask: Tensor | None
-    params: dict[str, Any] = field(default_factory=dict)
-
-    def call(self, variant: Variant, **override: Any) -> Tensor:
-        kwargs = {"is_causal": self.problem.causal, "window": self.problem.window, "attn_mask": self.attn_mask,
-                  "scale": None, **self.params, **override}
-        return variant.fn(self.q, self.k, self.v, **kwargs)
-
-
-def _inputs(problem: Problem, params: dict[str, Any], seed: int = 0) -> _Run:
-    from attn_tune.tuner.inputs import make_inputs
-
-    made = make_inputs(problem, seed)
-    return _Run(problem, made.q, made.k, made.v, made.attn_mask, params)
-
-
-def _reference(run: _Run) -> Tensor:
-    from attn_tune.families.chunked import chunked_attention
-
-    q, k, v = (t.detach().to(torch.float64) for t in (run.q, run.k, run.v))
-    with torch.no_grad():
-        return chunked_attention(q, k, v, is_causal=run.problem.causal, window=run.problem.window,
-                                 attn_mask=run.attn_mask, chunk=64)
-
-
-def _rel_error(out: Tensor, ref: Tensor) -> float:
-    from attn_tune.tuner.inputs import relative_error
-
-    return relative_error(out, ref)
+def _call(variant: Variant, problem: Problem, inputs: Inputs, params: dict[str, Any]) -> Tensor:
+    return variant.fn(inputs.q, inputs.k, inputs.v, **inputs.call_kwargs(problem), **params)
 
 
 def _one_line(exc: BaseException) -> str:
@@ -152,11 +105,11 @@ def _one_line(exc: BaseException) -> str:
 def _check_supported(variant: Variant, problem: Problem, params: dict[str, Any], checks: set[str]) -> list[str]:
     """Messages (prefixed by their check) for a problem the variant says it supports."""
     failures: list[str] = []
-    run = _inputs(problem, params)
+    run = make_inputs(problem, SEED)
     before = [t.detach().clone() for t in (run.q, run.k, run.v)] + ([run.attn_mask.clone()] if run.attn_mask is not None else [])
     try:
         with torch.set_grad_enabled(problem.training):
-            out = run.call(variant)
+            out = _call(variant, problem, run, params)
     except Exception as exc:  # noqa: BLE001 - any exception here is the finding
         return [f"supports-claims|supports() accepts it, but the call raised {_one_line(exc)}"]
     if "output" in checks:
@@ -172,23 +125,23 @@ def _check_supported(variant: Variant, problem: Problem, params: dict[str, Any],
             if not torch.equal(old, new.detach()):
                 failures.append(f"inputs-unchanged|{name} was modified in place")
     if "determinism" in checks:
-        fresh = _inputs(problem, params)  # the same seeded inputs, untouched even if the first call mutated its own
+        fresh = make_inputs(problem, SEED)  # the same seeded inputs, untouched even if the first call mutated its own
         with torch.no_grad():
-            first, second = fresh.call(variant), fresh.call(variant)
+            first, second = _call(variant, problem, fresh, params), _call(variant, problem, fresh, params)
         if not torch.equal(first, second):
             diff = (first.double() - second.double()).abs().max().item()
             failures.append(f"determinism|two calls on the same inputs differ (max abs difference {diff:.2e})")
     if "correctness" in checks and variant.exact and out.shape == run.q.shape[:-1] + (run.v.shape[-1],):
-        err = _rel_error(out, _reference(run))
+        err = relative_error(out, reference_output(problem, SEED))
         if not err <= TOLERANCE[problem.dtype]:
             failures.append(f"correctness|relative error {err:.2e} against float64 attention, above "
                             f"{TOLERANCE[problem.dtype]:g} for {problem.dtype}")
     if "backward" in checks and problem.training:
-        failures += _check_backward(variant, run, out)
+        failures += _check_backward(variant, problem, run, out)
     return failures
 
 
-def _check_backward(variant: Variant, run: _Run, out: Tensor) -> list[str]:
+def _check_backward(variant: Variant, problem: Problem, run: Inputs, out: Tensor) -> list[str]:
     if not out.requires_grad:
         return ["backward|supports() accepts training, but the output does not require grad"]
     grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out.device, out.dtype)
@@ -205,21 +158,21 @@ def _check_backward(variant: Variant, run: _Run, out: Tensor) -> list[str]:
     leaves = [t.detach().to(torch.float64).requires_grad_() for t in (run.q, run.k, run.v)]
     from attn_tune.families.dense import dense_attention
 
-    ref = dense_attention(*leaves, is_causal=run.problem.causal, window=run.problem.window, attn_mask=run.attn_mask)
+    ref = dense_attention(*leaves, **run.call_kwargs(problem))
     want = torch.autograd.grad(ref, leaves, grad_out.to(torch.float64))
     for name, got, expected in zip("qkv", grads, want):
-        err = _rel_error(got, expected)
-        if not err <= GRAD_TOLERANCE[run.problem.dtype]:
+        err = relative_error(got, expected)
+        if not err <= GRAD_TOLERANCE[problem.dtype]:
             failures.append(f"backward|d{name} is {err:.2e} from float64's gradient")
     return failures
 
 
 def _check_refused(variant: Variant, problem: Problem, params: dict[str, Any]) -> list[str]:
     """Called anyway on a problem it refuses: UnsupportedProblem, or (exact variants) a correct answer."""
-    run = _inputs(problem, params)
+    run = make_inputs(problem, SEED)
     try:
         with torch.set_grad_enabled(problem.training):
-            out = run.call(variant)
+            out = _call(variant, problem, run, params)
     except UnsupportedProblem:
         return []
     except Exception as exc:  # noqa: BLE001
@@ -228,7 +181,7 @@ def _check_refused(variant: Variant, problem: Problem, params: dict[str, Any]) -
         return ["supports-refusals|refused, yet the call returned a result instead of raising UnsupportedProblem"]
     if out.shape != run.q.shape[:-1] + (run.v.shape[-1],) or out.dtype != run.q.dtype:
         return [f"supports-refusals|refused, yet returned {tuple(out.shape)} {out.dtype}"]
-    err = _rel_error(out, _reference(run))
+    err = relative_error(out, reference_output(problem, SEED))
     if not err <= TOLERANCE[problem.dtype]:
         return [f"supports-refusals|refused, yet returned a wrong answer (relative error {err:.2e}) instead of "
                 f"raising UnsupportedProblem"]
@@ -245,17 +198,17 @@ def _check_space(variant: Variant, problem: Problem) -> list[str]:
     if not isinstance(space, dict) or not all(isinstance(d, BaseDistribution) for d in space.values()):
         return ["space|space() must return a dict of optuna distributions"]
     failures = []
-    for params in sample_params(variant, problem, count=SPACE_SAMPLES):
-        run = _inputs(problem, params)
+    run = make_inputs(problem, SEED)
+    for params in sample_params(variant, problem, count=SPACE_SAMPLES, seed=1):
         try:
             with torch.no_grad():
-                out = run.call(variant)
+                out = _call(variant, problem, run, params)
         except Exception as exc:  # noqa: BLE001
             failures.append(f"space|sampled knobs {params} raised {_one_line(exc)}")
             continue
         if not torch.isfinite(out).all():
             failures.append(f"space|sampled knobs {params} gave non-finite output")
-        elif variant.exact and not _rel_error(out, _reference(run)) <= TOLERANCE[problem.dtype]:
+        elif variant.exact and not relative_error(out, reference_output(problem, SEED)) <= TOLERANCE[problem.dtype]:
             failures.append(f"space|sampled knobs {params} gave a wrong answer for an exact variant")
     return failures
 

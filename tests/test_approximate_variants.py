@@ -10,7 +10,7 @@ import torch
 
 import attn_tune
 from attn_tune import Problem, UnsupportedProblem
-from attn_tune.families.blocksparse import block_layout, pattern_mask
+from attn_tune.families.blocksparse import BlockPattern
 from attn_tune.families.linformer import linformer_projections
 from attn_tune.tuner import make_inputs, measure
 from tests.oracle import oracle, rel_error
@@ -34,8 +34,8 @@ def pattern_reference(name: str, problem: Problem, q, k, v, params: dict) -> tor
     if name == "local":
         return oracle(q, k, v, causal=problem.causal, window=params["local_window"])
     if name in BLOCK_PATTERN:
-        keep = pattern_mask(problem.q_len, problem.n_kv_len, causal=problem.causal, **params)
-        return oracle(q, k, v, mask=keep)  # pattern_mask already holds the causal cut
+        keep = BlockPattern(**params).mask(problem.q_len, problem.n_kv_len, problem.causal)
+        return oracle(q, k, v, mask=keep)  # the pattern's mask already holds the causal cut
     if name == "linformer":
         e, f = linformer_projections(problem.n_kv_len, params["rank"], torch.float64, torch.device("cpu"))
         q64, k64, v64 = (t.to("cpu", torch.float64) for t in (q, k, v))
@@ -125,7 +125,7 @@ def test_sparse_path_is_really_sparse(name: str) -> None:
     peaks, densities = [], []
     for random_blocks in (6, 2, 0):
         params = {"block": 32, "window_blocks": 1, "global_blocks": 1, "random_blocks": random_blocks}
-        layout = block_layout(2048, 2048, causal=False, **params)
+        layout = BlockPattern(**params).layout(2048, 2048, causal=False)
         densities.append(layout.float().mean().item())
         peaks.append(measure(variant, problem, params, min_repeats=1, min_time_s=0.0).peak_bytes)
     assert 0.05 < densities[1] < 0.15, densities
@@ -136,9 +136,10 @@ def test_sparse_path_is_really_sparse(name: str) -> None:
     from attn_tune.families.flex import pattern_block_mask
 
     assert peaks[0] >= peaks[1] >= peaks[2]
-    block_mask = pattern_block_mask(2048, 2048, False, 32, 1, 1, 0, torch.device("cpu"))
+    pattern = BlockPattern(**params)
+    block_mask = pattern_block_mask(pattern, 2048, 2048, False, torch.device("cpu"))
     visited = block_mask.kv_num_blocks.sum() + block_mask.full_kv_num_blocks.sum()
-    assert visited == block_layout(2048, 2048, causal=False, **params).sum()
+    assert visited == pattern.layout(2048, 2048, causal=False).sum()
 
 
 TRAINABLE = [
@@ -212,24 +213,15 @@ def test_window_flex_builds_its_block_mask_once_per_shape() -> None:
 @pytest.mark.parametrize("name", ["local", "blocksparse", "linformer"])
 def test_knob_space_samples_only_runnable_params(name: str) -> None:
     """Every point of the search space runs and yields a finite output (the tuner never draws a broken knob)."""
-    import itertools
-
-    from optuna.distributions import CategoricalDistribution, IntDistribution
+    from attn_tune.tuner.space import grid_points
 
     problem = Problem(batch=1, heads=2, q_len=200, kv_len=150, head_dim=16)
     variant = _variant(name, problem)
-    space = variant.space(problem)
-    axes = []
-    for knob, dist in space.items():
-        if isinstance(dist, CategoricalDistribution):
-            axes.append([(knob, c) for c in dist.choices])
-        else:
-            assert isinstance(dist, IntDistribution)
-            axes.append([(knob, c) for c in range(dist.low, dist.high + 1, dist.step)])
     inputs = make_inputs(problem, seed=0)
-    for point in itertools.product(*axes):
-        out = variant.fn(inputs.q, inputs.k, inputs.v, **inputs.call_kwargs(problem), **dict(point))
-        assert torch.isfinite(out).all(), f"{name} {dict(point)} gave non-finite output"
+    for point in grid_points(problem, [variant]):
+        params = {knob.split(":", 1)[1]: value for knob, value in point.items() if knob != "variant"}
+        out = variant.fn(inputs.q, inputs.k, inputs.v, **inputs.call_kwargs(problem), **params)
+        assert torch.isfinite(out).all(), f"{name} {params} gave non-finite output"
 
 
 def test_tuner_searches_the_approximate_knobs_under_max_error(tmp_path) -> None:

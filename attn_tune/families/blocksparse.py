@@ -3,7 +3,7 @@
 Query block i sees key blocks j with |i - j| <= window_blocks, the first `global_blocks` key blocks, and
 `random_blocks` more drawn from a fixed seed (block-level causal when the problem is causal, and element-level
 causal inside the blocks it keeps). Only the kept key blocks are gathered, so time and memory scale with the
-number of non-zero blocks, not with q_len x kv_len. `block_layout` and `pattern_mask` define the function
+number of non-zero blocks, not with q_len x kv_len. `BlockPattern.layout` / `.mask` define the function
 exactly; the FlexAttention and xformers variants compute the same pattern.
 """
 
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -24,68 +25,70 @@ from attn_tune.registry.hookspecs import hookimpl
 from attn_tune.registry.variant import Variant
 
 __all__ = [
-    "PATTERN_SEED", "PATTERN_DEFAULTS", "block_layout", "pattern_mask", "blocksparse_attention",
-    "pattern_supports", "pattern_space", "check_pattern_call",
+    "PATTERN_SEED", "BlockPattern", "DEFAULT_PATTERN", "blocksparse_attention", "pattern_supports", "pattern_space",
+    "check_pattern_call",
 ]
 
 PATTERN_SEED = 0
-PATTERN_DEFAULTS: dict[str, int] = {"block": 64, "window_blocks": 1, "global_blocks": 1, "random_blocks": 1}
 _BLOCK_CHOICES = (32, 64, 128)
 
 
-@functools.lru_cache(maxsize=128)
-def block_layout(
-    q_len: int, kv_len: int, *, causal: bool, block: int, window_blocks: int, global_blocks: int, random_blocks: int,
-    seed: int = PATTERN_SEED,
-) -> Tensor:
-    """Boolean (query blocks, key blocks) on the CPU, True where a query block sees a key block. Do not modify.
+@dataclass(frozen=True)
+class BlockPattern:
+    """The knobs of the block pattern; `layout` and `mask` define exactly what every block-sparse variant computes.
 
     At least one global block is required: it keeps every query's first key, so no row is ever empty.
     """
-    if block < 1 or window_blocks < 0 or random_blocks < 0:
-        raise ValueError("block must be positive; window_blocks and random_blocks must not be negative")
-    if global_blocks < 1:
-        raise ValueError("global_blocks must be at least 1, so that every query sees a key")
-    n_q, n_k = math.ceil(q_len / block), math.ceil(kv_len / block)
+
+    block: int = 64
+    window_blocks: int = 1
+    global_blocks: int = 1
+    random_blocks: int = 1
+    seed: int = PATTERN_SEED
+
+    def __post_init__(self) -> None:
+        if self.block < 1 or self.window_blocks < 0 or self.random_blocks < 0:
+            raise ValueError("block must be positive; window_blocks and random_blocks must not be negative")
+        if self.global_blocks < 1:
+            raise ValueError("global_blocks must be at least 1, so that every query sees a key")
+
+    def layout(self, q_len: int, kv_len: int, causal: bool) -> Tensor:
+        """Boolean (query blocks, key blocks) on the CPU, True where a query block sees a key block. Do not modify."""
+        return _layout(self, q_len, kv_len, causal)
+
+    def mask(self, q_len: int, kv_len: int, causal: bool) -> Tensor:
+        """The pattern as a boolean (q_len, kv_len) keep-mask: the function every block-sparse variant computes."""
+        keep = self.layout(q_len, kv_len, causal).repeat_interleave(self.block, 0).repeat_interleave(self.block, 1)
+        keep = keep[:q_len, :kv_len]
+        return keep & torch.ones(q_len, kv_len, dtype=torch.bool).tril() if causal else keep
+
+
+DEFAULT_PATTERN = BlockPattern()
+
+
+@functools.lru_cache(maxsize=128)
+def _layout(pattern: BlockPattern, q_len: int, kv_len: int, causal: bool) -> Tensor:
+    n_q, n_k = math.ceil(q_len / pattern.block), math.ceil(kv_len / pattern.block)
     rows = torch.arange(n_q)[:, None]
     cols = torch.arange(n_k)[None, :]
-    layout = ((rows - cols).abs() <= window_blocks) | (cols < global_blocks)
+    layout = ((rows - cols).abs() <= pattern.window_blocks) | (cols < pattern.global_blocks)
     allowed = cols <= rows if causal else torch.ones(n_q, n_k, dtype=torch.bool)
     layout &= allowed
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(pattern.seed)
     for i in range(n_q):
         candidates = torch.nonzero(allowed[i] & ~layout[i]).flatten()
         order = torch.randperm(len(candidates), generator=generator)
-        layout[i, candidates[order[:random_blocks]]] = True
+        layout[i, candidates[order[: pattern.random_blocks]]] = True
     return layout
-
-
-def pattern_mask(
-    q_len: int, kv_len: int, *, causal: bool, block: int, window_blocks: int, global_blocks: int, random_blocks: int,
-    seed: int = PATTERN_SEED,
-) -> Tensor:
-    """The pattern as a boolean (q_len, kv_len) keep-mask: the function every block-sparse variant computes."""
-    layout = block_layout(
-        q_len, kv_len, causal=causal, block=block, window_blocks=window_blocks, global_blocks=global_blocks,
-        random_blocks=random_blocks, seed=seed,
-    )
-    mask = layout.repeat_interleave(block, 0).repeat_interleave(block, 1)[:q_len, :kv_len]
-    if causal:
-        mask = mask & torch.ones(q_len, kv_len, dtype=torch.bool).tril()
-    return mask
 
 
 @functools.lru_cache(maxsize=128)
 def _gather_plan(
-    q_len: int, kv_len: int, causal: bool, block: int, window_blocks: int, global_blocks: int, random_blocks: int,
-    device: torch.device,
+    pattern: BlockPattern, q_len: int, kv_len: int, causal: bool, device: torch.device
 ) -> tuple[Tensor, Tensor]:
     """Per query block, the indices of its key blocks (padded to the widest row) and the element keep-mask
     (query blocks, block, kept blocks x block): padding slots, keys past kv_len and causal cuts are False."""
-    layout = block_layout(
-        q_len, kv_len, causal=causal, block=block, window_blocks=window_blocks, global_blocks=global_blocks,
-        random_blocks=random_blocks,
-    )
+    layout, block = pattern.layout(q_len, kv_len, causal), pattern.block
     counts = layout.sum(dim=1)
     width = int(counts.max())
     # Stable sort puts each row's kept blocks first, in order; the rest of the row is padding.
@@ -117,19 +120,17 @@ def blocksparse_attention(
     window: int | None = None,
     attn_mask: Tensor | None = None,
     scale: float | None = None,
-    block: int = PATTERN_DEFAULTS["block"],
-    window_blocks: int = PATTERN_DEFAULTS["window_blocks"],
-    global_blocks: int = PATTERN_DEFAULTS["global_blocks"],
-    random_blocks: int = PATTERN_DEFAULTS["random_blocks"],
+    block: int = DEFAULT_PATTERN.block,
+    window_blocks: int = DEFAULT_PATTERN.window_blocks,
+    global_blocks: int = DEFAULT_PATTERN.global_blocks,
+    random_blocks: int = DEFAULT_PATTERN.random_blocks,
 ) -> Tensor:
     """Attention restricted to the block pattern, computing only the kept blocks (gathered per query block)."""
     check_pattern_call(window, attn_mask, "blocksparse")
+    pattern = BlockPattern(block, window_blocks, global_blocks, random_blocks)
     k, v = repeat_kv(k, v, q.shape[1])
-    batch, heads, q_len, _ = q.shape
-    kv_len = k.shape[-2]
-    index, keep = _gather_plan(
-        q_len, kv_len, is_causal, block, window_blocks, global_blocks, random_blocks, q.device
-    )
+    q_len, kv_len = q.shape[-2], k.shape[-2]
+    index, keep = _gather_plan(pattern, q_len, kv_len, is_causal, q.device)
     n_q, width = index.shape
     n_k = math.ceil(kv_len / block)
     pad_k = (0, 0, 0, n_k * block - kv_len)

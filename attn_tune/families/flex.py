@@ -17,7 +17,7 @@ from torch import Tensor
 
 from attn_tune.errors import UnsupportedProblem
 from attn_tune.families.blocksparse import (
-    PATTERN_DEFAULTS, block_layout, check_pattern_call, pattern_space, pattern_supports,
+    DEFAULT_PATTERN, BlockPattern, check_pattern_call, pattern_space, pattern_supports,
 )
 from attn_tune.problem import Problem
 from attn_tune.registry.hookspecs import hookimpl
@@ -101,16 +101,10 @@ def window_block_mask(q_len: int, kv_len: int, window: int, causal: bool, device
 
 
 @functools.lru_cache(maxsize=64)
-def pattern_block_mask(
-    q_len: int, kv_len: int, causal: bool, block: int, window_blocks: int, global_blocks: int, random_blocks: int,
-    device: torch.device,
-) -> Any:
+def pattern_block_mask(pattern: BlockPattern, q_len: int, kv_len: int, causal: bool, device: torch.device) -> Any:
     """The BlockMask of the `blocksparse` pattern, FlexAttention blocks equal to the pattern's blocks: kept blocks
     are visited, and only the causal diagonal and the sequence ends need the mask_mod."""
-    layout = block_layout(
-        q_len, kv_len, causal=causal, block=block, window_blocks=window_blocks, global_blocks=global_blocks,
-        random_blocks=random_blocks,
-    )
+    layout, block = pattern.layout(q_len, kv_len, causal), pattern.block
     _, _, q_whole = _block_bounds(q_len, block)
     _, _, k_whole = _block_bounds(kv_len, block)
     rows, cols = torch.arange(layout.shape[0])[:, None], torch.arange(layout.shape[1])[None, :]
@@ -160,17 +154,16 @@ def flex_blocksparse_attention(
     window: int | None = None,
     attn_mask: Tensor | None = None,
     scale: float | None = None,
-    block: int = PATTERN_DEFAULTS["block"],
-    window_blocks: int = PATTERN_DEFAULTS["window_blocks"],
-    global_blocks: int = PATTERN_DEFAULTS["global_blocks"],
-    random_blocks: int = PATTERN_DEFAULTS["random_blocks"],
+    block: int = DEFAULT_PATTERN.block,
+    window_blocks: int = DEFAULT_PATTERN.window_blocks,
+    global_blocks: int = DEFAULT_PATTERN.global_blocks,
+    random_blocks: int = DEFAULT_PATTERN.random_blocks,
 ) -> Tensor:
     """The `blocksparse` pattern through compiled FlexAttention."""
     check_pattern_call(window, attn_mask, "flex-blocksparse")
     _refuse_cpu_backward(q, k, v)
-    block_mask = pattern_block_mask(
-        q.shape[-2], k.shape[-2], is_causal, block, window_blocks, global_blocks, random_blocks, q.device
-    )
+    pattern = BlockPattern(block, window_blocks, global_blocks, random_blocks)
+    block_mask = pattern_block_mask(pattern, q.shape[-2], k.shape[-2], is_causal, q.device)
     return _flex(q, k, v, block_mask, scale)
 
 

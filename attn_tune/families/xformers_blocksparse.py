@@ -9,14 +9,13 @@ Inside-block cuts (causal diagonal, keys past kv_len) are added to the kept bloc
 from __future__ import annotations
 
 import functools
-import math
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from attn_tune.families.blocksparse import (
-    PATTERN_DEFAULTS, block_layout, check_pattern_call, pattern_space, pattern_supports,
+    DEFAULT_PATTERN, BlockPattern, check_pattern_call, pattern_space, pattern_supports,
 )
 from attn_tune.families.masks import repeat_kv, resolve_scale
 from attn_tune.problem import Problem
@@ -30,15 +29,11 @@ _MIN_BLOCK = 16  # BlockSparseTensor refuses smaller blocks
 
 @functools.lru_cache(maxsize=64)
 def _sparse_plan(
-    q_len: int, kv_len: int, causal: bool, block: int, window_blocks: int, global_blocks: int, random_blocks: int,
-    heads: int, device: torch.device, dtype: torch.dtype,
+    pattern: BlockPattern, q_len: int, kv_len: int, causal: bool, heads: int, device: torch.device, dtype: torch.dtype
 ) -> tuple[Tensor, Tensor]:
     """The per-head layout xformers wants (heads, q blocks, k blocks), on a square block grid, and the additive
     in-block bias (nnz, block, block) for the kept blocks in xformers' order (head, row, column)."""
-    layout = block_layout(
-        q_len, kv_len, causal=causal, block=block, window_blocks=window_blocks, global_blocks=global_blocks,
-        random_blocks=random_blocks,
-    )
+    layout, block = pattern.layout(q_len, kv_len, causal), pattern.block
     n = max(layout.shape)  # xformers' grid is square: pad the shorter side with empty blocks
     square = torch.zeros(n, n, dtype=torch.bool)
     square[: layout.shape[0], : layout.shape[1]] = layout
@@ -62,10 +57,10 @@ def xformers_blocksparse_attention(
     window: int | None = None,
     attn_mask: Tensor | None = None,
     scale: float | None = None,
-    block: int = PATTERN_DEFAULTS["block"],
-    window_blocks: int = PATTERN_DEFAULTS["window_blocks"],
-    global_blocks: int = PATTERN_DEFAULTS["global_blocks"],
-    random_blocks: int = PATTERN_DEFAULTS["random_blocks"],
+    block: int = DEFAULT_PATTERN.block,
+    window_blocks: int = DEFAULT_PATTERN.window_blocks,
+    global_blocks: int = DEFAULT_PATTERN.global_blocks,
+    random_blocks: int = DEFAULT_PATTERN.random_blocks,
 ) -> Tensor:
     """The `blocksparse` pattern as xformers block-sparse scores: only kept blocks are stored and computed."""
     from xformers.ops import masked_matmul
@@ -77,9 +72,8 @@ def xformers_blocksparse_attention(
     k, v = repeat_kv(k, v, q.shape[1])
     batch, heads, q_len, _ = q.shape
     kv_len = k.shape[-2]
-    layout, bias = _sparse_plan(
-        q_len, kv_len, is_causal, block, window_blocks, global_blocks, random_blocks, heads, q.device, q.dtype
-    )
+    pattern = BlockPattern(block, window_blocks, global_blocks, random_blocks)
+    layout, bias = _sparse_plan(pattern, q_len, kv_len, is_causal, heads, q.device, q.dtype)
     length = layout.shape[-1] * block
     qp = F.pad(q * resolve_scale(q, scale), (0, 0, 0, length - q_len))
     kp = F.pad(k, (0, 0, 0, length - kv_len)).contiguous()

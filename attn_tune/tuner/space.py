@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
-from typing import Any, Sequence
+import warnings
+from typing import Any, Iterator, Sequence
 
 import optuna
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
@@ -13,7 +15,7 @@ from attn_tune.problem import Problem
 from attn_tune.registry.catalog import availability
 from attn_tune.registry.variant import Variant
 
-__all__ = ["eligible_variants", "space_size", "grid_points", "suggest", "knob_name"]
+__all__ = ["eligible_variants", "space_size", "grid_points", "suggest", "knob_name", "quiet_optuna"]
 
 
 def eligible_variants(
@@ -89,3 +91,16 @@ def suggest(trial: optuna.Trial, problem: Problem, variants: Sequence[Variant]) 
     variant = by_name[trial.suggest_categorical("variant", list(by_name))]
     params = {knob: _suggest(trial, knob_name(variant.name, knob), dist) for knob, dist in variant.space(problem).items()}
     return variant, params
+
+
+@contextlib.contextmanager
+def quiet_optuna() -> Iterator[None]:
+    """Optuna logs every trial (and an interrupted one as a warning); the progress bar and summary say what matters."""
+    level = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            yield
+    finally:
+        optuna.logging.set_verbosity(level)

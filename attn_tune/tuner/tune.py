@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import warnings
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import optuna
 import torch
@@ -18,7 +16,7 @@ from attn_tune.registry.variant import Variant
 from attn_tune.tuner.config import Entry, TunedConfig, device_info
 from attn_tune.tuner.measure import Measurement, measure
 from attn_tune.tuner.selection import FAILURES, MeasureFn, Point, choose, constraint_violation, failure_reason
-from attn_tune.tuner.space import eligible_variants, grid_points, knob_name, space_size, suggest
+from attn_tune.tuner.space import eligible_variants, grid_points, knob_name, quiet_optuna, space_size, suggest
 from attn_tune.tuner.storage import open_storage
 
 __all__ = ["OBJECTIVES", "tune", "study_name"]
@@ -38,19 +36,6 @@ def _values(m: Measurement, objective: str) -> tuple[float, ...]:
     if objective == "memory":
         return (float(m.peak_bytes),)
     return (m.latency_ms, float(m.peak_bytes))
-
-
-@contextlib.contextmanager
-def _quiet_optuna() -> Iterator[None]:
-    """Optuna logs every trial (and an interrupted one as a warning); the progress bar and summary say what matters."""
-    level = optuna.logging.get_verbosity()
-    optuna.logging.set_verbosity(optuna.logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            yield
-    finally:
-        optuna.logging.set_verbosity(level)
 
 
 def _points(study: optuna.Study) -> list[Point]:
@@ -202,7 +187,7 @@ def tune(
     devices = {p.device: device_info(p.device) for p in problems}
     top = devices[problems[0].device] if problems else device_info("cpu")
     entries = []
-    with _quiet_optuna():
+    with quiet_optuna():
         opened = open_storage(storage)
         for problem in problems:
             entry, note = _tune_one(
