@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 import attn_tune
 from attn_tune import Problem, UnsupportedProblem
+from attn_tune.families.dense import dense_attention
 from attn_tune.tuner import measure, peak_bytes
 from tests.conftest import DEVICES
 
@@ -53,17 +56,30 @@ def test_same_figures_in_either_order() -> None:
     b2, a2 = measure(b, problem, {"chunk": 64}, **kwargs), measure(a, problem, **kwargs)
     assert (a1.peak_bytes, b1.peak_bytes) == (a2.peak_bytes, b2.peak_bytes)
     assert (a1.rel_error, b1.rel_error) == (a2.rel_error, b2.rel_error)
-    for first, second in ((a1, a2), (b1, b2)):  # a shared 2-core machine is noisy: a generous band
-        assert 1 / 3 < first.latency_ms / second.latency_ms < 3
+    # Latency in either order is a timing question for a noisy shared machine: bench/measurement_order.py
+    # measures it (figures in docs/benchmarks.md); here only that each run timed what it was asked to.
+    for m in (a1, b1, a2, b2):
+        assert 7 <= m.repeats <= 15 and m.latency_ms > 0 and m.latency_iqr_ms >= 0
 
 
 def test_training_measures_backward_too() -> None:
     problem = Problem(batch=1, heads=4, q_len=128, head_dim=32)
     dense = attn_tune.get_variant("dense")
+    calls = {"forward": 0, "backward": 0}
+
+    def counted(q, k, v, **kwargs):
+        calls["forward"] += 1
+        out = dense_attention(q, k, v, **kwargs)
+        if out.requires_grad:
+            out.register_hook(lambda grad: calls.__setitem__("backward", calls["backward"] + 1))
+        return out
+
     forward = measure(dense, problem, **FAST)
-    training = measure(dense, Problem(**{**problem.to_dict(), "training": True}), **FAST)
+    training_problem = Problem(**{**problem.to_dict(), "training": True})
+    training = measure(dataclasses.replace(dense, fn=counted), training_problem, **FAST)
     assert training.peak_bytes > forward.peak_bytes  # the saved probabilities and the gradients
-    assert training.latency_ms > forward.latency_ms * 1.2
+    # every timed, warm-up and memory call ran backward too; only the error call (no grad) did not
+    assert calls["backward"] == calls["forward"] - 1 and calls["backward"] >= training.repeats
     assert training.rel_error == forward.rel_error
 
 
