@@ -35,6 +35,7 @@ from attn_tune.problem import Problem
 from attn_tune.registry.catalog import availability
 from attn_tune.registry.variant import Variant, malformed_reason
 from attn_tune.tuner.inputs import Inputs, make_inputs, reference_output, relative_error
+from attn_tune.tuner.selection import failure_reason
 
 __all__ = [
     "CHECKS", "TOLERANCE", "Finding", "Case", "conformance_problems", "conformance_cases", "check_variant",
@@ -97,11 +98,6 @@ def _call(variant: Variant, problem: Problem, inputs: Inputs, params: dict[str, 
     return variant.fn(inputs.q, inputs.k, inputs.v, **inputs.call_kwargs(problem), **params)
 
 
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return f"{type(exc).__name__}: {text[:200]}"
-
-
 def _check_supported(variant: Variant, problem: Problem, params: dict[str, Any], checks: set[str]) -> list[str]:
     """Messages (prefixed by their check) for a problem the variant says it supports."""
     failures: list[str] = []
@@ -111,7 +107,7 @@ def _check_supported(variant: Variant, problem: Problem, params: dict[str, Any],
         with torch.set_grad_enabled(problem.training):
             out = _call(variant, problem, run, params)
     except Exception as exc:  # noqa: BLE001 - any exception here is the finding
-        return [f"supports-claims|supports() accepts it, but the call raised {_one_line(exc)}"]
+        return [f"supports-claims|supports() accepts it, but the call raised {failure_reason(exc)}"]
     if "output" in checks:
         expected = run.q.shape[:-1] + (run.v.shape[-1],)
         if out.shape != expected or out.dtype != run.q.dtype or out.device != run.q.device:
@@ -148,7 +144,7 @@ def _check_backward(variant: Variant, problem: Problem, run: Inputs, out: Tensor
     try:
         grads = torch.autograd.grad(out, (run.q, run.k, run.v), grad_out, allow_unused=True)
     except Exception as exc:  # noqa: BLE001
-        return [f"backward|the backward pass raised {_one_line(exc)}"]
+        return [f"backward|the backward pass raised {failure_reason(exc)}"]
     failures = []
     for name, grad in zip("qkv", grads):
         if grad is None or not torch.isfinite(grad).all():
@@ -176,7 +172,7 @@ def _check_refused(variant: Variant, problem: Problem, params: dict[str, Any]) -
     except UnsupportedProblem:
         return []
     except Exception as exc:  # noqa: BLE001
-        return [f"supports-refusals|refused, and the call raised {_one_line(exc)} instead of UnsupportedProblem"]
+        return [f"supports-refusals|refused, and the call raised {failure_reason(exc)} instead of UnsupportedProblem"]
     if not variant.exact:
         return ["supports-refusals|refused, yet the call returned a result instead of raising UnsupportedProblem"]
     if out.shape != run.q.shape[:-1] + (run.v.shape[-1],) or out.dtype != run.q.dtype:
@@ -194,7 +190,7 @@ def _check_space(variant: Variant, problem: Problem) -> list[str]:
     try:
         space = variant.space(problem)
     except Exception as exc:  # noqa: BLE001
-        return [f"space|space() raised {_one_line(exc)}"]
+        return [f"space|space() raised {failure_reason(exc)}"]
     if not isinstance(space, dict) or not all(isinstance(d, BaseDistribution) for d in space.values()):
         return ["space|space() must return a dict of optuna distributions"]
     failures = []
@@ -204,7 +200,7 @@ def _check_space(variant: Variant, problem: Problem) -> list[str]:
             with torch.no_grad():
                 out = _call(variant, problem, run, params)
         except Exception as exc:  # noqa: BLE001
-            failures.append(f"space|sampled knobs {params} raised {_one_line(exc)}")
+            failures.append(f"space|sampled knobs {params} raised {failure_reason(exc)}")
             continue
         if not torch.isfinite(out).all():
             failures.append(f"space|sampled knobs {params} gave non-finite output")
@@ -237,11 +233,11 @@ def _findings(variant: Variant, problem: Problem, checks: set[str]) -> list[Find
     try:
         reason = variant.supports(problem)
     except Exception as exc:  # noqa: BLE001
-        return [Finding(variant.name, "supports-claims", problem, f"supports() raised {_one_line(exc)}")]
+        return [Finding(variant.name, "supports-claims", problem, f"supports() raised {failure_reason(exc)}")]
     try:
         params = sample_params(variant, problem)[0]
     except Exception as exc:  # noqa: BLE001
-        return [Finding(variant.name, "space", problem, f"space() is not usable: {_one_line(exc)}")]
+        return [Finding(variant.name, "space", problem, f"space() is not usable: {failure_reason(exc)}")]
     if reason is not None:
         messages = _check_refused(variant, problem, params) if "supports-refusals" in checks else []
     else:
