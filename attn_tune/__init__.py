@@ -34,19 +34,31 @@ __all__ = [
     "tune",
     "TunedConfig",
     "load_config",
+    "attention",
+    "explain",
+    "use_config",
+    "AutoAttention",
 ]
 
 _LAZY = {
     "tune": "attn_tune.tuner.tune",
     "TunedConfig": "attn_tune.tuner.config",
     "load_config": "attn_tune.tuner.config",
+    "attention": "attn_tune.runtime",
+    "explain": "attn_tune.runtime",
+    "use_config": "attn_tune.runtime",
+    "AutoAttention": "attn_tune.modules",
 }
 
 
 def __getattr__(name: str):
-    """The tuner imports optuna: load it only when asked for, so the runtime path stays light."""
+    """Load the tuner (optuna) and the runtime (torch) only when asked for, so `import attn_tune` stays light.
+
+    The attribute is then bound in this module, so `attn_tune.attention(...)` costs no lookup after the first.
+    """
     if name in _LAZY:
         import importlib
 
-        return getattr(importlib.import_module(_LAZY[name]), name)
+        value = globals()[name] = getattr(importlib.import_module(_LAZY[name]), name)
+        return value
     raise AttributeError(f"module 'attn_tune' has no attribute {name!r}")

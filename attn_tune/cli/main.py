@@ -214,4 +214,4 @@ def main() -> None:
     cli(prog_name="attn-tune")
 
 
-from attn_tune.cli import tune_commands  # noqa: E402,F401  (registers tune, show, merge, plot on `cli`)
+from attn_tune.cli import capture_command, tune_commands  # noqa: E402,F401  (register their commands on `cli`)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 from torch import Tensor
 
-__all__ = ["visible_keys", "merge_masks", "apply_mask", "repeat_kv", "resolve_scale", "key_range"]
+__all__ = ["visible_keys", "shared_visible_keys", "merge_masks", "apply_mask", "repeat_kv", "resolve_scale", "key_range"]
 
 
 def visible_keys(
@@ -33,6 +34,25 @@ def visible_keys(
     if window is not None:
         visible = visible & (diff < window) & (diff > -window)
     return visible
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_visible_keys(q_len: int, kv_len: int, causal: bool, window: int | None, device: torch.device) -> Tensor | None:
+    with torch.inference_mode(False), torch.no_grad():  # a plain tensor, usable later under autograd
+        return visible_keys(q_len, kv_len, causal=causal, window=window, device=device)
+
+
+def shared_visible_keys(
+    q_len: int, kv_len: int, *, causal: bool, window: int | None, device: torch.device | str
+) -> Tensor | None:
+    """`visible_keys` for a whole problem, built once per (lengths, causal, window, device) and shared.
+
+    Every layer of a model asks for the same mask; rebuilding it costs O(q_len x kv_len) per call. The tensor is
+    shared, so callers must not modify it in place. Under torch.compile it is traced, not cached.
+    """
+    if torch.compiler.is_compiling():
+        return visible_keys(q_len, kv_len, causal=causal, window=window, device=device)
+    return _cached_visible_keys(q_len, kv_len, causal, window, torch.device(device))
 
 
 def key_range(row_start: int, row_end: int, kv_len: int, *, causal: bool, window: int | None) -> tuple[int, int]:
