@@ -197,3 +197,23 @@ def test_routes_are_cached_per_call_signature_and_dropped_on_config_change() -> 
     attn_tune.use_config(config([entry(_problem(), "dense")]))
     assert len(dispatch._routes) == 0
     assert attn_tune.explain(q, k, v).variant == "dense"
+
+
+def test_show_why_says_which_entry_and_variant_a_problem_gets(tmp_path) -> None:
+    from click.testing import CliRunner
+
+    from attn_tune.cli.main import cli
+
+    path = tmp_path / "tuned.json"
+    config([entry(Problem(batch=1, heads=8, q_len=1024, head_dim=64, causal=True), "chunked", {"chunk": 256})]).save(path)
+    runner = CliRunner()
+    result = runner.invoke(cli, ["show", str(path), "--why", "--seq-len", "900,1024", "--causal"])
+    assert result.exit_code == 0, result.output
+    near, exact = result.stdout.split("\n\n")
+    assert "q900" in near and "chunked {'chunk': 256}  [nearest]" in near and "entry:    b1 h8 q1024" in near
+    assert "[exact]" in exact
+    result = runner.invoke(cli, ["show", str(path), "--why", "--seq-len", "1024", "--json"])
+    (decision,) = json.loads(result.stdout)
+    assert (decision["variant"], decision["rule"], decision["entry"]) == ("sdpa", "default", None)
+    result = runner.invoke(cli, ["show", str(path), "--seq-len", "1024"])
+    assert result.exit_code == 2 and "problem options go with --why" in result.output

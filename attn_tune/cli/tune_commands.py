@@ -163,6 +163,23 @@ def tune_command(ctx: click.Context, shapes: str | None, preset: str | None, tri
         click.echo(f"wrote {plot_path}")
 
 
+def _why(config: Any, config_path: str, problems: list[Problem], as_json: bool) -> None:
+    import dataclasses
+
+    from attn_tune.runtime import use_config
+    from attn_tune.runtime.dispatch import decide
+
+    with use_config(config):
+        decisions = [decide(p) for p in problems]
+    for d in decisions:
+        d.config = config_path
+    if as_json:
+        echo_json([{**dataclasses.asdict(d), "problem": d.problem.to_dict(),
+                    "entry": d.entry.to_dict() if d.entry else None} for d in decisions])
+        return
+    click.echo("\n\n".join(str(d) for d in decisions))
+
+
 def _load(path: str):
     from attn_tune.tuner.config import load_config
 
@@ -171,10 +188,18 @@ def _load(path: str):
 
 @cli.command("show")
 @click.argument("config_path", metavar="TUNED.json")
+@click.option("--why", is_flag=True, help="Say which entry and variant attn_tune.attention would use for the problem options.")
+@problem_options
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output only.")
-def show_command(config_path: str, as_json: bool) -> None:
-    """Print a tuned config as a table."""
+@click.pass_context
+def show_command(ctx: click.Context, config_path: str, why: bool, as_json: bool, **options: Any) -> None:
+    """Print a tuned config as a table (or, with --why, the runtime's choice for given problems)."""
     config = _load(config_path)
+    if why:
+        _why(config, config_path, problems_from_options(options, check_devices=False), as_json)
+        return
+    if _given(ctx):
+        raise click.UsageError("problem options go with --why")
     if as_json:
         echo_json(config.to_dict())
         return

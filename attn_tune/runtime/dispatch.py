@@ -23,7 +23,7 @@ from attn_tune.runtime import active
 from attn_tune.runtime.lookup import Match
 from attn_tune.tuner.selection import BASELINE as DEFAULT_VARIANT
 
-__all__ = ["attention", "explain", "Decision"]
+__all__ = ["attention", "explain", "decide", "Decision"]
 
 
 @dataclass
@@ -46,6 +46,8 @@ class Decision:
             lines.append(f"entry:    {self.entry.describe()}")
         params = f" {self.params}" if self.params else ""
         lines.append(f"variant:  {self.variant}{params}  [{self.rule}]")
+        if self.max_error:
+            lines.append(f"error:    approximate, tuned within max_error {self.max_error:g}")
         lines.append(f"why:      {self.reason}")
         return "\n".join(lines)
 
@@ -167,6 +169,11 @@ def _choose(problem: Problem) -> tuple[Variant, dict[str, Any], Decision]:
     params = dict(choice.get("params", {}))
     decision = Decision(problem, variant.name, params, match.rule, how, entry.problem, label, entry.max_error)
     return variant, params, decision
+
+
+def decide(problem: Problem) -> Decision:
+    """What `attention` would run for `problem` under the config in use, and why (`attn-tune show --why`)."""
+    return _choose(problem)[2]
 
 
 def _resolve(q: Tensor, k: Tensor, v: Tensor, has_mask: bool, causal: bool, window: int | None, enable_gqa: bool,
