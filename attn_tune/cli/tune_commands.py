@@ -100,19 +100,20 @@ def _summary(problem: Problem, entry: Any, note: str) -> str:
 @click.option("--max-error", type=click.FloatRange(min=0), default=None, help="Let approximate variants take part within this relative error.")
 @click.option("--memory-budget", type=ByteSize(), default=None, help="Never choose a candidate whose peak memory exceeds this (2GiB, 512MB).")
 @click.option("--objective", type=click.Choice(["latency", "memory", "balanced"]), default="latency", show_default=True)
-@click.option("--storage", default=None, help="Optuna storage URL. [default: an SQLite file beside --out]")
+@click.option("--storage", default=None, help="Optuna storage URL (sqlite:///..., postgresql://user@host/db). [default: an SQLite file beside --out]")
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True, help="Processes measuring trials at once, sharing each study through the storage.")
 @click.option("--seed", type=int, default=None, help="Seed of the sampler, for reproducible searches.")
 @click.option("--variant", "variant_names", multiple=True, metavar="NAME", help="Only these variants take part (repeatable).")
 @click.option("--out", type=click.Path(dir_okay=False), default="tuned.json", show_default=True, help="Where the tuned config goes.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None, help="Also draw the report PNG here. [quick: report.png]")
 @click.pass_context
 def tune_command(ctx: click.Context, shapes: str | None, preset: str | None, trials: int | None, max_error: float | None,
-                 memory_budget: int | None, objective: str, storage: str | None, seed: int | None,
+                 memory_budget: int | None, objective: str, storage: str | None, workers: int, seed: int | None,
                  variant_names: tuple[str, ...], out: str, plot_path: str | None, **options: Any) -> None:
     """Search variants and knobs per problem by measuring them; write the tuned config."""
     from attn_tune.tuner.plot import plot_config
     from attn_tune.tuner.presets import PRESETS
-    from attn_tune.tuner.storage import default_storage_url, redact
+    from attn_tune.tuner.storage import StorageError, default_storage_url, redact
     from attn_tune.registry import get_variant
     from attn_tune.tuner.tune import tune
 
@@ -145,12 +146,18 @@ def tune_command(ctx: click.Context, shapes: str | None, preset: str | None, tri
 
     try:
         config = tune(problems, trials=trials or 20, max_error=max_error, memory_budget=memory_budget,
-                      objective=objective, storage=storage, seed=seed, variants=chosen_variants, on_trial=progress,
+                      objective=objective, storage=storage, seed=seed, variants=chosen_variants, on_trial=progress, workers=workers,
                       on_result=on_result, **settings)
     except KeyboardInterrupt:
         progress.close()
         click.echo(f"Interrupted: finished trials are kept in {redact(storage)}; run the same command to resume.", err=True)
         sys.exit(130)
+    except Exception as exc:
+        if type(exc).__module__.split(".")[0] != "sqlalchemy":
+            raise
+        progress.close()  # the server went away mid-run: one redacted line, no traceback that could carry the URL
+        raise StorageError(f"storage {redact(storage)} failed: {type(exc).__name__}: "
+                           f"{redact(' '.join(str(exc).split()))[:200]}") from None
     progress.close()
     for line in lines:
         click.echo(line)
@@ -234,6 +241,25 @@ def merge_command(config_paths: tuple[str, ...], out: str) -> None:
     merged = merge_configs([_load(p) for p in config_paths])
     merged.save(out)
     click.echo(f"wrote {out} ({len(merged.entries)} entries from {len(config_paths)} configs)")
+
+
+@cli.command("export")
+@click.option("--storage", required=True, help="The Optuna storage URL the studies are in.")
+@click.option("--out", type=click.Path(dir_okay=False), required=True, help="The tuned config to write.")
+def export_command(storage: str, out: str) -> None:
+    """Write the tuned config a storage holds: every finished study's choice, each with its device."""
+    from attn_tune.tuner.export import export_config
+    from attn_tune.tuner.space import quiet_optuna
+
+    if not Path(out).resolve().parent.is_dir():
+        raise click.BadParameter(f"folder {Path(out).parent} does not exist", param_hint="'--out'")
+    with quiet_optuna():
+        config, pending = export_config(storage)
+    for line in pending:
+        click.echo(f"skipped {line}", err=True)
+    config.save(out)
+    kinds = sorted({(e.device or config.device).get("name", "?") for e in config.entries})
+    click.echo(f"wrote {out} ({len(config.entries)} entries from {len(kinds)} device(s): {', '.join(kinds)})")
 
 
 @cli.command("plot")

@@ -1,26 +1,32 @@
-"""Optuna storage from a URL: opened with a heartbeat, password never shown, failure reported in one line."""
+"""Optuna storage from a URL: opened with a heartbeat and stale-trial retry, password never shown, failure in one line."""
 
 from __future__ import annotations
 
+import importlib.util
+import os
 import re
+import warnings
 from pathlib import Path
+from typing import Any
 
 import optuna
 
 from attn_tune.errors import AttnTuneError
 
-__all__ = ["StorageError", "open_storage", "redact", "default_storage_url"]
+__all__ = ["StorageError", "open_storage", "redact", "default_storage_url", "heartbeat_settings", "HEARTBEAT_ENV"]
 
-_PASSWORD = re.compile(r"(://[^:/@]*):[^@]*@")
+_PASSWORD = re.compile(r"(://[^:/@?#]*):[^/?#]*@")  # greedy: up to the last @ of the authority
+_QUERY_PASSWORD = re.compile(r"([?&]password=)[^&#]*", re.IGNORECASE)
+HEARTBEAT_ENV = "ATTN_TUNE_HEARTBEAT"  # seconds between a running trial's heartbeats; stale after 3 of them
 
 
 class StorageError(AttnTuneError):
     """A storage URL that cannot be opened or reached."""
 
 
-def redact(url: str) -> str:
-    """The URL with any password replaced by ***: postgresql://user:***@host/db."""
-    return _PASSWORD.sub(r"\1:***@", url)
+def redact(text: str) -> str:
+    """`text` with every URL password replaced by ***: postgresql://user:***@host/db (also ?password=...)."""
+    return _QUERY_PASSWORD.sub(r"\1***", _PASSWORD.sub(r"\1:***@", text))
 
 
 def default_storage_url(out: str | Path) -> str:
@@ -29,17 +35,62 @@ def default_storage_url(out: str | Path) -> str:
     return f"sqlite:///{path.with_name(path.stem + '.optuna.db').resolve()}"
 
 
+def heartbeat_settings() -> tuple[int, int]:
+    """(interval, grace) in seconds: 60 and 180, or `ATTN_TUNE_HEARTBEAT` seconds and three times that."""
+    raw = os.environ.get(HEARTBEAT_ENV, "60")
+    try:
+        interval = int(raw)
+    except ValueError:
+        raise StorageError(f"{HEARTBEAT_ENV} must be a whole number of seconds, got {raw!r}") from None
+    if interval < 1:
+        raise StorageError(f"{HEARTBEAT_ENV} must be at least 1 second, got {interval}")
+    return interval, 3 * interval
+
+
+def _driver_url(url: str) -> str:
+    """`postgresql://` means psycopg2 to SQLAlchemy; with only psycopg (3) installed, say so explicitly."""
+    if url.startswith("postgresql://") and importlib.util.find_spec("psycopg2") is None \
+            and importlib.util.find_spec("psycopg") is not None:
+        return "postgresql+psycopg://" + url[len("postgresql://"):]
+    return url
+
+
+class _RetryStale(optuna.storages.RetryHeartbeatStaleTrialCallback):
+    """Optuna's retry of a trial whose worker stopped beating, which also records why the trial failed."""
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        study.set_user_attr(f"failure:{trial.number}", {
+            "variant": trial.params.get("variant"),
+            "params": {k: v for k, v in trial.params.items() if k != "variant"},
+            "reason": "its worker stopped sending heartbeats (killed or cut off); the trial was queued again",
+        })
+        super().__call__(study, trial)
+
+
 def open_storage(url: str | None) -> optuna.storages.BaseStorage | None:
-    """None for in-memory; otherwise an RDB storage whose trials send a heartbeat, so a killed worker's
-    running trial can later be recognised as stale.
+    """None for in-memory; otherwise an RDB storage whose running trials send a heartbeat: a trial whose worker
+    died is marked failed once its heartbeat is stale and queued again (at most 3 times).
 
     Raises:
         StorageError: the URL is malformed, its driver is missing, or the server cannot be reached.
     """
     if url is None:
         return None
+    interval, grace = heartbeat_settings()
+    engine: dict[str, Any] = {}
+    driver_url = _driver_url(url)
+    if driver_url.startswith("postgresql"):
+        engine["connect_args"] = {"connect_timeout": 10}
     try:
-        return optuna.storages.RDBStorage(url, heartbeat_interval=60, grace_period=180)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.storages.RDBStorage(
+                driver_url, engine_kwargs=engine, heartbeat_interval=interval, grace_period=grace,
+                heartbeat_stale_trial_callback=_RetryStale(max_retry=3),
+            )
     except Exception as exc:  # sqlalchemy raises ArgumentError, OperationalError, ModuleNotFoundError, ...
         first = " ".join(str(exc).split("\n")[0].split())[:200]
-        raise StorageError(f"cannot open storage {redact(url)}: {type(exc).__name__}: {redact(first)}") from None
+        hint = ""
+        if isinstance(exc, ModuleNotFoundError) and "psycopg" in str(exc):
+            hint = " (install the extra: pip install 'attn-tune[postgres]')"
+        raise StorageError(f"cannot open storage {redact(url)}: {type(exc).__name__}: {redact(first)}{hint}") from None

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
+import warnings
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import optuna
@@ -19,7 +22,7 @@ from attn_tune.tuner.selection import FAILURES, MeasureFn, Point, choose, constr
 from attn_tune.tuner.space import eligible_variants, grid_points, knob_name, quiet_optuna, space_size, suggest
 from attn_tune.tuner.storage import open_storage
 
-__all__ = ["OBJECTIVES", "tune", "study_name"]
+__all__ = ["OBJECTIVES", "PreparedStudy", "tune", "study_name", "prepare_study", "run_trials", "finish_study"]
 
 OBJECTIVES = ("latency", "memory", "balanced")
 
@@ -57,53 +60,119 @@ def _finished(study: optuna.Study) -> int:
     return sum(t.state in _DONE for t in study.trials)
 
 
+def _point_key(trial: optuna.trial.FrozenTrial) -> str:
+    """The point a trial measures: the params it was queued with (a running trial may have suggested only some of
+    them yet), else its params."""
+    fixed = trial.system_attrs.get("fixed_params")
+    return json.dumps(trial.params if fixed is None else fixed, sort_keys=True)
+
+
 def _queue_missing(study: optuna.Study, points: list[dict[str, Any]]) -> None:
-    """Queue each point that has neither a finished trial nor a queued one (a killed run's point is queued again)."""
-    waiting = optuna.trial.TrialState.WAITING
-    done = {
-        json.dumps(t.system_attrs.get("fixed_params", {}) if t.state == waiting else t.params, sort_keys=True)
-        for t in study.trials
-        if t.state in _DONE or t.state == waiting
-    }
+    """Queue each point that has no finished, running or queued trial (a failed one's point is queued again).
+
+    A trial left running by a killed worker is not queued here: once its heartbeat is stale it is failed and
+    queued again by the storage's retry callback, so the point is never measured by two live workers.
+    """
+    pending = (optuna.trial.TrialState.WAITING, optuna.trial.TrialState.RUNNING)
+    present = {_point_key(t) for t in study.trials if t.state in _DONE or t.state in pending}
     for point in points:
-        if json.dumps(point, sort_keys=True) not in done:
+        if json.dumps(point, sort_keys=True) not in present:
             study.enqueue_trial(point)
 
 
-def _tune_one(
-    problem: Problem, *, pool: Sequence[Variant], trials: int, max_error: float | None, memory_budget: int | None,
-    objective: str, storage: Any, seed: int | None, measure_fn: MeasureFn, measure_kwargs: dict[str, Any],
-    finalists: int, rounds: int, final_kwargs: dict[str, Any], device: dict[str, Any],
-    on_trial: Callable[[Problem, int, int], None] | None,
-) -> tuple[Entry | None, str]:
+class _NotMeasured(Exception):
+    """A trial that must not be measured: a twin of an earlier one, or one past the study's budget."""
+
+
+@dataclass
+class PreparedStudy:
+    """One problem's study, ready for any number of workers to run trials on."""
+
+    problem: Problem
+    study: optuna.Study
+    chosen: list[Variant]
+    excluded: dict[str, str]
+    budget: int
+    enumerated: bool  # every point is queued: trials take points from the queue, never sample new ones
+
+
+def prepare_study(
+    problem: Problem, *, pool: Sequence[Variant], trials: int, max_error: float | None, objective: str, storage: Any,
+    seed: int | None, device: dict[str, Any],
+) -> PreparedStudy | str:
+    """Create (or load) the problem's study and queue its points when the space is enumerated; else why not."""
     chosen, excluded = eligible_variants(problem, pool, approximate=max_error is not None)
     if not chosen:
-        return None, "no variant can serve this problem here: " + "; ".join(f"{k}: {v}" for k, v in excluded.items())
-    by_name = {v.name: v for v in chosen}
+        return "no variant can serve this problem here: " + "; ".join(f"{k}: {v}" for k, v in excluded.items())
     size = space_size(problem, chosen)
     enumerate_all = size <= trials
     # A space no larger than the budget is enumerated through the queue (enqueue_trial): each point is taken by
-    # one trial, and on resume exactly the points without a finished trial are queued again.
+    # exactly one trial, whichever worker asks, and on resume exactly the missing points are queued again.
     if enumerate_all:
         sampler: optuna.samplers.BaseSampler = optuna.samplers.RandomSampler(seed=seed)  # queued points fix params
     else:
         sampler = optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True)
     directions = ["minimize", "minimize"] if objective == "balanced" else ["minimize"]
     study = optuna.create_study(
-        study_name=study_name(problem, device, list(by_name), objective), storage=storage, sampler=sampler,
+        study_name=study_name(problem, device, [v.name for v in chosen], objective), storage=storage, sampler=sampler,
         directions=directions, load_if_exists=True,
     )
     study.set_user_attr("problem", problem.to_dict())
+    study.set_user_attr("device", device)
     study.set_user_attr("excluded_variants", excluded)
-    budget = int(min(trials, size))
+    study.set_user_attr("budget", int(min(trials, size)))
     if enumerate_all:
         _queue_missing(study, grid_points(problem, chosen))
-        to_run = sum(t.state == optuna.trial.TrialState.WAITING for t in study.trials)
-    else:
-        to_run = max(0, budget - _finished(study))
+    return PreparedStudy(problem, study, chosen, excluded, int(min(trials, size)), enumerate_all)
+
+
+def _copy_of(trial: optuna.Trial, twin: optuna.trial.FrozenTrial, objective: str) -> tuple[float, ...] | float:
+    """Finish `trial` with `twin`'s figures, not measuring the same point twice."""
+    for key in ("status", "reason", "measured"):
+        if key in twin.user_attrs:
+            trial.set_user_attr(key, twin.user_attrs[key])
+    trial.set_user_attr("copy_of", twin.number)
+    if twin.state == optuna.trial.TrialState.PRUNED:
+        raise optuna.TrialPruned(twin.user_attrs.get("reason", "failed"))
+    trial.set_constraint("within-limits", 0.0 if twin.user_attrs.get("status") == "ok" else 1.0)
+    return tuple(twin.values) if objective == "balanced" else twin.values[0]
+
+
+def run_trials(
+    prepared: PreparedStudy, *, measure_fn: MeasureFn, measure_kwargs: dict[str, Any], max_error: float | None,
+    memory_budget: int | None, objective: str, on_trial: Callable[[Problem, int, int], None] | None = None,
+    poll_s: float = 1.0,
+) -> None:
+    """Run trials until the study has its budget of finished ones; any number of workers may do this at once.
+
+    A worker with nothing left to take waits while others measure: if one of them dies, its trial is failed once
+    its heartbeat is stale and queued again, and a waiting worker takes it.
+    """
+    problem, study, budget = prepared.problem, prepared.study, prepared.budget
+
+    def not_measured(trial: optuna.Trial, variant: str | None, params: dict[str, Any], reason: str) -> None:
+        study.set_user_attr(f"failure:{trial.number}", {"variant": variant, "params": params, "reason": reason})
+        raise _NotMeasured(reason)
 
     def objective_fn(trial: optuna.Trial) -> tuple[float, ...] | float:
-        variant, params = suggest(trial, problem, chosen)
+        trials = study.get_trials(deepcopy=False)
+        queued = "fixed_params" in next(t for t in trials if t.number == trial.number).system_attrs
+        live = _DONE + (optuna.trial.TrialState.RUNNING,)
+        earlier = [t for t in trials if t.number < trial.number and t.state in live]
+        # A point belongs to its lowest-numbered trial not failed; a later twin (two processes queued the point at
+        # once) is never measured, whatever order the twins are taken in.
+        owners = [t for t in trials if t.number < trial.number and t.state != optuna.trial.TrialState.FAIL]
+        if prepared.enumerated and not queued:
+            not_measured(trial, None, {}, "not measured: the queue was empty when this trial asked (another worker "
+                                          "took the last point)")
+        if not prepared.enumerated and len({_point_key(t) for t in earlier}) >= budget:
+            not_measured(trial, None, {}, "not measured: the study already had its trials (another worker took the last)")
+        variant, params = suggest(trial, problem, prepared.chosen)
+        twin = next((t for t in owners if _point_key(t) == json.dumps(trial.params, sort_keys=True)), None)
+        if twin is not None and not prepared.enumerated and twin.state in _DONE:
+            return _copy_of(trial, twin, objective)  # the sampler proposed a measured point again: tell it the figures
+        if twin is not None:
+            not_measured(trial, variant.name, params, f"not measured: the same point as trial {twin.number}")
         try:
             m = measure_fn(variant, problem, params, **measure_kwargs)
         except FAILURES as exc:
@@ -128,11 +197,46 @@ def _tune_one(
         if on_trial is not None:
             on_trial(problem, _finished(study), budget)
 
-    if to_run:
-        study.optimize(objective_fn, n_trials=to_run, callbacks=[progress])
-    return choose(_points(study), _finished(study), problem, by_name, excluded, objective=objective, max_error=max_error,
-                   memory_budget=memory_budget, measure_fn=measure_fn, finalists=finalists, rounds=rounds,
-                   final_kwargs=final_kwargs)
+    asked = 0
+    while True:
+        trials = study.get_trials(deepcopy=False)
+        finished = sum(t.state in _DONE for t in trials)
+        if on_trial is not None:
+            on_trial(problem, finished, budget)
+        waiting = any(t.state == optuna.trial.TrialState.WAITING for t in trials)
+        running = sum(t.state == optuna.trial.TrialState.RUNNING for t in trials)
+        if finished >= budget and not waiting:
+            return
+        if finished >= budget:  # a twin queued by another process: taken, found a twin, failed with that reason
+            study.optimize(objective_fn, n_trials=1, catch=(_NotMeasured,))
+            continue
+        if prepared.enumerated and not waiting and not running:
+            return  # every queued point is done, or failed past its retries
+        if (prepared.enumerated and not waiting) or finished + running >= budget:
+            time.sleep(poll_s)  # the rest is being measured by other workers; a dead one's trial is retried
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                optuna.storages.fail_stale_trials(study)
+            continue
+        if asked >= 3 * budget:
+            return  # a sampler that keeps proposing points already measured
+        asked += 1
+        study.optimize(objective_fn, n_trials=1, catch=(_NotMeasured,), callbacks=[progress])
+
+
+def finish_study(
+    prepared: PreparedStudy, *, objective: str, max_error: float | None, memory_budget: int | None,
+    measure_fn: MeasureFn, finalists: int, rounds: int, final_kwargs: dict[str, Any],
+) -> tuple[Entry | None, str]:
+    """Choose from the study's points (re-measuring the best head to head, on this device) and keep the entry in
+    the study, where `attn-tune export` finds it."""
+    study = prepared.study
+    entry, note = choose(_points(study), _finished(study), prepared.problem, {v.name: v for v in prepared.chosen},
+                         prepared.excluded, objective=objective, max_error=max_error, memory_budget=memory_budget,
+                         measure_fn=measure_fn, finalists=finalists, rounds=rounds, final_kwargs=final_kwargs)
+    if entry is not None:
+        study.set_user_attr("entry", entry.to_dict())
+    return entry, note
 
 
 def tune(
@@ -152,6 +256,7 @@ def tune(
     final_kwargs: dict[str, Any] | None = None,
     on_trial: Callable[[Problem, int, int], None] | None = None,
     on_result: Callable[[Problem, Entry | None, str], None] | None = None,
+    workers: int = 1,
 ) -> TunedConfig:
     """Find, by measuring, the best variant and knobs for each problem on this machine.
 
@@ -168,6 +273,8 @@ def tune(
         measure_kwargs / final_kwargs: passed to `measure_fn` in the trials and in the head-to-head.
         finalists / rounds: how many of the best are re-measured, interleaved, and how many rounds.
         on_trial / on_result: progress callbacks.
+        workers: processes measuring trials at once on one shared study per problem (needs `storage`); this
+            process then measures what a dead worker left and makes the choice.
 
     Returns:
         A `TunedConfig` with one entry per problem that some candidate could serve within the constraints.
@@ -183,20 +290,38 @@ def tune(
         check_device(device)
     from attn_tune import __version__
 
+    if workers < 1:
+        raise AttnTuneError(f"workers must be positive, got {workers}")
+    if workers > 1 and storage is None:
+        raise AttnTuneError("several workers share a study through a storage: give one (an SQLite file or a server URL)")
     pool = list(variants) if variants is not None else registered_variants()
     devices = {p.device: device_info(p.device) for p in problems}
     top = devices[problems[0].device] if problems else device_info("cpu")
+    measure_kwargs = dict(measure_kwargs or {})
+    limits = dict(objective=objective, max_error=max_error, memory_budget=memory_budget)
     entries = []
     with quiet_optuna():
         opened = open_storage(storage)
-        for problem in problems:
-            entry, note = _tune_one(
-                problem, pool=pool, trials=trials, max_error=max_error, memory_budget=memory_budget,
-                objective=objective, storage=opened, seed=seed, measure_fn=measure_fn,
-                measure_kwargs=dict(measure_kwargs or {}), finalists=finalists, rounds=rounds,
-                final_kwargs=dict(final_kwargs or {"min_repeats": 10, "min_time_s": 0.3}),
-                device=devices[problem.device], on_trial=on_trial,
-            )
+        prepared = [
+            prepare_study(problem, pool=pool, trials=trials, max_error=max_error, objective=objective, storage=opened,
+                          seed=seed, device=devices[problem.device])
+            for problem in problems
+        ]
+        if workers > 1:
+            from attn_tune.tuner.workers import run_workers
+
+            run_workers(workers, storage, problems, pool=pool, trials=trials, seed=seed, measure_fn=measure_fn,
+                        measure_kwargs=measure_kwargs, studies=[p for p in prepared if not isinstance(p, str)],
+                        on_trial=on_trial, **limits)
+        for problem, study in zip(problems, prepared):
+            if isinstance(study, str):
+                entry, note = None, study
+            else:  # alone, every trial; after workers, only what a dead worker left
+                run_trials(study, measure_fn=measure_fn, measure_kwargs=measure_kwargs, on_trial=on_trial, **limits)
+                entry, note = finish_study(
+                    study, measure_fn=measure_fn, finalists=finalists, rounds=rounds,
+                    final_kwargs=dict(final_kwargs or {"min_repeats": 10, "min_time_s": 0.3}), **limits,
+                )
             if entry is not None:
                 entry.device = devices[problem.device] if devices[problem.device] != top else None
                 entries.append(entry)
