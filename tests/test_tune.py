@@ -21,6 +21,7 @@ from attn_tune.families.dense import dense_attention
 from attn_tune.tuner.config import load_config
 from attn_tune.tuner.measure import Measurement
 from attn_tune.tuner.space import eligible_variants, space_size
+from attn_tune.tuner.storage import HEARTBEAT_ENV
 from attn_tune.tuner.tune import tune
 
 PROBLEM = Problem(batch=1, heads=2, q_len=64, head_dim=16)
@@ -207,7 +208,8 @@ def test_killed_run_resumes_without_repeating_finished_trials(tmp_path) -> None:
     script.write_text(KILLABLE)
     storage = f"sqlite:///{tmp_path / 'study.db'}"
     cmd = [sys.executable, str(script), storage, str(log)]
-    first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    env = {**os.environ, HEARTBEAT_ENV: "1"}  # the trial the kill left running is retried 3 s later, not 30
+    first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     deadline = time.time() + 60
     while sum(e == "end" for e, _, _ in _log(log)) < 4 and time.time() < deadline:
         assert first.poll() is None, f"the run ended before it could be killed: {first.stderr.read().decode()[-500:]}"
@@ -220,7 +222,7 @@ def test_killed_run_resumes_without_repeating_finished_trials(tmp_path) -> None:
     finished_before = {t.params["knobby:k"] for t in _complete_trials(storage)}
     assert 3 <= len(finished_before) < 12
 
-    second = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    second = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
     assert second.returncode == 0, second.stderr
     assert json.loads(second.stdout.strip().splitlines()[-1]) == {"variant": "knobby", "params": {"k": 0}}
     resumed = _log(log)[len(killed):]

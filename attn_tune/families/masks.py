@@ -8,7 +8,7 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["visible_keys", "shared_visible_keys", "merge_masks", "apply_mask", "repeat_kv", "resolve_scale", "key_range"]
+__all__ = ["visible_keys", "shared_visible_keys", "fold_for_sdpa", "merge_masks", "apply_mask", "repeat_kv", "resolve_scale", "key_range"]
 
 
 def visible_keys(
@@ -53,6 +53,17 @@ def shared_visible_keys(
     if torch.compiler.is_compiling():
         return visible_keys(q_len, kv_len, causal=causal, window=window, device=device)
     return _cached_visible_keys(q_len, kv_len, causal, window, torch.device(device))
+
+
+def fold_for_sdpa(
+    q_len: int, kv_len: int, *, is_causal: bool, window: int | None, attn_mask: Tensor | None, device: torch.device
+) -> tuple[Tensor | None, bool]:
+    """(attn_mask, is_causal) as SDPA takes them: it has no window, nor a mask together with is_causal, so those
+    become one boolean mask (the visibility part built once per shape)."""
+    if window is None and not (is_causal and attn_mask is not None):
+        return attn_mask, is_causal
+    visible = shared_visible_keys(q_len, kv_len, causal=is_causal, window=window, device=device)
+    return merge_masks(visible, attn_mask), False
 
 
 def key_range(row_start: int, row_end: int, kv_len: int, *, causal: bool, window: int | None) -> tuple[int, int]:

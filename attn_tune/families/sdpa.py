@@ -15,7 +15,7 @@ from attn_tune.errors import UnsupportedProblem
 from attn_tune.problem import Problem
 from attn_tune.registry.hookspecs import hookimpl
 from attn_tune.registry.variant import Variant
-from attn_tune.families.masks import merge_masks, repeat_kv, shared_visible_keys
+from attn_tune.families.masks import fold_for_sdpa, repeat_kv
 
 __all__ = ["make_sdpa_fn"]
 
@@ -99,10 +99,8 @@ def make_sdpa_fn(backend: SDPBackend | None, native_gqa: bool) -> Callable[..., 
         attn_mask: Tensor | None = None,
         scale: float | None = None,
     ) -> Tensor:
-        mask, causal = attn_mask, is_causal
-        if window is not None or (is_causal and attn_mask is not None):
-            visible = shared_visible_keys(q.shape[-2], k.shape[-2], causal=is_causal, window=window, device=q.device)
-            mask, causal = merge_masks(visible, attn_mask), False
+        mask, causal = fold_for_sdpa(q.shape[-2], k.shape[-2], is_causal=is_causal, window=window, attn_mask=attn_mask,
+                                     device=q.device)
         gqa = q.shape[1] != k.shape[1]
         if gqa and not native_gqa:
             k, v = repeat_kv(k, v, q.shape[1])

@@ -37,6 +37,10 @@ def _local_names() -> dict[str, str]:
 def _set(config: TunedConfig | None, label: str | None) -> None:
     _state["index"] = None if config is None else ConfigIndex(config, _local_names())
     _state["label"] = label
+    _notify()
+
+
+def _notify() -> None:
     for listener in _listeners:
         listener()
 
@@ -69,8 +73,7 @@ class use_config:  # noqa: N801 - used like a function, as torch.no_grad
 
     def __exit__(self, *exc: object) -> None:
         _state["index"], _state["label"] = self._previous
-        for listener in _listeners:
-            listener()
+        _notify()
 
 
 def active_index() -> tuple[ConfigIndex | None, str | None]:

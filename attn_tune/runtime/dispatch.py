@@ -6,6 +6,7 @@ device, masking flags, autograd) and cached, so a call costs a dict lookup over 
 
 from __future__ import annotations
 
+import functools
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from attn_tune.errors import InvalidProblem, UnsupportedProblem
-from attn_tune.families.masks import merge_masks, shared_visible_keys
+from attn_tune.families.masks import fold_for_sdpa
 from attn_tune.problem import DTYPES, Problem
 from attn_tune.registry import availability, get_variant, variants
 from attn_tune.registry.variant import Variant
@@ -93,9 +94,8 @@ active.on_change(_routes.clear)
 def _sdpa_as_is(q: Tensor, k: Tensor, v: Tensor, *, is_causal: bool, window: int | None, attn_mask: Tensor | None,
                 scale: float | None, dropout_p: float = 0.0, enable_gqa: bool = False) -> Tensor:
     """PyTorch's SDPA itself, a window folded into the mask: for calls no Problem describes, and for dropout."""
-    if window is not None:
-        visible = shared_visible_keys(q.shape[-2], k.shape[-2], causal=is_causal, window=window, device=q.device)
-        attn_mask, is_causal = merge_masks(visible, attn_mask), False
+    attn_mask, is_causal = fold_for_sdpa(q.shape[-2], k.shape[-2], is_causal=is_causal, window=window,
+                                         attn_mask=attn_mask, device=q.device)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
                                           scale=scale, enable_gqa=enable_gqa)
 
@@ -138,13 +138,14 @@ def _exact_fallback(problem: Problem) -> Variant:
     raise UnsupportedProblem(f"no exact variant serves {problem.describe()} here")
 
 
-def _choose(problem: Problem) -> tuple[Variant, dict[str, Any], Decision]:
+def _choose(problem: Problem) -> tuple[Variant, dict[str, Any], Decision, Variant | None]:
+    """The variant, its params, the decision, and the exact variant to fall back on (None when it is the choice)."""
     index, label = active.active_index()
     fallback = _exact_fallback(problem)
 
-    def default(rule: str, why: str, match: Match | None = None) -> tuple[Variant, dict[str, Any], Decision]:
+    def default(rule: str, why: str, match: Match | None = None) -> tuple[Variant, dict[str, Any], Decision, None]:
         entry = match.entry.problem if match else None
-        return fallback, {}, Decision(problem, fallback.name, {}, rule, why, entry, label)
+        return fallback, {}, Decision(problem, fallback.name, {}, rule, why, entry, label), None
 
     if index is None:
         return default("default", "no tuned config in use: the default policy")
@@ -168,7 +169,7 @@ def _choose(problem: Problem) -> tuple[Variant, dict[str, Any], Decision]:
                                    f"{entry.problem.describe()}", match)
     params = dict(choice.get("params", {}))
     decision = Decision(problem, variant.name, params, match.rule, how, entry.problem, label, entry.max_error)
-    return variant, params, decision
+    return variant, params, decision, fallback
 
 
 def decide(problem: Problem) -> Decision:
@@ -180,17 +181,10 @@ def _resolve(q: Tensor, k: Tensor, v: Tensor, has_mask: bool, causal: bool, wind
              training: bool) -> _Route:
     problem = _problem(q, k, v, has_mask, causal, window, enable_gqa, training)
     if isinstance(problem, str):
-        return _Route(Decision(None, "sdpa (as is)", {}, "sdpa-as-is", problem), _sdpa_passthrough(enable_gqa))
-    variant, params, decision = _choose(problem)
-    fallback = None if decision.rule in ("default", "fallback") else _exact_fallback(problem)
+        return _Route(Decision(None, "sdpa (as is)", {}, "sdpa-as-is", problem),
+                      functools.partial(_sdpa_as_is, enable_gqa=enable_gqa))
+    variant, params, decision, fallback = _choose(problem)
     return _Route(decision, variant.fn, params, fallback, heads_axis=q.dim() == 4)
-
-
-def _sdpa_passthrough(enable_gqa: bool) -> Any:
-    def run(q: Tensor, k: Tensor, v: Tensor, **kwargs: Any) -> Tensor:
-        return _sdpa_as_is(q, k, v, enable_gqa=enable_gqa, **kwargs)
-
-    return run
 
 
 def _route(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, is_causal: bool, window: int | None,

@@ -42,7 +42,6 @@ class ConfigIndex:
     """
 
     def __init__(self, config: TunedConfig, local_names: dict[str, str]) -> None:
-        self.config = config
         self.device_types = sorted({(e.device or config.device).get("type", "?") for e in config.entries})
         self._classes: dict[tuple, dict[tuple[int, int, int], Entry]] = {}
         for entry in config.entries:

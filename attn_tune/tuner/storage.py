@@ -36,8 +36,12 @@ def default_storage_url(out: str | Path) -> str:
 
 
 def heartbeat_settings() -> tuple[int, int]:
-    """(interval, grace) in seconds: 60 and 180, or `ATTN_TUNE_HEARTBEAT` seconds and three times that."""
-    raw = os.environ.get(HEARTBEAT_ENV, "60")
+    """(interval, grace) in seconds: 10 and 30, or `ATTN_TUNE_HEARTBEAT` seconds and three times that.
+
+    Short enough that rerunning a `kill -9`-ed tune waits at most half a minute for its orphaned trial; a beat is
+    one small UPDATE per running trial, sent from a thread, so long measurements keep beating.
+    """
+    raw = os.environ.get(HEARTBEAT_ENV, "10")
     try:
         interval = int(raw)
     except ValueError:

@@ -105,6 +105,7 @@ def prepare_study(
     if not chosen:
         return "no variant can serve this problem here: " + "; ".join(f"{k}: {v}" for k, v in excluded.items())
     size = space_size(problem, chosen)
+    budget = int(min(trials, size))
     enumerate_all = size <= trials
     # A space no larger than the budget is enumerated through the queue (enqueue_trial): each point is taken by
     # exactly one trial, whichever worker asks, and on resume exactly the missing points are queued again.
@@ -120,10 +121,10 @@ def prepare_study(
     study.set_user_attr("problem", problem.to_dict())
     study.set_user_attr("device", device)
     study.set_user_attr("excluded_variants", excluded)
-    study.set_user_attr("budget", int(min(trials, size)))
+    study.set_user_attr("budget", budget)
     if enumerate_all:
         _queue_missing(study, grid_points(problem, chosen))
-    return PreparedStudy(problem, study, chosen, excluded, int(min(trials, size)), enumerate_all)
+    return PreparedStudy(problem, study, chosen, excluded, budget, enumerate_all)
 
 
 def _copy_of(trial: optuna.Trial, twin: optuna.trial.FrozenTrial, objective: str) -> tuple[float, ...] | float:
@@ -193,10 +194,6 @@ def run_trials(
         values = _values(m, objective)
         return values if objective == "balanced" else values[0]
 
-    def progress(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        if on_trial is not None:
-            on_trial(problem, _finished(study), budget)
-
     asked = 0
     while True:
         trials = study.get_trials(deepcopy=False)
@@ -221,7 +218,7 @@ def run_trials(
         if asked >= 3 * budget:
             return  # a sampler that keeps proposing points already measured
         asked += 1
-        study.optimize(objective_fn, n_trials=1, catch=(_NotMeasured,), callbacks=[progress])
+        study.optimize(objective_fn, n_trials=1, catch=(_NotMeasured,))
 
 
 def finish_study(
