@@ -210,6 +210,43 @@ def test_window_flex_builds_its_block_mask_once_per_shape() -> None:
     assert (info.misses, info.hits) == (1, 2)
 
 
+# (q_len, kv_len) after a first call at 256 x 256: odd lengths, kv_len != q_len, and key lengths 8 past a multiple
+# of 16 below the block (24, 40, 72, 120), which torch 2.13's CPU kernel got wrong before keys were padded.
+FLEX_LENGTHS = [(17, 40), (40, 17), (33, 120), (1, 24), (100, 72), (130, 136)]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_window_flex_compiled_at_one_shape_is_exact_at_others(dtype: str) -> None:
+    """What the nearest-entry runtime does: one compiled window-flex serves lengths it was not first called with.
+    Each call, causal or not, grouped heads or not, equals float64 attention, is finite and repeats bit for bit."""
+    variant = _variant("window-flex", Problem(batch=1, heads=4, q_len=256, head_dim=16, window=5))
+    shapes = [(256, 256)] + FLEX_LENGTHS
+    for (q_len, kv_len), causal in zip(shapes, [False, True] * len(shapes)):
+        problem = Problem(batch=2, heads=4, kv_heads=2 if causal else 4, q_len=q_len, kv_len=kv_len, head_dim=16,
+                          dtype=dtype, causal=causal, window=5 if q_len <= kv_len + 4 else 64)
+        inputs = make_inputs(problem, seed=q_len * kv_len)
+        out = variant.fn(inputs.q, inputs.k, inputs.v, **inputs.call_kwargs(problem))
+        again = variant.fn(inputs.q, inputs.k, inputs.v, **inputs.call_kwargs(problem))
+        assert torch.isfinite(out).all(), f"{problem.describe()}: non-finite output"
+        assert torch.equal(out, again), f"{problem.describe()}: two calls on the same inputs differ"
+        err = rel_error(out, oracle(inputs.q, inputs.k, inputs.v, causal=causal, window=problem.window))
+        assert err < TOLERANCE[dtype], f"{problem.describe()}: {err:.2e} from float64 attention"
+
+
+def test_flex_blocksparse_is_exact_to_its_pattern_at_key_tails() -> None:
+    """flex-blocksparse at key lengths that are not whole blocks, and its refusal of blocks the kernel gets wrong."""
+    variant = _variant("flex-blocksparse", Problem(batch=1, heads=4, q_len=256, head_dim=16))
+    for (q_len, kv_len), block in zip(FLEX_LENGTHS, [32, 64, 128, 32, 64, 128]):
+        problem = Problem(batch=1, heads=4, q_len=q_len, kv_len=kv_len, head_dim=16)
+        params = {"block": block, "window_blocks": 1, "global_blocks": 1, "random_blocks": 1}
+        inputs = make_inputs(problem, seed=kv_len)
+        out = variant.fn(inputs.q, inputs.k, inputs.v, **inputs.call_kwargs(problem), **params)
+        err = rel_error(out, pattern_reference("flex-blocksparse", problem, inputs.q, inputs.k, inputs.v, params))
+        assert err < TOLERANCE["float32"], f"{problem.describe()} block {block}: {err:.2e} from its pattern"
+    with pytest.raises(UnsupportedProblem, match="multiple of 16"):
+        variant.fn(inputs.q, inputs.k, inputs.v, block=24)
+
+
 @pytest.mark.parametrize("name", ["local", "blocksparse", "linformer"])
 def test_knob_space_samples_only_runnable_params(name: str) -> None:
     """Every point of the search space runs and yields a finite output (the tuner never draws a broken knob)."""

@@ -5,6 +5,11 @@ compiled function (dynamic shapes, so one compile serves many lengths) and each 
 (lengths, pattern, device), are built once per process; `measure()` reports that one-time cost as
 `first_call_ms`, apart from the per-call latency. Block masks are computed from the block geometry directly
 (O(blocks^2), no compile), not by evaluating a mask_mod over every (query, key) pair.
+
+Keys and values are padded to a whole number of blocks (the padding masked out) before the kernel sees them:
+torch 2.13's CPU FlexAttention kernel gives wrong, sometimes non-finite, run-to-run different outputs when the key
+length is shorter than the block and 8 past a multiple of 16 (8, 24, 40, ... with blocks of 128), as if it read
+memory it never wrote; `bench/flex_cpu_key_tail.py` shows it without attn-tune.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import functools
 from typing import Any, Callable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from attn_tune.errors import UnsupportedProblem
@@ -26,6 +32,9 @@ from attn_tune.registry.variant import Variant
 __all__ = ["window_flex_attention", "flex_blocksparse_attention", "window_block_mask", "pattern_block_mask"]
 
 WINDOW_MASK_BLOCK = 128
+# Blocks the CPU kernel computes correctly: whole multiples of 16 (a block of 24 gave wrong answers even when the
+# keys were padded to whole blocks).
+BLOCK_MULTIPLE = 16
 # One compiled function serves every dtype / head_dim / GQA / causal combination a process meets (each one a
 # recompile); past dynamo's default of 8 it would fall back, silently, to eager FlexAttention, which materialises
 # the whole score matrix. So: a higher limit, and an error rather than that fallback.
@@ -48,20 +57,27 @@ def _compiled_flex() -> Callable[..., Any]:
     return torch.compile(flex_attention, dynamic=True)
 
 
-def _band_mask_mod(width: Tensor, causal: Tensor) -> Callable[..., Tensor]:
-    """Keep |q - k| < width, and k <= q where `causal`. Tensors, not Python values, so that every window and
-    pattern shares one traced mask_mod and a new one costs no recompile. Applied only inside partial blocks."""
+def _band_mask_mod(width: int, causal: bool, kv_len: int, device: torch.device) -> Callable[..., Tensor]:
+    """Keep |q - k| < width, k <= q where `causal`, and k < kv_len (the padding is never seen). Held as tensors,
+    not Python values, so that every window, pattern and length shares one traced mask_mod and a new one costs no
+    recompile. Applied only inside partial blocks."""
+    width_t, causal_t, kv_len_t = (torch.tensor(x, device=device) for x in (width, causal, kv_len))
 
     def mask_mod(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
         diff = q_idx - kv_idx
-        return (diff < width) & (diff > -width) & ((diff >= 0) | ~causal)
+        return (diff < width_t) & (diff > -width_t) & ((diff >= 0) | ~causal_t) & (kv_idx < kv_len_t)
 
     return mask_mod
 
 
+def _padded(length: int, block: int) -> int:
+    return -(-length // block) * block
+
+
 def _block_mask(full: Tensor, partial: Tensor, q_len: int, kv_len: int, block: int, mask_mod: Callable[..., Any]) -> Any:
     """A BlockMask from boolean (query blocks, key blocks) grids: `full` blocks skip the mask_mod, `partial` blocks
-    apply it, all others are never visited. Built directly, without evaluating mask_mod over q_len x kv_len."""
+    apply it, all others are never visited. Built directly, without evaluating mask_mod over q_len x kv_len, for
+    keys padded to whole blocks (the last key block, when cut, is partial, so its padding is masked)."""
     from torch.nn.attention.flex_attention import BlockMask
 
     def counts_and_indices(grid: Tensor) -> tuple[Tensor, Tensor]:
@@ -71,7 +87,8 @@ def _block_mask(full: Tensor, partial: Tensor, q_len: int, kv_len: int, block: i
     kv_num, kv_idx = counts_and_indices(partial)
     full_num, full_idx = counts_and_indices(full)
     return BlockMask.from_kv_blocks(
-        kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=block, mask_mod=mask_mod, seq_lengths=(q_len, kv_len)
+        kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=block, mask_mod=mask_mod,
+        seq_lengths=(q_len, _padded(kv_len, block)),
     )
 
 
@@ -96,7 +113,7 @@ def window_block_mask(q_len: int, kv_len: int, window: int, causal: bool, device
     band_low, band_high = (0 if causal else 1 - window), window - 1
     visited = (high >= band_low) & (low <= band_high)
     full = (low >= band_low) & (high <= band_high) & q_whole[:, None] & k_whole[None, :]
-    mask_mod = _band_mask_mod(torch.tensor(window, device=device), torch.tensor(causal, device=device))
+    mask_mod = _band_mask_mod(window, causal, kv_len, device)
     return _block_mask(full, visited & ~full, q_len, kv_len, block, mask_mod).to(device)
 
 
@@ -109,8 +126,7 @@ def pattern_block_mask(pattern: BlockPattern, q_len: int, kv_len: int, causal: b
     _, _, k_whole = _block_bounds(kv_len, block)
     rows, cols = torch.arange(layout.shape[0])[:, None], torch.arange(layout.shape[1])[None, :]
     full = layout & q_whole[:, None] & k_whole[None, :] & ((cols < rows) if causal else True)
-    no_band = torch.tensor(max(q_len, kv_len) + 1, device=device)
-    mask_mod = _band_mask_mod(no_band, torch.tensor(causal, device=device))
+    mask_mod = _band_mask_mod(max(q_len, kv_len) + 1, causal, kv_len, device)
     return _block_mask(full, layout & ~full, q_len, kv_len, block, mask_mod).to(device)
 
 
@@ -120,6 +136,10 @@ def _refuse_cpu_backward(q: Tensor, k: Tensor, v: Tensor) -> None:
 
 
 def _flex(q: Tensor, k: Tensor, v: Tensor, block_mask: Any, scale: float | None) -> Tensor:
+    """Compiled FlexAttention over keys and values padded to the block mask's whole blocks."""
+    pad = block_mask.seq_lengths[1] - k.shape[-2]
+    if pad:
+        k, v = F.pad(k, (0, 0, 0, pad)), F.pad(v, (0, 0, 0, pad))
     flex = _compiled_flex()
     with _compile_limits():
         return flex(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
@@ -161,6 +181,8 @@ def flex_blocksparse_attention(
 ) -> Tensor:
     """The `blocksparse` pattern through compiled FlexAttention."""
     check_pattern_call(window, attn_mask, "flex-blocksparse")
+    if block % BLOCK_MULTIPLE:
+        raise UnsupportedProblem(f"flex-blocksparse needs a block that is a multiple of {BLOCK_MULTIPLE}, not {block}")
     _refuse_cpu_backward(q, k, v)
     pattern = BlockPattern(block, window_blocks, global_blocks, random_blocks)
     block_mask = pattern_block_mask(pattern, q.shape[-2], k.shape[-2], is_causal, q.device)
