@@ -161,3 +161,17 @@ def test_called_outside_support_raises_with_a_reason(name: str, fragment: str) -
     with pytest.raises(UnsupportedProblem, match=fragment) as info:
         variant.fn(inputs.q, inputs.k, inputs.v, **inputs.call_kwargs(problem))
     assert "\n" not in str(info.value) and "Triggered internally" not in str(info.value)
+
+
+def test_block_fully_visible_agrees_with_the_mask_it_skips() -> None:
+    """A chunk is run without a mask only when every one of its keys is visible: the geometric test must agree with
+    the mask it saves building, at every offset, causal or not, with and without a window."""
+    from attn_tune.families.masks import block_fully_visible, visible_keys
+
+    for rows, cols, shift, causal, window in itertools.product(
+        (1, 3, 8), (1, 5, 8), range(-10, 11), (False, True), (None, 1, 4, 9)
+    ):
+        mask = visible_keys(rows, cols, causal=causal, window=window, device="cpu", q_offset=shift)
+        expected = mask is None or bool(mask.all())
+        got = block_fully_visible(rows, cols, causal=causal, window=window, shift=shift)
+        assert got == expected, f"rows {rows} cols {cols} shift {shift} causal {causal} window {window}"

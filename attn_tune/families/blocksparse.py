@@ -2,9 +2,10 @@
 
 Query block i sees key blocks j with |i - j| <= window_blocks, the first `global_blocks` key blocks, and
 `random_blocks` more drawn from a fixed seed (block-level causal when the problem is causal, and element-level
-causal inside the blocks it keeps). Only the kept key blocks are gathered, so time and memory scale with the
-number of non-zero blocks, not with q_len x kv_len. `BlockPattern.layout` / `.mask` define the function
-exactly; the FlexAttention and xformers variants compute the same pattern.
+causal inside the blocks it keeps). Only the kept key blocks are gathered, and they go through SDPA's fused
+kernel, so time and memory scale with the number of non-zero blocks, not with q_len x kv_len, and no kept score
+is held whole. `BlockPattern.layout` / `.mask` define the function exactly; the FlexAttention and xformers
+variants compute the same pattern.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from attn_tune.errors import UnsupportedProblem
-from attn_tune.families.masks import repeat_kv, resolve_scale
+from attn_tune.families.chunked import block_attention
+from attn_tune.families.masks import resolve_scale
 from attn_tune.problem import Problem
 from attn_tune.registry.hookspecs import hookimpl
 from attn_tune.registry.variant import Variant
@@ -31,6 +33,9 @@ __all__ = [
 
 PATTERN_SEED = 0
 _BLOCK_CHOICES = (32, 64, 128)
+# A group of query blocks gathers at most kv_len / GATHER_FRACTION keys (per head): with the copies of its gathered
+# keys and values (about four of that size live at once) it stays under half of K's size.
+GATHER_FRACTION = 8
 
 
 @dataclass(frozen=True)
@@ -86,8 +91,9 @@ def _layout(pattern: BlockPattern, q_len: int, kv_len: int, causal: bool) -> Ten
 def _gather_plan(
     pattern: BlockPattern, q_len: int, kv_len: int, causal: bool, device: torch.device
 ) -> tuple[Tensor, Tensor]:
-    """Per query block, the indices of its key blocks (padded to the widest row) and the element keep-mask
-    (query blocks, block, kept blocks x block): padding slots, keys past kv_len and causal cuts are False."""
+    """Per query block, the positions of the keys of its kept blocks (query blocks, kept blocks x block; rows padded
+    to the widest, positions past kv_len clamped to a real key) and the element keep-mask of the same shape per
+    query (query blocks, block, kept blocks x block): padding slots, keys past kv_len and causal cuts are False."""
     layout, block = pattern.layout(q_len, kv_len, causal), pattern.block
     counts = layout.sum(dim=1)
     width = int(counts.max())
@@ -100,7 +106,7 @@ def _gather_plan(
     if causal:
         keep = keep & (key_pos[:, None, :, :] <= query_pos[:, :, None, None])
     keep = keep.expand(-1, block, -1, -1).reshape(layout.shape[0], block, width * block)
-    return order.to(device), keep.to(device)
+    return key_pos.flatten(1).clamp(max=kv_len - 1).to(device), keep.to(device)
 
 
 def check_pattern_call(window: int | None, attn_mask: Tensor | None, name: str) -> None:
@@ -125,25 +131,39 @@ def blocksparse_attention(
     global_blocks: int = DEFAULT_PATTERN.global_blocks,
     random_blocks: int = DEFAULT_PATTERN.random_blocks,
 ) -> Tensor:
-    """Attention restricted to the block pattern, computing only the kept blocks (gathered per query block)."""
+    """Attention restricted to the block pattern, computing only the kept blocks.
+
+    Query blocks go in groups that each gather at most kv_len / GATHER_FRACTION keys, and each group runs through
+    SDPA's fused kernel with its keep-mask: neither the kept scores nor the gathered keys of all groups are ever
+    live at once.
+    """
     check_pattern_call(window, attn_mask, "blocksparse")
     pattern = BlockPattern(block, window_blocks, global_blocks, random_blocks)
-    k, v = repeat_kv(k, v, q.shape[1])
     q_len, kv_len = q.shape[-2], k.shape[-2]
-    index, keep = _gather_plan(pattern, q_len, kv_len, is_causal, q.device)
-    n_q, width = index.shape
-    n_k = math.ceil(kv_len / block)
-    pad_k = (0, 0, 0, n_k * block - kv_len)
-    qb = F.pad(q * resolve_scale(q, scale), (0, 0, 0, n_q * block - q_len)).unflatten(2, (n_q, block))
-    kb = F.pad(k, pad_k).unflatten(2, (n_k, block))[:, :, index]  # (b, h, n_q, width, block, d): kept blocks only
-    scores = torch.einsum("bhqid,bhqwjd->bhqiwj", qb, kb).flatten(-2)  # (b, h, n_q, block, width x block)
-    del kb
-    scores = scores.to(torch.promote_types(scores.dtype, torch.float32))  # softmax in at least float32
-    probs = torch.softmax(scores.masked_fill_(~keep, float("-inf")), dim=-1).to(v.dtype)
-    del scores
-    vb = F.pad(v, pad_k).unflatten(2, (n_k, block))[:, :, index]
-    out = torch.einsum("bhqiwj,bhqwjd->bhqid", probs.unflatten(-1, (width, block)), vb)
-    return out.flatten(2, 3)[:, :, :q_len]
+    key_pos, keep = _gather_plan(pattern, q_len, kv_len, is_causal, q.device)
+    # (b, kv_len, kv_heads, d) views: gathering positions gives (b, G, kept, kv_heads, d) in one copy, and its
+    # transpose is the (b x G, kv_heads, kept, d) that SDPA reads, without another.
+    k_rows, v_rows = k.transpose(1, 2), v.transpose(1, 2)
+    qb = _whole_blocks(q, block)
+    out = torch.empty(qb.shape[:-1] + (v.shape[-1],), dtype=q.dtype, device=q.device)
+    batch, n_q = q.shape[0], key_pos.shape[0]
+    group = max(1, kv_len // (GATHER_FRACTION * key_pos.shape[1]))
+    for g0 in range(0, n_q, group):
+        g1 = min(g0 + group, n_q)
+        rows = slice(g0 * block, g1 * block)
+        # (b, h, G x block, d) -> (b x G, h, block, d): each query block is one SDPA batch entry.
+        q_g = qb[:, :, rows].unflatten(2, (g1 - g0, block)).transpose(1, 2).flatten(0, 1)
+        k_g, v_g = (t[:, key_pos[g0:g1]].transpose(2, 3).flatten(0, 1) for t in (k_rows, v_rows))
+        mask = keep[g0:g1, None].repeat(batch, 1, 1, 1) if batch > 1 else keep[g0:g1, None]
+        res = block_attention(q_g, k_g, v_g, mask, resolve_scale(q, scale))
+        out[:, :, rows] = res.unflatten(0, (batch, g1 - g0)).transpose(1, 2).flatten(2, 3)
+    return out[:, :, :q_len] if out.shape[2] != q_len else out
+
+
+def _whole_blocks(t: Tensor, block: int) -> Tensor:
+    """`t` with its sequence padded to whole blocks; `t` itself (no copy) when it already is."""
+    pad = -t.shape[-2] % block
+    return F.pad(t, (0, 0, 0, pad)) if pad else t
 
 
 def pattern_supports(problem: Problem) -> str | None:

@@ -1,20 +1,25 @@
-"""`chunked`: exact attention over query chunks; peak memory O(chunk x kv_len) instead of O(q_len x kv_len)."""
+"""`chunked`: exact attention over query chunks; peak memory O(chunk x kv_len) instead of O(q_len x kv_len).
+
+Each chunk goes through SDPA's fused kernel (its scores are never held whole) with a small boolean mask for the
+chunk's edge, or none where the chunk sees all its keys. The windowed variants share this machinery.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.checkpoint import checkpoint
 
 from attn_tune.problem import Problem
 from attn_tune.registry.hookspecs import hookimpl
 from attn_tune.registry.variant import Variant
-from attn_tune.families.dense import attend
-from attn_tune.families.masks import key_range, merge_masks, repeat_kv, resolve_scale, visible_keys
+from attn_tune.families.masks import (
+    block_fully_visible, key_range, merge_masks, resolve_scale, shared_visible_keys,
+)
 
-__all__ = ["chunked_attention", "CHUNK_CHOICES"]
+__all__ = ["chunked_attention", "block_attention", "CHUNK_CHOICES"]
 
 CHUNK_CHOICES: tuple[int, ...] = (32, 64, 128, 256, 512, 1024, 2048)
 
@@ -28,6 +33,12 @@ def _mask_block(attn_mask: Tensor | None, r0: int, r1: int, lo: int, hi: int) ->
     return attn_mask[..., rows, cols]
 
 
+def block_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float) -> Tensor:
+    """One block of queries against its keys through SDPA's fused kernel: the scores are computed in tiles, never
+    held whole, also in backward; grouped kv heads are read in place (no copies)."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
+
+
 def chunked_attention(
     q: Tensor,
     k: Tensor,
@@ -39,26 +50,24 @@ def chunked_attention(
     scale: float | None = None,
     chunk: int = 256,
 ) -> Tensor:
-    """Exact attention, `chunk` query rows at a time, each against only the keys it can see.
+    """Exact attention, `chunk` query rows at a time, each against only the keys it can see (`block_attention`).
 
-    Under autograd each chunk is checkpointed, so the backward pass also holds one chunk's scores at a time.
+    The visibility mask of a chunk depends only on its query-key offset, so interior chunks of a window share one.
     """
     if chunk < 1:
         raise ValueError(f"chunk must be positive, got {chunk}")
-    k, v = repeat_kv(k, v, q.shape[1])
     q_len, kv_len = q.shape[-2], k.shape[-2]
     scale = resolve_scale(q, scale)
-    recompute = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     out = torch.empty(q.shape[:-1] + (v.shape[-1],), dtype=q.dtype, device=q.device)
     for r0 in range(0, q_len, chunk):
         r1 = min(r0 + chunk, q_len)
         lo, hi = key_range(r0, r1, kv_len, causal=is_causal, window=window)
-        visible = visible_keys(
-            r1 - r0, hi - lo, causal=is_causal, window=window, device=q.device, q_offset=r0, k_offset=lo
+        geometry = dict(causal=is_causal, window=window, shift=r0 - lo)
+        visible = None if block_fully_visible(r1 - r0, hi - lo, **geometry) else shared_visible_keys(
+            r1 - r0, hi - lo, device=q.device, **geometry
         )
         mask = merge_masks(visible, _mask_block(attn_mask, r0, r1, lo, hi))
-        args = (q[..., r0:r1, :], k[..., lo:hi, :], v[..., lo:hi, :], mask, scale)
-        out[..., r0:r1, :] = checkpoint(attend, *args, use_reentrant=False) if recompute else attend(*args)
+        out[..., r0:r1, :] = block_attention(q[..., r0:r1, :], k[..., lo:hi, :], v[..., lo:hi, :], mask, scale)
     return out
 
 

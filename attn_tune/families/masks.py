@@ -8,7 +8,10 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["visible_keys", "shared_visible_keys", "fold_for_sdpa", "merge_masks", "apply_mask", "repeat_kv", "resolve_scale", "key_range"]
+__all__ = [
+    "visible_keys", "shared_visible_keys", "block_fully_visible", "fold_for_sdpa", "merge_masks", "apply_mask",
+    "repeat_kv", "resolve_scale", "key_range",
+]
 
 
 def visible_keys(
@@ -36,23 +39,35 @@ def visible_keys(
     return visible
 
 
-@functools.lru_cache(maxsize=16)
-def _cached_visible_keys(q_len: int, kv_len: int, causal: bool, window: int | None, device: torch.device) -> Tensor | None:
+@functools.lru_cache(maxsize=64)
+def _cached_visible_keys(
+    q_len: int, kv_len: int, causal: bool, window: int | None, device: torch.device, shift: int
+) -> Tensor | None:
     with torch.inference_mode(False), torch.no_grad():  # a plain tensor, usable later under autograd
-        return visible_keys(q_len, kv_len, causal=causal, window=window, device=device)
+        return visible_keys(q_len, kv_len, causal=causal, window=window, device=device, q_offset=shift)
 
 
 def shared_visible_keys(
-    q_len: int, kv_len: int, *, causal: bool, window: int | None, device: torch.device | str
+    q_len: int, kv_len: int, *, causal: bool, window: int | None, device: torch.device | str, shift: int = 0
 ) -> Tensor | None:
-    """`visible_keys` for a whole problem, built once per (lengths, causal, window, device) and shared.
+    """`visible_keys` for queries `shift + i` and keys `j`, built once per (lengths, causal, window, device, shift).
 
-    Every layer of a model asks for the same mask; rebuilding it costs O(q_len x kv_len) per call. The tensor is
-    shared, so callers must not modify it in place. Under torch.compile it is traced, not cached.
+    Every layer of a model asks for the same mask, and every interior block of a windowed variant for the same
+    block mask (visibility depends only on the query-key offset); rebuilding it costs O(q_len x kv_len) per call.
+    The tensor is shared, so callers must not modify it in place. Under torch.compile it is traced, not cached.
     """
     if torch.compiler.is_compiling():
-        return visible_keys(q_len, kv_len, causal=causal, window=window, device=device)
-    return _cached_visible_keys(q_len, kv_len, causal, window, torch.device(device))
+        return visible_keys(q_len, kv_len, causal=causal, window=window, device=device, q_offset=shift)
+    return _cached_visible_keys(q_len, kv_len, causal, window, torch.device(device), shift)
+
+
+def block_fully_visible(q_len: int, kv_len: int, *, causal: bool, window: int | None, shift: int = 0) -> bool:
+    """True when queries `shift + i` see every key `j` of the block: it needs no mask. From the geometry alone
+    (q - k ranges over [shift - kv_len + 1, shift + q_len - 1]), no tensor built."""
+    low, high = shift - kv_len + 1, shift + q_len - 1
+    if causal and low < 0:
+        return False
+    return window is None or (high < window and low > -window)
 
 
 def fold_for_sdpa(
