@@ -232,6 +232,30 @@ def test_killed_run_resumes_without_repeating_finished_trials(tmp_path) -> None:
     assert sorted(t.params["knobby:k"] for t in _complete_trials(storage)) == list(range(12))  # each point once
 
 
+def test_a_trial_killed_before_its_first_heartbeat_is_retried(tmp_path, monkeypatch) -> None:
+    """Optuna counts a trial stale only once it has a heartbeat row; a worker killed between creating a trial and its
+    first beat leaves it RUNNING forever, and every other worker waits on it. Once older than the grace period it
+    is failed and queued again; a trial whose objective began (its heartbeat running) is left to Optuna."""
+    from attn_tune.tuner.storage import fail_dead_trials, mark_started, open_storage
+
+    monkeypatch.setenv(HEARTBEAT_ENV, "1")  # grace 3 s
+    study = optuna.create_study(storage=open_storage(f"sqlite:///{tmp_path / 'study.db'}"))
+    study.enqueue_trial({"x": 1.0})
+    study.enqueue_trial({"x": 2.0})
+    orphan = study.ask()  # what a worker killed right after `ask` leaves: RUNNING, no heartbeat
+    live = study.ask()
+    mark_started(live)
+    fail_dead_trials(study)
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.RUNNING] * 2, "failed before the grace period"
+    time.sleep(3.5)
+    fail_dead_trials(study)
+    states = {t.number: t.state for t in study.trials}
+    assert states[orphan.number] == optuna.trial.TrialState.FAIL
+    assert states[live.number] == optuna.trial.TrialState.RUNNING
+    (retry,) = [t for t in study.trials if t.state == optuna.trial.TrialState.WAITING]
+    assert retry.system_attrs["fixed_params"] == {"x": 1.0} and retry.system_attrs["failed_trial"] == orphan.number
+
+
 def test_real_tune_on_tiny_cpu_problems_writes_a_config_that_loads_back(tmp_path) -> None:
     problems = [Problem(batch=1, heads=2, q_len=n, head_dim=16, causal=True) for n in (32, 96)]
     config = tune(problems, trials=6, seed=0, measure_kwargs={"warmup": 1, "min_repeats": 3, "min_time_s": 0.0},

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import datetime
 import importlib.util
 import os
 import re
@@ -13,7 +15,10 @@ import optuna
 
 from attn_tune.errors import AttnTuneError
 
-__all__ = ["StorageError", "open_storage", "redact", "default_storage_url", "heartbeat_settings", "HEARTBEAT_ENV"]
+__all__ = [
+    "StorageError", "open_storage", "redact", "default_storage_url", "heartbeat_settings", "HEARTBEAT_ENV",
+    "mark_started", "fail_dead_trials",
+]
 
 _PASSWORD = re.compile(r"(://[^:/@?#]*):[^/?#]*@")  # greedy: up to the last @ of the authority
 _QUERY_PASSWORD = re.compile(r"([?&]password=)[^&#]*", re.IGNORECASE)
@@ -69,6 +74,41 @@ class _RetryStale(optuna.storages.RetryHeartbeatStaleTrialCallback):
             "reason": "its worker stopped sending heartbeats (killed or cut off); the trial was queued again",
         })
         super().__call__(study, trial)
+
+
+_STARTED = "started_by_trial"  # set as the objective starts, inside Optuna's heartbeat; its value is the trial number
+
+
+def mark_started(trial: optuna.Trial) -> None:
+    """Record that this trial's objective began, so its heartbeat was running (Optuna starts it before)."""
+    trial.set_user_attr(_STARTED, trial.number)
+
+
+def fail_dead_trials(study: optuna.Study) -> None:
+    """Fail, and queue again, the trials whose worker died: Optuna's stale heartbeats, and the trials killed between
+    being created and their first heartbeat, which Optuna never counts as stale (no heartbeat row at all), so that
+    every other worker would wait for them forever. Such a trial never reached its objective (`mark_started`) and
+    is older than the grace period; a live worker goes from one to the other in milliseconds."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+    storage = study._storage  # Optuna's own fail_stale_trials reads it the same way
+    if getattr(storage, "get_heartbeat_interval", lambda: None)() is None:
+        return  # no heartbeat: an in-memory study has no other worker to die
+    _, grace = heartbeat_settings()  # what open_storage gave the storage
+    callback = storage.get_heartbeat_stale_trial_callback()
+    now = datetime.datetime.now()
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        started = trial.user_attrs.get(_STARTED) == trial.number
+        if started or trial.datetime_start is None or (now - trial.datetime_start).total_seconds() <= grace:
+            continue
+        try:
+            if not storage.set_trial_state_values(trial._trial_id, state=optuna.trial.TrialState.FAIL):
+                continue
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue  # another worker failed it first
+        if callback is not None:
+            callback(study, copy.deepcopy(storage.get_trial(trial._trial_id)))
 
 
 def open_storage(url: str | None) -> optuna.storages.BaseStorage | None:

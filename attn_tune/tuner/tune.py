@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -20,7 +19,7 @@ from attn_tune.tuner.config import Entry, TunedConfig, device_info
 from attn_tune.tuner.measure import Measurement, measure
 from attn_tune.tuner.selection import FAILURES, MeasureFn, Point, choose, constraint_violation, failure_reason
 from attn_tune.tuner.space import eligible_variants, grid_points, knob_name, quiet_optuna, space_size, suggest
-from attn_tune.tuner.storage import open_storage
+from attn_tune.tuner.storage import fail_dead_trials, mark_started, open_storage
 
 __all__ = ["OBJECTIVES", "PreparedStudy", "tune", "study_name", "prepare_study", "run_trials", "finish_study"]
 
@@ -156,6 +155,7 @@ def run_trials(
         raise _NotMeasured(reason)
 
     def objective_fn(trial: optuna.Trial) -> tuple[float, ...] | float:
+        mark_started(trial)
         trials = study.get_trials(deepcopy=False)
         queued = "fixed_params" in next(t for t in trials if t.number == trial.number).system_attrs
         live = _DONE + (optuna.trial.TrialState.RUNNING,)
@@ -211,9 +211,7 @@ def run_trials(
             return  # every queued point is done, or failed past its retries
         if (prepared.enumerated and not waiting) or finished + running >= budget:
             time.sleep(poll_s)  # the rest is being measured by other workers; a dead one's trial is retried
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                optuna.storages.fail_stale_trials(study)
+            fail_dead_trials(study)
             continue
         if asked >= 3 * budget:
             return  # a sampler that keeps proposing points already measured
