@@ -1,13 +1,19 @@
-"""The approximate families against `sdpa` on full attention: latency, peak memory, error, and a plot.
+"""The approximate families and exact windows against what a user would do instead: latency, peak memory, error.
 
     python bench/approximate_families.py                      # CPU float32, q_len 1024..16384, writes the PNG
     python bench/approximate_families.py --lengths 1024,2048 --plot /tmp/families.png
 
-Every variant runs at its default knobs. `local`, the block-sparse variants and `linformer` stand in for full
-(non-causal) attention, so their error is against it. The exact sliding-window variants compute the problem
-with window `--window`; they are measured on that problem, and `local` at the same window (the same function)
-gives that window's error against full attention. `first ms` is the first call alone: compiling and building
-masks, paid once per shape. Ratios are taken inside one run, so machine-wide noise mostly cancels.
+Every variant runs at its default knobs, beside the plain-PyTorch way to compute the same function, measured in
+the same run (`x instead`, `peak x instead`):
+- `local` (window 256 standing in for full attention): `ref-local-mask`, SDPA with that window as a boolean mask;
+- the block-sparse variants: `ref-pattern-mask`, SDPA with the default BigBird pattern as a dense boolean mask;
+- `linformer`: `ref-linformer-head`, linformer-pytorch's own `LinearAttentionHead` over the same seeded projections
+  (the reference implementation of the idea; `linformer` itself is those projections, then fused SDPA);
+- the exact windows (`--window`, causal by default: the Mistral-style problem): `sdpa` on that problem, which
+  passes the window to SDPA as a boolean mask, as Hugging Face's sdpa path does for sliding-window models.
+Full-attention rows also give `x sdpa` against exact full attention, and their error against it. `first ms` is
+the first call alone: compiling and building masks, paid once per shape. Ratios are taken inside one run, so
+machine-wide noise mostly cancels.
 """
 
 from __future__ import annotations
@@ -17,15 +23,56 @@ import dataclasses
 import sys
 from pathlib import Path
 
+import functools
+
 import torch
+import torch.nn.functional as F
 
 import attn_tune
-from attn_tune import Problem
+from attn_tune import Problem, Variant
+from attn_tune.families.blocksparse import DEFAULT_PATTERN
+from attn_tune.families.linformer import linformer_projections
 from attn_tune.tuner.bench import BASELINE, BenchResult, bench
 from attn_tune.tuner.config import device_info, write_atomically
 
 FULL = ["sdpa", "local", "blocksparse", "flex-blocksparse", "xformers-blocksparse", "linformer"]
-WINDOWED = ["window-chunked", "window-flex"]
+WINDOWED = ["sdpa", "window-chunked", "window-flex"]
+LOCAL_WINDOW = 256  # local's default
+INSTEAD = {"local": "ref-local-mask", "blocksparse": "ref-pattern-mask", "flex-blocksparse": "ref-pattern-mask",
+           "xformers-blocksparse": "ref-pattern-mask", "linformer": "ref-linformer-head"}
+
+
+@functools.lru_cache(maxsize=2)
+def _pattern_mask(q_len: int, kv_len: int, device: torch.device) -> torch.Tensor:
+    return DEFAULT_PATTERN.mask(q_len, kv_len, causal=False).to(device)
+
+
+def _ref_local_mask(q, k, v, *, is_causal=False, window=None, attn_mask=None, scale=None):
+    return attn_tune.get_variant("sdpa").fn(q, k, v, is_causal=is_causal, window=LOCAL_WINDOW, scale=scale)
+
+
+def _ref_pattern_mask(q, k, v, *, is_causal=False, window=None, attn_mask=None, scale=None):
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=_pattern_mask(q.shape[-2], k.shape[-2], q.device),
+                                          scale=scale)
+
+
+def _ref_linformer_head(q, k, v, *, is_causal=False, window=None, attn_mask=None, scale=None, rank=128):
+    from linformer_pytorch.linformer_pytorch import LinearAttentionHead
+
+    e, f = linformer_projections(k.shape[-2], rank, q.dtype, q.device)
+    head = LinearAttentionHead(1.0, 0.0, e, f, None)  # dim 1 and q pre-scaled: the default scale, unrounded
+    out = head((q / q.shape[-1] ** 0.5).flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1))
+    return out.unflatten(0, q.shape[:2])
+
+
+REFERENCES = [
+    Variant("ref-local-mask", "reference", _ref_local_mask, exact=False,
+            description=f"SDPA with window {LOCAL_WINDOW} as a boolean mask"),
+    Variant("ref-pattern-mask", "reference", _ref_pattern_mask, exact=False,
+            description="SDPA with the default block pattern as a dense boolean mask"),
+    Variant("ref-linformer-head", "reference", _ref_linformer_head, exact=False,
+            description="linformer-pytorch's own LinearAttentionHead over the same seeded projections"),
+]
 
 
 def _ints(text: str) -> list[int]:
@@ -41,13 +88,18 @@ def _plot(results: list[BenchResult], out: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (lat_ax, mem_ax) = plt.subplots(1, 2, figsize=(12, 4.8))
-    names = list(dict.fromkeys(r.variant.name for r in results))
-    for name in names:
-        cells = sorted((r for r in results if r.variant.name == name and r.measured), key=lambda r: r.problem.q_len)
+    lines = list(dict.fromkeys((r.variant.name, r.problem.window) for r in results))  # sdpa runs on both problems
+    for name, window in lines:
+        cells = sorted((r for r in results if r.variant.name == name and r.problem.window == window and r.measured),
+                       key=lambda r: r.problem.q_len)
         if not cells:
             continue
-        label = name + (f" (window {cells[0].problem.window})" if cells[0].problem.window else "")
+        label = name if window is None else f"{name} (window {window})"
+        if name == BASELINE and window is not None:
+            label = f"{BASELINE}, window {window} as a mask"
         style = {"linewidth": 2.5, "color": "black"} if name == BASELINE else {}
+        if name.startswith("ref-") or (name == BASELINE and window is not None):
+            style = {"linestyle": "--", "color": "black" if name == BASELINE else None, "alpha": 0.7}
         lengths = [r.problem.q_len for r in cells]
         lat_ax.plot(lengths, [r.measured.latency_ms for r in cells], marker="o", label=label, **style)
         mem_ax.plot(lengths, [r.measured.peak_bytes / 2**20 for r in cells], marker="o", label=label, **style)
@@ -59,7 +111,7 @@ def _plot(results: list[BenchResult], out: Path) -> None:
         ax.grid(True, which="both", alpha=0.3)
     mem_ax.legend(fontsize=8)
     problem = results[0].problem
-    fig.suptitle(f"approximate families vs {BASELINE} on full attention: b{problem.batch} h{problem.heads} "
+    fig.suptitle(f"families vs what a user would do instead (dashed): b{problem.batch} h{problem.heads} "
                  f"d{problem.head_dim} {problem.dtype} {problem.device}, torch {torch.__version__}")
     fig.tight_layout()
     buffer = io.BytesIO()
@@ -76,14 +128,16 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--head-dim", type=int, default=64)
-    parser.add_argument("--window", type=int, default=256, help="the exact windowed variants' window (= local's default)")
+    parser.add_argument("--window", type=int, default=512, help="the exact windowed variants' window")
+    parser.add_argument("--no-causal-window", dest="causal_window", action="store_false",
+                        help="measure the window problem without the causal cut")
     parser.add_argument("--min-time", type=float, default=0.3, help="seconds of timed calls per cell")
     parser.add_argument("--plot", type=Path, default=Path("docs/approximate_families.png"))
     args = parser.parse_args()
 
-    full_variants = [attn_tune.get_variant(n) for n in FULL]
+    full_variants = [attn_tune.get_variant(n) for n in FULL] + REFERENCES
     window_variants = [attn_tune.get_variant(n) for n in WINDOWED]
-    total = len(args.lengths) * (len(FULL) + len(WINDOWED))
+    total = len(args.lengths) * (len(full_variants) + len(window_variants))
     done = 0
 
     def progress(result: BenchResult) -> None:
@@ -97,7 +151,8 @@ def main() -> None:
         full = Problem(batch=args.batch, heads=args.heads, q_len=n, head_dim=args.head_dim, dtype=args.dtype,
                        device=args.device)
         row = bench([full], full_variants, on_result=progress, **kwargs)
-        row += bench([dataclasses.replace(full, window=args.window)], window_variants, on_result=progress, **kwargs)
+        windowed = dataclasses.replace(full, window=args.window, causal=args.causal_window)
+        row += bench([windowed], window_variants, on_result=progress, **kwargs)
         base = next(r.measured for r in row if r.variant.name == BASELINE)
         for r in row:
             if r.measured is not None:
@@ -108,18 +163,31 @@ def main() -> None:
     print(f"torch {torch.__version__}, attn-tune {attn_tune.__version__}, {device_info(args.device)['name']}, "
           f"{torch.get_num_threads()} CPU threads; batch {args.batch}, heads {args.heads}, head_dim {args.head_dim}, "
           f"{args.dtype}, non-causal\n")
-    print(f"| q_len | variant | problem | latency ms | x {BASELINE} | peak MiB | peak x {BASELINE} | rel error | first ms |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print(f"| q_len | variant | problem | latency ms | x {BASELINE} | x instead | peak MiB | peak x {BASELINE} | "
+          f"peak x instead | rel error | first ms |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+
+    def cell(problem: Problem, name: str):
+        return next((c.measured for c in results if c.problem == problem and c.variant.name == name), None)
+
     for r in results:
-        problem = "full" if r.problem.window is None else f"window {r.problem.window}"
+        problem = "full" if r.problem.window is None else f"window {r.problem.window}" + (
+            ", causal" if r.problem.causal else "")
         if r.measured is None:
-            print(f"| {r.problem.q_len} | {r.variant.name} | {problem} | {r.status}: {r.reason} | | | | | |")
+            print(f"| {r.problem.q_len} | {r.variant.name} | {problem} | {r.status}: {r.reason} | | | | | | | |")
             continue
         m = r.measured
-        base = next(b.measured for b in results if b.problem.q_len == r.problem.q_len and b.variant.name == BASELINE)
-        print(f"| {r.problem.q_len} | {r.variant.name} | {problem} | {m.latency_ms:.1f} | {r.vs_baseline:.2f} | "
-              f"{m.peak_bytes / 2**20:.1f} | {m.peak_bytes / base.peak_bytes:.2f} | {m.rel_error:.1e} | "
-              f"{m.first_call_ms:.0f} |")
+        base = next(b.measured for b in results if b.problem.q_len == r.problem.q_len and b.variant.name == BASELINE
+                    and b.problem.window is None)
+        windowed = r.problem.window is not None
+        instead = cell(r.problem, BASELINE if windowed else INSTEAD.get(r.variant.name, ""))
+        if windowed and r.variant.name == BASELINE:
+            instead = None  # it is the "instead"
+        x_time = f"{m.latency_ms / instead.latency_ms:.2f}" if instead else ""
+        x_peak = f"{m.peak_bytes / instead.peak_bytes:.2f}" if instead and instead.peak_bytes else ""
+        print(f"| {r.problem.q_len} | {r.variant.name} | {problem} | {m.latency_ms:.1f} | "
+              f"{m.latency_ms / base.latency_ms:.2f} | {x_time} | {m.peak_bytes / 2**20:.1f} | "
+              f"{m.peak_bytes / base.peak_bytes:.2f} | {x_peak} | {m.rel_error:.1e} | {m.first_call_ms:.0f} |")
     _plot(results, args.plot)
     print(f"\nplot: {args.plot}", file=sys.stderr)
 

@@ -1,9 +1,10 @@
 """`linformer` (approximate, non-causal): keys and values projected along the sequence to rank k.
 
-Uses `linformer_pytorch`'s own attention head and its parameter-free projection (`get_EF(method="no_params")`),
-drawn from a fixed seed so that it works as a drop-in without training. The function computed is
-softmax(scale * q (E^T k)^T) (F^T v), with E, F of shape (kv_len, k): memory O(q_len x k), not O(q_len x kv_len).
-The package's masked path fills its inputs in place; this wrapper never takes it.
+Uses `linformer_pytorch`'s parameter-free projection (`get_EF(method="no_params")`), drawn from a fixed seed so
+that it works as a drop-in without training. The function computed is softmax(scale * q (E^T k)^T) (F^T v), with
+E, F of shape (kv_len, k): the attention over the k projected keys goes through SDPA's fused kernel, so its
+scores are never held whole (the package's `LinearAttentionHead` holds them: 6.5x the memory at q_len 8192,
+`bench/approximate_families.py`'s `ref-linformer-head` row). Grouped kv heads are projected before they are shared.
 """
 
 from __future__ import annotations
@@ -12,10 +13,11 @@ import functools
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from attn_tune.errors import UnsupportedProblem
-from attn_tune.families.masks import repeat_kv, resolve_scale
+from attn_tune.families.masks import resolve_scale
 from attn_tune.problem import Problem
 from attn_tune.registry.hookspecs import hookimpl
 from attn_tune.registry.variant import Variant
@@ -49,22 +51,16 @@ def linformer_attention(
     scale: float | None = None,
     rank: int = 128,
 ) -> Tensor:
-    """Linformer attention through `linformer_pytorch.LinearAttentionHead`, every head at once."""
-    from linformer_pytorch.linformer_pytorch import LinearAttentionHead
-
+    """Linformer attention: keys and values projected with linformer-pytorch's E and F, then fused SDPA."""
     if is_causal or window is not None or attn_mask is not None:
         raise UnsupportedProblem(
             "linformer mixes every key into each projected key: no causal cut, window or attn_mask can be honoured"
         )
     if not 1 <= rank < k.shape[-2]:
         raise UnsupportedProblem(f"rank {rank} does not project kv_len {k.shape[-2]} to fewer keys")
-    k, v = repeat_kv(k, v, q.shape[1])
-    batch, heads, q_len, _ = q.shape
     e, f = linformer_projections(k.shape[-2], rank, q.dtype, q.device)
-    # dim=1 and q pre-scaled: the head divides by sqrt(dim) in q's dtype, which would round a custom scale.
-    head = LinearAttentionHead(1.0, 0.0, e, f, None)
-    out = head((q * resolve_scale(q, scale)).flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1))
-    return out.unflatten(0, (batch, heads))
+    return F.scaled_dot_product_attention(q, e.T @ k, f.T @ v, scale=resolve_scale(q, scale),
+                                          enable_gqa=k.shape[1] != q.shape[1])
 
 
 def _supports(problem: Problem) -> str | None:
@@ -98,6 +94,6 @@ def attn_tune_variants() -> list[Variant]:
             space=_space,
             supports=_supports,
             requires=("linformer_pytorch",),
-            description="approximate: keys/values projected to rank k along the sequence (seeded linformer-pytorch)",
+            description="approximate: keys/values projected to rank k along the sequence (seeded linformer-pytorch), then SDPA",
         )
     ]
