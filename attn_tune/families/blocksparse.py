@@ -141,8 +141,8 @@ def blocksparse_attention(
     pattern = BlockPattern(block, window_blocks, global_blocks, random_blocks)
     q_len, kv_len = q.shape[-2], k.shape[-2]
     key_pos, keep = _gather_plan(pattern, q_len, kv_len, is_causal, q.device)
-    # (b, kv_len, kv_heads, d) views: gathering positions gives (b, G, kept, kv_heads, d) in one copy, and its
-    # transpose is the (b x G, kv_heads, kept, d) that SDPA reads, without another.
+    # (b, kv_len, kv_heads, d) views: gathering positions gives (b, G, kept, kv_heads, d) in one copy, whose
+    # transpose is the (b x G, kv_heads, kept, d) SDPA takes (its kernel makes it contiguous: a second copy).
     k_rows, v_rows = k.transpose(1, 2), v.transpose(1, 2)
     qb = _whole_blocks(q, block)
     out = torch.empty(qb.shape[:-1] + (v.shape[-1],), dtype=q.dtype, device=q.device)
