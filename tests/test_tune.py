@@ -232,6 +232,7 @@ def test_killed_run_resumes_without_repeating_finished_trials(tmp_path) -> None:
     assert sorted(t.params["knobby:k"] for t in _complete_trials(storage)) == list(range(12))  # each point once
 
 
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used with Study.optimize")  # ask() on purpose
 def test_a_trial_killed_before_its_first_heartbeat_is_retried(tmp_path, monkeypatch) -> None:
     """Optuna counts a trial stale only once it has a heartbeat row; a worker killed between creating a trial and its
     first beat leaves it RUNNING forever, and every other worker waits on it. Once older than the grace period it
