@@ -146,7 +146,7 @@ def blocksparse_attention(
     k_rows, v_rows = k.transpose(1, 2), v.transpose(1, 2)
     qb = _whole_blocks(q, block)
     out = torch.empty(qb.shape[:-1] + (v.shape[-1],), dtype=q.dtype, device=q.device)
-    batch, n_q = q.shape[0], key_pos.shape[0]
+    batch, n_q, scale = q.shape[0], key_pos.shape[0], resolve_scale(q, scale)
     group = max(1, kv_len // (GATHER_FRACTION * key_pos.shape[1]))
     for g0 in range(0, n_q, group):
         g1 = min(g0 + group, n_q)
@@ -155,7 +155,7 @@ def blocksparse_attention(
         q_g = qb[:, :, rows].unflatten(2, (g1 - g0, block)).transpose(1, 2).flatten(0, 1)
         k_g, v_g = (t[:, key_pos[g0:g1]].transpose(2, 3).flatten(0, 1) for t in (k_rows, v_rows))
         mask = keep[g0:g1, None].repeat(batch, 1, 1, 1) if batch > 1 else keep[g0:g1, None]
-        res = block_attention(q_g, k_g, v_g, mask, resolve_scale(q, scale))
+        res = block_attention(q_g, k_g, v_g, mask, scale)
         out[:, :, rows] = res.unflatten(0, (batch, g1 - g0)).transpose(1, 2).flatten(2, 3)
     return out[:, :, :q_len] if out.shape[2] != q_len else out
 
