@@ -16,12 +16,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from attn_tune.errors import UnsupportedProblem
 from attn_tune.families.chunked import block_attention
-from attn_tune.families.masks import resolve_scale
+from attn_tune.families.masks import pad_to_blocks, resolve_scale
 from attn_tune.problem import Problem
 from attn_tune.registry.hookspecs import hookimpl
 from attn_tune.registry.variant import Variant
@@ -144,7 +143,7 @@ def blocksparse_attention(
     # (b, kv_len, kv_heads, d) views: gathering positions gives (b, G, kept, kv_heads, d) in one copy, whose
     # transpose is the (b x G, kv_heads, kept, d) SDPA takes (its kernel makes it contiguous: a second copy).
     k_rows, v_rows = k.transpose(1, 2), v.transpose(1, 2)
-    qb = _whole_blocks(q, block)
+    qb = pad_to_blocks(q, block)
     out = torch.empty(qb.shape[:-1] + (v.shape[-1],), dtype=q.dtype, device=q.device)
     batch, n_q, scale = q.shape[0], key_pos.shape[0], resolve_scale(q, scale)
     group = max(1, kv_len // (GATHER_FRACTION * key_pos.shape[1]))
@@ -158,12 +157,6 @@ def blocksparse_attention(
         res = block_attention(q_g, k_g, v_g, mask, scale)
         out[:, :, rows] = res.unflatten(0, (batch, g1 - g0)).transpose(1, 2).flatten(2, 3)
     return out[:, :, :q_len] if out.shape[2] != q_len else out
-
-
-def _whole_blocks(t: Tensor, block: int) -> Tensor:
-    """`t` with its sequence padded to whole blocks; `t` itself (no copy) when it already is."""
-    pad = -t.shape[-2] % block
-    return F.pad(t, (0, 0, 0, pad)) if pad else t
 
 
 def pattern_supports(problem: Problem) -> str | None:

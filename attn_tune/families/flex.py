@@ -18,13 +18,13 @@ import functools
 from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from attn_tune.errors import UnsupportedProblem
 from attn_tune.families.blocksparse import (
     DEFAULT_PATTERN, BlockPattern, check_pattern_call, pattern_space, pattern_supports,
 )
+from attn_tune.families.masks import pad_to_blocks
 from attn_tune.problem import Problem
 from attn_tune.registry.hookspecs import hookimpl
 from attn_tune.registry.variant import Variant
@@ -137,9 +137,7 @@ def _refuse_cpu_backward(q: Tensor, k: Tensor, v: Tensor) -> None:
 
 def _flex(q: Tensor, k: Tensor, v: Tensor, block_mask: Any, scale: float | None) -> Tensor:
     """Compiled FlexAttention over keys and values padded to the block mask's whole blocks."""
-    pad = block_mask.seq_lengths[1] - k.shape[-2]
-    if pad:
-        k, v = F.pad(k, (0, 0, 0, pad)), F.pad(v, (0, 0, 0, pad))
+    k, v = pad_to_blocks(k, block_mask.BLOCK_SIZE[1]), pad_to_blocks(v, block_mask.BLOCK_SIZE[1])
     flex = _compiled_flex()
     with _compile_limits():
         return flex(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=k.shape[1] != q.shape[1])

@@ -10,7 +10,7 @@ from torch import Tensor
 
 __all__ = [
     "visible_keys", "shared_visible_keys", "block_fully_visible", "fold_for_sdpa", "merge_masks", "apply_mask",
-    "repeat_kv", "resolve_scale", "key_range",
+    "repeat_kv", "resolve_scale", "key_range", "pad_to_blocks",
 ]
 
 
@@ -119,6 +119,12 @@ def repeat_kv(k: Tensor, v: Tensor, heads: int) -> tuple[Tensor, Tensor]:
     if group == 1:
         return k, v
     return k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+
+
+def pad_to_blocks(t: Tensor, block: int) -> Tensor:
+    """`t` with its sequence axis (-2) zero-padded to whole blocks; `t` itself (no copy) when it already is."""
+    pad = -t.shape[-2] % block
+    return torch.nn.functional.pad(t, (0, 0, 0, pad)) if pad else t
 
 
 def resolve_scale(q: Tensor, scale: float | None) -> float:
