@@ -2,7 +2,15 @@
 # as ATTN_TUNE_TEST_POSTGRES_URL, stop it and remove its files on exit. Without PostgreSQL (and no way to install
 # Debian's package) it says so and those tests skip with that reason; the rest of the suite runs anyway.
 
-_pg_bin() { ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1; }
+# ATTN_TUNE_PG_PREFIX: where Debian's server versions live (a test points it at an empty folder).
+_pg_bin() {
+    local found=() dir
+    for dir in "${ATTN_TUNE_PG_PREFIX:-/usr/lib/postgresql}"/*/bin; do
+        [ -x "$dir/initdb" ] && found+=("$dir")
+    done
+    [ "${#found[@]}" -gt 0 ] && printf '%s\n' "${found[@]}" | sort -V | tail -n 1
+    return 0
+}
 
 PG_BIN="$(_pg_bin)"
 if [ -z "$PG_BIN" ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
