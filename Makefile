@@ -20,7 +20,7 @@ run: setup
 	$(BIN)/attn-tune tune --preset quick --out tuned.json
 
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -rs
 
 clean:
 	rm -rf $(VENV) build *.egg-info
