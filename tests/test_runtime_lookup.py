@@ -149,6 +149,46 @@ def test_refusal_at_call_time_falls_back_once_with_a_warning() -> None:
         plugins.pm.unregister(name="moody-plugin")
 
 
+def test_approximate_entries_serve_only_their_own_problem_exact_ones_their_neighbours_too() -> None:
+    """By hand, no tune. `rough` (approximate, supports everything, masks included) tuned for q512 and `chunked`
+    (exact) for q256, both unmasked: the exact entry reaches its nearest lengths and the masked twin of its
+    problem; the approximate one reaches neither (its error was measured only at its own problem)."""
+
+    def rough(q, k, v, *, is_causal, window, attn_mask, scale, **params):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
+
+    class Plugin:
+        @attn_tune.hookimpl
+        def attn_tune_variants(self):
+            return [attn_tune.Variant(name="rough", family="dense", fn=rough, exact=False)]
+
+    plugins.load_plugins()
+    plugins.pm.register(Plugin(), name="rough-plugin")
+    approximate = attn_tune.Problem(batch=1, heads=2, q_len=512, head_dim=32)
+    exact = attn_tune.Problem(batch=1, heads=2, q_len=256, head_dim=32, causal=True)
+
+    def decision(q_len, causal=False, masked=False):
+        q = torch.randn(1, 2, q_len, 32)
+        mask = torch.ones(1, 1, q_len, q_len, dtype=torch.bool) if masked else None
+        return attn_tune.explain(q, q, q, attn_mask=mask, is_causal=causal)
+
+    try:
+        attn_tune.use_config(config([entry(approximate, "rough", max_error=2.0), entry(exact, "chunked", {"chunk": 32})]))
+        own = decision(512)
+        assert (own.variant, own.rule) == ("rough", "exact")
+        for near in (decision(600), decision(512, masked=True)):  # nearest lengths; the masked twin
+            assert near.entry == approximate and (near.variant, near.rule) == ("sdpa", "fallback")
+            assert "approximate rough, whose error was measured only at" in near.reason
+        assert (decision(256, causal=True).variant, decision(256, causal=True).rule) == ("chunked", "exact")
+        near = decision(300, causal=True)
+        assert (near.variant, near.rule, near.entry) == ("chunked", "nearest", exact)
+        twin = decision(256, causal=True, masked=True)
+        assert (twin.variant, twin.rule, twin.entry) == ("chunked", "exact", exact)
+        assert "tuned without an explicit mask" in twin.reason
+    finally:
+        plugins.pm.unregister(name="rough-plugin")
+
+
 def test_use_config_as_a_context_manager_restores_the_previous(tmp_path) -> None:
     path = tmp_path / "tuned.json"
     config([entry(_problem(), "dense")]).save(path)
