@@ -29,6 +29,15 @@ def _variant(name: str, problem: Problem | None = None) -> attn_tune.Variant:
     return variant
 
 
+def _linformer_pytorch_projections(kv_len: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """E and F drawn by linformer-pytorch itself (parameter-free, seed 0), in float64: not through attn-tune."""
+    from linformer_pytorch.linformer_pytorch import get_EF
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return get_EF(kv_len, rank, method="no_params").double(), get_EF(kv_len, rank, method="no_params").double()
+
+
 def pattern_reference(name: str, problem: Problem, q, k, v, params: dict) -> torch.Tensor:
     """The exact function an approximate variant claims to compute, written independently in float64."""
     if name == "local":
@@ -37,7 +46,7 @@ def pattern_reference(name: str, problem: Problem, q, k, v, params: dict) -> tor
         keep = BlockPattern(**params).mask(problem.q_len, problem.n_kv_len, problem.causal)
         return oracle(q, k, v, mask=keep)  # the pattern's mask already holds the causal cut
     if name == "linformer":
-        e, f = linformer_projections(problem.n_kv_len, params["rank"], torch.float64, torch.device("cpu"))
+        e, f = _linformer_pytorch_projections(problem.n_kv_len, params["rank"])
         q64, k64, v64 = (t.to("cpu", torch.float64) for t in (q, k, v))
         group = problem.heads // problem.n_kv_heads
         k64, v64 = k64.repeat_interleave(group, 1), v64.repeat_interleave(group, 1)
@@ -188,6 +197,61 @@ def test_flex_refuses_cpu_backward_when_called_anyway() -> None:
     for name, window in (("flex-blocksparse", None), ("window-flex", 8)):
         with pytest.raises(UnsupportedProblem, match="no backward on CPU"):
             attn_tune.get_variant(name).fn(inputs.q, inputs.k, inputs.v, is_causal=False, window=window)
+
+
+# Block layouts written out by hand (rows: query blocks, columns: key blocks), BigBird's rule read off the paper:
+# a query block sees the key blocks within `window_blocks` of its own, the first `global_blocks`, and (random
+# blocks aside) nothing else; causal drops key blocks after the query block.
+HAND_LAYOUTS = [
+    (dict(window_blocks=1, global_blocks=1), 6, 6, False,
+     ["110000", "111000", "111100", "101110", "100111", "100011"]),
+    (dict(window_blocks=1, global_blocks=1), 6, 6, True,
+     ["100000", "110000", "111000", "101100", "100110", "100011"]),
+    (dict(window_blocks=0, global_blocks=2), 5, 5, False,
+     ["11000", "11000", "11100", "11010", "11001"]),
+    (dict(window_blocks=1, global_blocks=1), 3, 5, False,
+     ["11000", "11100", "11110"]),
+    (dict(window_blocks=2, global_blocks=1), 5, 3, True,
+     ["100", "110", "111", "111", "101"]),
+]
+
+
+@pytest.mark.parametrize("knobs,n_q,n_k,causal,rows", HAND_LAYOUTS)
+def test_block_layout_is_bigbirds_rule_written_out_by_hand(knobs, n_q, n_k, causal, rows) -> None:
+    block = 16
+    pattern = BlockPattern(block=block, random_blocks=0, **knobs)
+    expected = torch.tensor([[c == "1" for c in row] for row in rows])
+    assert torch.equal(pattern.layout(n_q * block - 3, n_k * block - 5, causal), expected)
+
+
+def test_block_mask_is_the_layout_cut_to_lengths_and_causality_by_hand() -> None:
+    pattern = BlockPattern(block=2, window_blocks=0, global_blocks=1, random_blocks=0)
+    rows = {False: ["11000", "11000", "11110", "11110", "11001"], True: ["10000", "11000", "11100", "11110", "11001"]}
+    for causal, expected in rows.items():
+        want = torch.tensor([[c == "1" for c in row] for row in expected])
+        assert torch.equal(pattern.mask(5, 5, causal), want), causal
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_random_blocks_add_exactly_that_many_allowed_blocks_per_row(causal: bool) -> None:
+    n = 8
+    plain = BlockPattern(block=4, window_blocks=0, global_blocks=1, random_blocks=0).layout(4 * n, 4 * n, causal)
+    layouts = [BlockPattern(block=4, window_blocks=0, global_blocks=1, random_blocks=2, seed=s).layout(4 * n, 4 * n, causal)
+               for s in (0, 0, 1)]
+    assert torch.equal(layouts[0], layouts[1]) and not torch.equal(layouts[0], layouts[2])  # seeded, and by the seed
+    for layout in layouts:
+        extra = layout & ~plain
+        if causal:
+            assert not layout.triu(1).any(), "a random block after the query block"
+        for i in range(n):
+            free = (i + 1 if causal else n) - int(plain[i].sum())  # allowed blocks not already in the pattern
+            assert int(extra[i].sum()) == min(2, free), (i, extra[i])
+
+
+def test_linformer_projections_are_linformer_pytorchs() -> None:
+    e, f = linformer_projections(300, 64, torch.float64, torch.device("cpu"))
+    e_ref, f_ref = _linformer_pytorch_projections(300, 64)
+    assert torch.equal(e, e_ref) and torch.equal(f, f_ref) and not torch.equal(e, f)
 
 
 @pytest.mark.parametrize(
