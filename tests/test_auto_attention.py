@@ -177,3 +177,21 @@ def test_attention_inside_torch_compile(tuned) -> None:
         eager = model(ids, pad)
         compiled = torch.compile(model)(ids, pad)
     torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_the_tuned_variant_is_what_runs_inside_torch_compile() -> None:
+    """The config picks `local` (a narrower window: a different answer), so the compiled output shows which ran:
+    it equals eager under the same config and differs from exact attention."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = CausalLM(vocab_size=64, dim=32, depth=1, heads=4, kv_heads=2, window=32).eval()
+    ids = torch.randint(0, 64, (2, 64))
+    problem = attn_tune.Problem(batch=2, heads=4, kv_heads=2, q_len=64, head_dim=8, causal=True, window=32)
+    with torch.no_grad():
+        exact = model(ids)
+        with attn_tune.use_config(config([entry(problem, "local", {"local_window": 16, "block": 16}, max_error=10.0)])):
+            eager = model(ids)
+            compiled = torch.compile(model)(ids)
+    torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
+    assert relative_error(compiled, exact) > 1e-3
