@@ -71,6 +71,16 @@ def test_capture_command_writes_a_shapes_file(user_module) -> None:
     assert json.loads(as_json.stdout)["problems"] == data["problems"]
 
 
+def test_capture_command_with_training_records_training_problems(user_module) -> None:
+    """--training: train mode, forward and backward; the problems are marked training, as tune must measure them."""
+    result = CliRunner().invoke(cli, ["capture", "my_models:padded_encoder", "--training", "--out", "train.json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads((user_module / "train.json").read_text())
+    assert [Problem.from_dict(p) for p in data["problems"]] == [
+        Problem(batch=2, heads=2, q_len=48, head_dim=16, mask=True, training=True)]
+    assert "b2 h2 q48 d16 float32 cpu mask training" in result.stdout
+
+
 @pytest.mark.parametrize(
     "spec, message, code",
     [

@@ -8,8 +8,11 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from attn_tune import Problem
 from attn_tune.cli.main import cli
+from attn_tune.tuner import config as config_module
 from attn_tune.tuner.config import load_config
+from tests.runtime_helpers import config, entry
 
 TINY = ["--seq-len", "32,64", "--heads", "2", "--head-dim", "8", "--causal", "--trials", "4", "--seed", "0"]
 
@@ -126,3 +129,24 @@ def test_tune_variant_option_restricts_the_pool(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     (entry,) = load_config(out).entries
     assert {c["variant"] for c in entry.candidates} == {"sdpa", "chunked"}
+
+
+@pytest.mark.parametrize("fails_at", ["fsync", "replace"])
+def test_a_write_that_fails_midway_leaves_the_old_config_whole_and_no_temporary_file(tmp_path: Path, monkeypatch,
+                                                                                     fails_at: str) -> None:
+    """Disk full after the bytes were written (fsync), or the rename refused: the old config is untouched."""
+    path = tmp_path / "tuned.json"
+    old = config([entry(Problem(batch=1, heads=2, q_len=64, head_dim=16), "sdpa")])
+    old.save(path)
+    before = path.read_bytes()
+
+    def fail(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(config_module.os, fails_at, fail)
+    new = config([entry(Problem(batch=1, heads=2, q_len=128, head_dim=16), "chunked", {"chunk": 32})])
+    with pytest.raises(OSError, match="No space left"):
+        new.save(path)
+    monkeypatch.undo()
+    assert path.read_bytes() == before and load_config(path).entries[0].problem.q_len == 64
+    assert [p.name for p in tmp_path.iterdir()] == ["tuned.json"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import torch.nn.functional as F
 import attn_tune
 from attn_tune import InvalidProblem
 from attn_tune.tuner.inputs import relative_error
+from tests.oracle import oracle, rel_error
 from tests.runtime_helpers import config, entry
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
@@ -73,22 +75,39 @@ def test_attention_equals_sdpa(causal, mask_kind, scale, kv_heads, kv_len, dtype
     assert relative_error(out, reference) <= TOL[dtype]
 
 
-@pytest.mark.parametrize("variant", ["sdpa", "dense", "chunked"])
+EXACT = [v.name for v in attn_tune.variants() if v.exact]
+
+
+@pytest.mark.parametrize("variant", EXACT)
 def test_rows_without_keys_are_zero_as_in_sdpa(variant) -> None:
-    """A query whose mask hides every key gets zeros (SDPA's answer), not NaN, whichever variant runs."""
+    """A query whose mask hides every key gets zeros (SDPA's answer), not NaN, whichever exact variant runs;
+    with a window for the window variants. Its gradient is finite too where the variant trains here."""
     q, k, v = _inputs(batch=1, heads=2, kv_heads=2)
     mask = torch.ones(1, 1, 24, 24, dtype=torch.bool)
     mask[..., 3, :] = False
-    problem = attn_tune.explain(q, k, v, attn_mask=mask).problem
-    with attn_tune.use_config(config([entry(problem, variant, {"chunk": 8} if variant == "chunked" else {})])):
-        assert attn_tune.explain(q, k, v, attn_mask=mask).variant == variant
-        qg = q.clone().requires_grad_()
-        out = attn_tune.attention(qg, k, v, attn_mask=mask)
-        out.sum().backward()
-    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    chosen = attn_tune.get_variant(variant)
+    refusals = []
+    for window in (None, 12):
+        problem = attn_tune.explain(q, k, v, attn_mask=mask, window=window).problem
+        refusal = attn_tune.availability(chosen) or chosen.supports(problem)
+        if refusal is None:
+            break
+        refusals.append(refusal)
+    else:
+        pytest.skip(f"{variant} cannot run a masked problem here: {'; '.join(dict.fromkeys(refusals))}")
+    params = {"chunk": 8} if variant == "chunked" else {"block": 8} if variant == "window-chunked" else {}
+    training = chosen.supports(dataclasses.replace(problem, training=True)) is None
+    with attn_tune.use_config(config([entry(dataclasses.replace(problem, training=training), variant, params)])):
+        qg = q.clone().requires_grad_(training)
+        with torch.set_grad_enabled(training):
+            assert attn_tune.explain(qg, k, v, attn_mask=mask, window=window).variant == variant
+            out = attn_tune.attention(qg, k, v, attn_mask=mask, window=window)
+        if training:
+            out.sum().backward()
+            assert torch.isfinite(qg.grad).all()
     assert torch.equal(out[..., 3, :], torch.zeros_like(out[..., 3, :]))
-    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
-    assert torch.isfinite(qg.grad).all()
+    ref, rows = oracle(q, k, v, window=window, mask=mask[0, 0]), torch.arange(24) != 3  # the oracle's row 3 is NaN
+    assert rel_error(out[..., rows, :], ref[..., rows, :]) <= 1e-5
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -116,6 +135,23 @@ def test_calls_no_problem_describes_go_to_sdpa_as_is() -> None:
     torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, is_causal=True))
     decision = attn_tune.explain(q, k, v, is_causal=True)
     assert decision.rule == "sdpa-as-is" and "float64" in decision.reason
+
+
+@pytest.mark.parametrize("shape", ["5-D", "value-head-dim"])
+def test_calls_sdpa_takes_but_no_problem_describes_reach_sdpa_unchanged(shape) -> None:
+    """5-D inputs and a value head_dim unlike the query's: SDPA's answer, bit for bit, via the as-is rule."""
+    gen = torch.Generator().manual_seed(4)
+    if shape == "5-D":
+        q, k, v = (torch.randn(2, 3, 2, 10, 8, generator=gen) for _ in range(3))
+    else:
+        q, k, v = torch.randn(2, 2, 10, 8, generator=gen), torch.randn(2, 2, 12, 8, generator=gen), \
+            torch.randn(2, 2, 12, 24, generator=gen)
+    with attn_tune.use_config(config([entry(attn_tune.Problem(batch=2, heads=2, q_len=10, head_dim=8), "dense")])):
+        decision = attn_tune.explain(q, k, v, is_causal=True)
+        out = attn_tune.attention(q, k, v, is_causal=True)
+    assert decision.rule == "sdpa-as-is" and decision.problem is None
+    assert ("not 3-D or 4-D" if shape == "5-D" else "head_dim differs") in decision.reason
+    assert torch.equal(out, F.scaled_dot_product_attention(q, k, v, is_causal=True))
 
 
 def test_dropout_runs_sdpa_with_dropout() -> None:
