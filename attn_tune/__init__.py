@@ -42,8 +42,8 @@ __all__ = [
 
 _LAZY = {
     "tune": "attn_tune.tuner.tune",
-    "TunedConfig": "attn_tune.tuner.config",
-    "load_config": "attn_tune.tuner.config",
+    "TunedConfig": "attn_tune.tuned_config",
+    "load_config": "attn_tune.tuned_config",
     "attention": "attn_tune.runtime",
     "explain": "attn_tune.runtime",
     "use_config": "attn_tune.runtime",

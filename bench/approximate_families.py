@@ -32,8 +32,9 @@ import attn_tune
 from attn_tune import Problem, Variant
 from attn_tune.families.blocksparse import DEFAULT_PATTERN
 from attn_tune.families.linformer import linformer_projections
-from attn_tune.tuner.bench import BASELINE, BenchResult, bench
-from attn_tune.tuner.config import device_info, write_atomically
+from attn_tune.registry.variant import DEFAULT_VARIANT
+from attn_tune.tuner.bench import BenchResult, bench
+from attn_tune.tuned_config import device_info, write_atomically
 
 FULL = ["sdpa", "local", "blocksparse", "flex-blocksparse", "xformers-blocksparse", "linformer"]
 WINDOWED = ["sdpa", "window-chunked", "window-flex"]
@@ -95,11 +96,11 @@ def _plot(results: list[BenchResult], out: Path) -> None:
         if not cells:
             continue
         label = name if window is None else f"{name} (window {window})"
-        if name == BASELINE and window is not None:
-            label = f"{BASELINE}, window {window} as a mask"
-        style = {"linewidth": 2.5, "color": "black"} if name == BASELINE else {}
-        if name.startswith("ref-") or (name == BASELINE and window is not None):
-            style = {"linestyle": "--", "color": "black" if name == BASELINE else None, "alpha": 0.7}
+        if name == DEFAULT_VARIANT and window is not None:
+            label = f"{DEFAULT_VARIANT}, window {window} as a mask"
+        style = {"linewidth": 2.5, "color": "black"} if name == DEFAULT_VARIANT else {}
+        if name.startswith("ref-") or (name == DEFAULT_VARIANT and window is not None):
+            style = {"linestyle": "--", "color": "black" if name == DEFAULT_VARIANT else None, "alpha": 0.7}
         lengths = [r.problem.q_len for r in cells]
         lat_ax.plot(lengths, [r.measured.latency_ms for r in cells], marker="o", label=label, **style)
         mem_ax.plot(lengths, [r.measured.peak_bytes / 2**20 for r in cells], marker="o", label=label, **style)
@@ -153,7 +154,7 @@ def main() -> None:
         row = bench([full], full_variants, on_result=progress, **kwargs)
         windowed = dataclasses.replace(full, window=args.window, causal=args.causal_window)
         row += bench([windowed], window_variants, on_result=progress, **kwargs)
-        base = next(r.measured for r in row if r.variant.name == BASELINE)
+        base = next(r.measured for r in row if r.variant.name == DEFAULT_VARIANT)
         for r in row:
             if r.measured is not None:
                 r.vs_baseline = r.measured.latency_ms / base.latency_ms
@@ -163,7 +164,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, attn-tune {attn_tune.__version__}, {device_info(args.device)['name']}, "
           f"{torch.get_num_threads()} CPU threads; batch {args.batch}, heads {args.heads}, head_dim {args.head_dim}, "
           f"{args.dtype}, non-causal\n")
-    print(f"| q_len | variant | problem | latency ms | x {BASELINE} | x instead | peak MiB | peak x {BASELINE} | "
+    print(f"| q_len | variant | problem | latency ms | x {DEFAULT_VARIANT} | x instead | peak MiB | peak x {DEFAULT_VARIANT} | "
           f"peak x instead | rel error | first ms |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
 
@@ -177,11 +178,11 @@ def main() -> None:
             print(f"| {r.problem.q_len} | {r.variant.name} | {problem} | {r.status}: {r.reason} | | | | | | | |")
             continue
         m = r.measured
-        base = next(b.measured for b in results if b.problem.q_len == r.problem.q_len and b.variant.name == BASELINE
+        base = next(b.measured for b in results if b.problem.q_len == r.problem.q_len and b.variant.name == DEFAULT_VARIANT
                     and b.problem.window is None)
         windowed = r.problem.window is not None
-        instead = cell(r.problem, BASELINE if windowed else INSTEAD.get(r.variant.name, ""))
-        if windowed and r.variant.name == BASELINE:
+        instead = cell(r.problem, DEFAULT_VARIANT if windowed else INSTEAD.get(r.variant.name, ""))
+        if windowed and r.variant.name == DEFAULT_VARIANT:
             instead = None  # it is the "instead"
         x_time = f"{m.latency_ms / instead.latency_ms:.2f}" if instead else ""
         x_peak = f"{m.peak_bytes / instead.peak_bytes:.2f}" if instead and instead.peak_bytes else ""

@@ -16,8 +16,9 @@ import torch
 
 import attn_tune
 from attn_tune import Problem
-from attn_tune.tuner.bench import BASELINE, bench
-from attn_tune.tuner.config import device_info
+from attn_tune.registry.variant import DEFAULT_VARIANT
+from attn_tune.tuner.bench import bench
+from attn_tune.tuned_config import device_info
 
 
 def _ints(text: str) -> list[int]:
@@ -58,13 +59,13 @@ def main() -> None:
     device_name = device_info(args.device)["name"]
     print(f"torch {torch.__version__}, attn-tune {attn_tune.__version__}, {device_name}, "
           f"{torch.get_num_threads()} CPU threads; batch {args.batch}, heads {args.heads}, head_dim {args.head_dim}\n")
-    print(f"| dtype | causal | q_len | variant | latency ms | x {BASELINE} | peak MiB | peak x {BASELINE} | rel error |")
+    print(f"| dtype | causal | q_len | variant | latency ms | x {DEFAULT_VARIANT} | peak MiB | peak x {DEFAULT_VARIANT} | rel error |")
     print("|---|---|---|---|---|---|---|---|---|")
     by_problem: dict[Problem, list] = {}
     for r in results:
         by_problem.setdefault(r.problem, []).append(r)
     for problem, row in by_problem.items():
-        base = next((r.measured for r in row if r.variant.name == BASELINE and r.measured), None)
+        base = next((r.measured for r in row if r.variant.name == DEFAULT_VARIANT and r.measured), None)
         for r in row:
             lead = f"| {problem.dtype} | {'yes' if problem.causal else 'no'} | {problem.q_len} | {r.variant.name} |"
             if r.measured is None:

@@ -24,7 +24,7 @@ import torch
 import attn_tune
 from attn_tune.integrations.transformers_examples import mistral_model
 from attn_tune.runtime import record
-from attn_tune.tuner.config import merge_configs
+from attn_tune.tuned_config import merge_configs
 
 WINDOW = 512
 

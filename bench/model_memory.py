@@ -24,7 +24,7 @@ import torch
 import attn_tune
 from attn_tune.models import CausalLM, Encoder
 from attn_tune.runtime import record
-from attn_tune.tuner.config import Entry, TunedConfig, device_info
+from attn_tune.tuned_config import Entry, TunedConfig, device_info
 from attn_tune.tuner.memory import peak_bytes
 
 

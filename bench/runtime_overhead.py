@@ -17,7 +17,7 @@ import torch
 
 import attn_tune
 from attn_tune import Problem
-from attn_tune.tuner.config import Entry, TunedConfig, device_info
+from attn_tune.tuned_config import Entry, TunedConfig, device_info
 
 TARGET_US = 10.0
 ROUNDS, CALLS = 31, 2000

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any, Iterable
 
 from attn_tune.problem import Problem
-from attn_tune.tuner.config import Entry, TunedConfig, device_info
+from attn_tune.tuned_config import Entry, TunedConfig, device_info
 
 
 def entry(problem: Problem, variant: str, params: dict[str, Any] | None = None, max_error: float = 0.0,

@@ -10,9 +10,9 @@ from click.testing import CliRunner
 
 from attn_tune import Problem
 from attn_tune.cli.main import cli
-from attn_tune.tuner import config as config_module
-from attn_tune.tuner.config import load_config
-from tests.runtime_helpers import config, entry
+from attn_tune import tuned_config as config_module
+from attn_tune.tuned_config import load_config
+from tests import runtime_helpers
 
 TINY = ["--seq-len", "32,64", "--heads", "2", "--head-dim", "8", "--causal", "--trials", "4", "--seed", "0"]
 
@@ -136,7 +136,7 @@ def test_a_write_that_fails_midway_leaves_the_old_config_whole_and_no_temporary_
                                                                                      fails_at: str) -> None:
     """Disk full after the bytes were written (fsync), or the rename refused: the old config is untouched."""
     path = tmp_path / "tuned.json"
-    old = config([entry(Problem(batch=1, heads=2, q_len=64, head_dim=16), "sdpa")])
+    old = runtime_helpers.config([runtime_helpers.entry(Problem(batch=1, heads=2, q_len=64, head_dim=16), "sdpa")])
     old.save(path)
     before = path.read_bytes()
 
@@ -144,7 +144,8 @@ def test_a_write_that_fails_midway_leaves_the_old_config_whole_and_no_temporary_
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(config_module.os, fails_at, fail)
-    new = config([entry(Problem(batch=1, heads=2, q_len=128, head_dim=16), "chunked", {"chunk": 32})])
+    new = runtime_helpers.config([runtime_helpers.entry(Problem(batch=1, heads=2, q_len=128, head_dim=16), "chunked",
+                                                        {"chunk": 32})])
     with pytest.raises(OSError, match="No space left"):
         new.save(path)
     monkeypatch.undo()

@@ -22,7 +22,7 @@ from click.testing import CliRunner
 import attn_tune
 from attn_tune import Problem
 from attn_tune.cli.main import cli
-from attn_tune.tuner.config import device_info
+from attn_tune.tuned_config import device_info
 from attn_tune.tuner.storage import HEARTBEAT_ENV, open_storage, redact
 from attn_tune.tuner.workers import STORAGE_ENV
 from tests.distributed_fakes import LOG_ENV, SECONDS_ENV

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import os
 import subprocess
 import sys
 
@@ -227,6 +228,22 @@ def test_a_tuned_approximate_choice_stays_within_its_tolerance(tmp_path) -> None
     q, k, v = _inputs(batch=1, heads=2, kv_heads=2, q_len=600, kv_len=600, dim=32)
     assert attn_tune.explain(q, k, v).variant == "sdpa"
     assert relative_error(attn_tune.attention(q, k, v), _reference(q, k, v, None)) <= 1e-5
+
+
+def test_the_runtime_with_a_config_imports_nothing_from_the_tuner(tmp_path) -> None:
+    """A config read at import (ATTN_TUNE_CONFIG), a tuned call, explain: no attn_tune.tuner module is loaded."""
+    path = tmp_path / "tuned.json"
+    config([entry(attn_tune.Problem(batch=1, heads=2, q_len=8, head_dim=4, causal=True), "chunked", {"chunk": 4})]).save(path)
+    code = (
+        "import sys, torch, attn_tune\n"
+        "q = torch.randn(1, 2, 8, 4)\n"
+        "attn_tune.attention(q, q, q, is_causal=True)\n"
+        "assert attn_tune.explain(q, q, q, is_causal=True).variant == 'chunked'\n"
+        "print(sorted(m for m in sys.modules if m.startswith('attn_tune.tuner') or m == 'optuna'))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "ATTN_TUNE_CONFIG": str(path)})
+    assert out.stdout.strip() == "[]"
 
 
 def test_runtime_path_imports_no_optuna_click_or_kernels() -> None:

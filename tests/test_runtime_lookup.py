@@ -13,7 +13,7 @@ import torch
 import attn_tune
 from attn_tune import Problem
 from attn_tune.registry import plugins
-from attn_tune.tuner.config import ConfigError, device_info, merge_configs
+from attn_tune.tuned_config import ConfigError, device_info, merge_configs
 from tests.runtime_helpers import config, entry
 
 

@@ -18,7 +18,7 @@ from optuna.distributions import CategoricalDistribution, IntDistribution
 import attn_tune
 from attn_tune import Problem, Variant
 from attn_tune.families.dense import dense_attention
-from attn_tune.tuner.config import load_config
+from attn_tune.tuned_config import load_config
 from attn_tune.tuner.measure import Measurement
 from attn_tune.tuner.space import eligible_variants, space_size
 from attn_tune.tuner.storage import HEARTBEAT_ENV
@@ -295,7 +295,7 @@ def test_bad_arguments_are_one_line_errors() -> None:
 def test_a_point_queued_twice_is_measured_once_and_the_twin_says_so() -> None:
     """Two workers may queue one point at once; the later trial is never measured and records why."""
     from attn_tune.tuner.space import grid_points
-    from attn_tune.tuner.tune import finish_study, prepare_study, run_trials
+    from attn_tune.tuner.study import finish_study, prepare_study, run_trials
 
     pool = [_variant("sdpa"), _variant("slow")]
     prepared = prepare_study(PROBLEM, pool=pool, trials=10, max_error=None, objective="latency", storage=None, seed=0,

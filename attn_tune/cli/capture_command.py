@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from attn_tune.cli.main import cli
+from attn_tune.cli.group import cli
 from attn_tune.cli.render import echo_json, table
 from attn_tune.errors import AttnTuneError
 

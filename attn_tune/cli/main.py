@@ -7,42 +7,12 @@ from typing import Any
 
 import click
 
-from attn_tune.cli.options import PROBLEM_OPTION_NAMES, problem_options, problems_from_options
+from attn_tune.cli import capture_command, tune_commands  # noqa: F401  (their commands register on `cli`)
+from attn_tune.cli.group import cli
+from attn_tune.cli.options import options_given, problem_options, problems_from_options
 from attn_tune.cli.render import echo_json, mib, table
-from attn_tune.errors import AttnTuneError
 
 __all__ = ["cli", "main"]
-
-
-class _OneLineErrors(click.Group):
-    """Usage errors and attn-tune errors print one line and exit 2; never a traceback."""
-
-    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
-        try:
-            rv = super().main(*args, standalone_mode=False, **kwargs)
-        except click.exceptions.Abort:
-            click.echo("Aborted.", err=True)
-            sys.exit(1)
-        except click.ClickException as exc:
-            click.echo(f"Error: {exc.format_message()}", err=True)
-            sys.exit(exc.exit_code)
-        except AttnTuneError as exc:
-            click.echo(f"Error: {exc}", err=True)
-            sys.exit(2)
-        if not standalone_mode:
-            return rv
-        sys.exit(rv if isinstance(rv, int) else 0)
-
-
-@click.group(cls=_OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="attn-tune")
-def cli() -> None:
-    """Find the fastest attention for each shape on this machine, by measuring it."""
-
-
-def _given(ctx: click.Context) -> bool:
-    """True when the user set any PROBLEM OPTION on the command line."""
-    return any(ctx.get_parameter_source(n) != click.core.ParameterSource.DEFAULT for n in PROBLEM_OPTION_NAMES)
 
 
 @cli.command("list")
@@ -53,7 +23,7 @@ def list_command(ctx: click.Context, as_json: bool, **options: Any) -> None:
     """Variants, their family, exactness, and whether they run here (and on the given problem)."""
     from attn_tune.registry import availability, catalog
 
-    problems = problems_from_options(options, check_devices=False) if _given(ctx) else []
+    problems = problems_from_options(options, check_devices=False) if options_given(ctx) else []
     cat = catalog()
     records = []
     for variant in cat.by_name.values():
@@ -139,7 +109,8 @@ def plugins_command(as_json: bool) -> None:
 def bench_command(variant_names: tuple[str, ...], min_time: float, seed: int, as_json: bool, **options: Any) -> None:
     """Measure latency, peak memory and error of each variant on each problem."""
     from attn_tune.registry import get_variant, variants
-    from attn_tune.tuner.bench import BASELINE, bench
+    from attn_tune.registry.variant import DEFAULT_VARIANT
+    from attn_tune.tuner.bench import bench
 
     chosen = [get_variant(name) for name in variant_names] if variant_names else variants()
     problems = problems_from_options(options)
@@ -167,7 +138,7 @@ def bench_command(variant_names: tuple[str, ...], min_time: float, seed: int, as
                 )
             )
         click.echo(
-            table(("VARIANT", "LATENCY ms (IQR)", "FIRST CALL ms", "PEAK MiB", "REL ERR", f"vs {BASELINE}", "STATUS"), rows)
+            table(("VARIANT", "LATENCY ms (IQR)", "FIRST CALL ms", "PEAK MiB", "REL ERR", f"vs {DEFAULT_VARIANT}", "STATUS"), rows)
         )
 
 
@@ -213,5 +184,3 @@ def main() -> None:
     """Console-script entry point."""
     cli(prog_name="attn-tune")
 
-
-from attn_tune.cli import capture_command, tune_commands  # noqa: E402,F401  (register their commands on `cli`)

@@ -9,7 +9,7 @@ import click
 
 from attn_tune.problem import DTYPES, Problem, check_device
 
-__all__ = ["problem_options", "problems_from_options", "PROBLEM_OPTION_NAMES"]
+__all__ = ["problem_options", "problems_from_options", "options_given", "PROBLEM_OPTION_NAMES"]
 
 
 class IntList(click.ParamType):
@@ -76,3 +76,8 @@ def problems_from_options(options: dict[str, Any], *, check_devices: bool = True
         for device in sorted({p.device for p in problems}):
             check_device(device)
     return problems
+
+
+def options_given(ctx: click.Context) -> bool:
+    """True when the user set any PROBLEM OPTION on the command line."""
+    return any(ctx.get_parameter_source(n) != click.core.ParameterSource.DEFAULT for n in PROBLEM_OPTION_NAMES)

@@ -10,8 +10,8 @@ from typing import Any
 
 import click
 
-from attn_tune.cli.main import _given, cli
-from attn_tune.cli.options import problem_options, problems_from_options
+from attn_tune.cli.group import cli
+from attn_tune.cli.options import options_given, problem_options, problems_from_options
 from attn_tune.cli.render import echo_json, mib, table
 from attn_tune.errors import AttnTuneError, InvalidProblem
 from attn_tune.problem import Problem, check_device
@@ -118,7 +118,7 @@ def tune_command(ctx: click.Context, shapes: str | None, preset: str | None, tri
     from attn_tune.tuner.tune import tune
 
     chosen_variants = [get_variant(name) for name in variant_names] or None
-    if sum(bool(x) for x in (shapes, preset, _given(ctx))) > 1:
+    if sum(bool(x) for x in (shapes, preset, options_given(ctx))) > 1:
         raise click.UsageError("give problem options, --shapes or --preset, not more than one")
     settings: dict[str, Any] = {}
     if preset:
@@ -188,7 +188,7 @@ def _why(config: Any, config_path: str, problems: list[Problem], as_json: bool) 
 
 
 def _load(path: str):
-    from attn_tune.tuner.config import load_config
+    from attn_tune.tuned_config import load_config
 
     return load_config(path)
 
@@ -205,7 +205,7 @@ def show_command(ctx: click.Context, config_path: str, why: bool, as_json: bool,
     if why:
         _why(config, config_path, problems_from_options(options, check_devices=False), as_json)
         return
-    if _given(ctx):
+    if options_given(ctx):
         raise click.UsageError("problem options go with --why")
     if as_json:
         echo_json(config.to_dict())
@@ -236,7 +236,7 @@ def show_command(ctx: click.Context, config_path: str, why: bool, as_json: bool,
 @click.option("--out", type=click.Path(dir_okay=False), required=True, help="The merged config.")
 def merge_command(config_paths: tuple[str, ...], out: str) -> None:
     """Join configs from several devices; each entry keeps its device."""
-    from attn_tune.tuner.config import merge_configs
+    from attn_tune.tuned_config import merge_configs
 
     merged = merge_configs([_load(p) for p in config_paths])
     merged.save(out)

@@ -74,6 +74,14 @@ def _register(module: object, record: PluginRecord) -> None:
         record.error = _one_line(exc)
 
 
+def own_version() -> str:
+    """attn-tune's installed version, from its distribution metadata (the package root is not imported for it)."""
+    try:
+        return importlib.metadata.version("attn-tune")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
 def load_plugins() -> None:
     """Register built-in plugins, then entry-point plugins; safe to call often (it runs once)."""
     global _loaded
@@ -82,11 +90,10 @@ def load_plugins() -> None:
     with _lock:
         if _loaded:
             return
-        from attn_tune import __version__
-
+        version = own_version()
         for module_name in BUILTIN_PLUGINS:
             record = PluginRecord(
-                name=module_name, module=module_name, package="attn-tune", version=__version__, builtin=True
+                name=module_name, module=module_name, package="attn-tune", version=version, builtin=True
             )
             _records[record.name] = record
             _register(importlib.import_module(module_name), record)

@@ -12,7 +12,10 @@ if TYPE_CHECKING:
 
     from attn_tune.problem import Problem
 
-__all__ = ["Variant", "no_params", "supports_all", "malformed_reason"]
+__all__ = ["Variant", "DEFAULT_VARIANT", "no_params", "supports_all", "malformed_reason"]
+
+# What runs where no tuned entry says otherwise, and what every tuned choice is measured against: PyTorch's SDPA.
+DEFAULT_VARIANT = "sdpa"
 
 _NAME_RE = re.compile(r"^[a-z0-9]+(-[a-z0-9]+)*$")
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Callable
 
 from attn_tune.runtime.lookup import ConfigIndex
-from attn_tune.tuner.config import ConfigError, TunedConfig, device_info, load_config
+from attn_tune.tuned_config import ConfigError, TunedConfig, device_info, load_config
 
 __all__ = ["use_config", "active_index", "on_change", "warn_other_device", "ENV_VAR"]
 

@@ -12,7 +12,7 @@ from typing import Any, Callable, Iterator
 from attn_tune.errors import AttnTuneError
 from attn_tune.problem import Problem
 from attn_tune.runtime import dispatch
-from attn_tune.tuner.config import write_atomically
+from attn_tune.tuned_config import write_atomically
 
 __all__ = ["record", "capture_factory", "load_factory", "save_shapes", "CaptureError"]
 

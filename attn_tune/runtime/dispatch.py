@@ -19,10 +19,9 @@ from attn_tune.errors import InvalidProblem, UnsupportedProblem
 from attn_tune.families.masks import fold_for_sdpa
 from attn_tune.problem import DTYPES, Problem
 from attn_tune.registry import availability, get_variant, variants
-from attn_tune.registry.variant import Variant
+from attn_tune.registry.variant import DEFAULT_VARIANT, Variant
 from attn_tune.runtime import active
 from attn_tune.runtime.lookup import Match
-from attn_tune.tuner.selection import BASELINE as DEFAULT_VARIANT
 
 __all__ = ["attention", "explain", "decide", "Decision"]
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from attn_tune.problem import Problem
-from attn_tune.tuner.config import Entry, TunedConfig
+from attn_tune.tuned_config import Entry, TunedConfig
 
 __all__ = ["Match", "ConfigIndex", "shape_class"]
 

@@ -9,12 +9,11 @@ from typing import Any, Callable, Iterable, Sequence
 from attn_tune.errors import UnsupportedProblem
 from attn_tune.problem import Problem
 from attn_tune.registry.catalog import availability
-from attn_tune.registry.variant import Variant
+from attn_tune.registry.variant import DEFAULT_VARIANT, Variant
 from attn_tune.tuner.measure import Measurement, measure
 
-__all__ = ["BenchResult", "bench", "BASELINE"]
+__all__ = ["BenchResult", "bench"]
 
-BASELINE = "sdpa"
 
 
 @dataclass
@@ -36,7 +35,7 @@ class BenchResult:
             "status": self.status,
             "reason": self.reason,
             "measured": None if self.measured is None else self.measured.to_dict(),
-            f"latency_vs_{BASELINE}": self.vs_baseline,
+            f"latency_vs_{DEFAULT_VARIANT}": self.vs_baseline,
         }
 
 
@@ -78,7 +77,7 @@ def bench(
             row.append(result)
             if on_result is not None:
                 on_result(result)
-        base = next((r for r in row if r.variant.name == BASELINE and r.measured is not None), None)
+        base = next((r for r in row if r.variant.name == DEFAULT_VARIANT and r.measured is not None), None)
         for result in row:
             if base is not None and result.measured is not None:
                 result.vs_baseline = result.measured.latency_ms / base.measured.latency_ms

@@ -7,7 +7,7 @@ import datetime
 import optuna
 
 from attn_tune.errors import AttnTuneError
-from attn_tune.tuner.config import Entry, TunedConfig, _entry_from_dict, merge_configs
+from attn_tune.tuned_config import Entry, TunedConfig, _entry_from_dict, merge_configs
 from attn_tune.tuner.storage import open_storage
 
 __all__ = ["export_config"]

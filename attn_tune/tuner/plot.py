@@ -6,7 +6,7 @@ import io
 import os
 from typing import Any
 
-from attn_tune.tuner.config import TunedConfig, write_atomically
+from attn_tune.tuned_config import TunedConfig, write_atomically
 
 __all__ = ["plot_config"]
 

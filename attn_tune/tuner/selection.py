@@ -12,13 +12,12 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from attn_tune.problem import Problem
-from attn_tune.registry.variant import Variant
-from attn_tune.tuner.config import Entry
+from attn_tune.registry.variant import DEFAULT_VARIANT, Variant
+from attn_tune.tuned_config import Entry
 from attn_tune.tuner.measure import Measurement
 
-__all__ = ["Point", "BASELINE", "TIE_MARGIN", "EXACT_TOLERANCE", "FAILURES", "constraint_violation", "choose", "failure_reason"]
+__all__ = ["Point", "TIE_MARGIN", "EXACT_TOLERANCE", "FAILURES", "constraint_violation", "choose", "failure_reason"]
 
-BASELINE = "sdpa"
 # The default policy keeps the choice unless a candidate beats it by more than this in the head-to-head: two
 # dispatch paths to one kernel differ by noise alone, and a config should not flip between them.
 TIE_MARGIN = 0.03
@@ -141,7 +140,7 @@ def choose(
         return None, f"no candidate met the constraints ({reasons or 'no trial finished'})"
 
     contenders = ranked[:finalists]
-    baseline = next((p for p in feasible if p.variant == BASELINE and not p.params), None)
+    baseline = next((p for p in feasible if p.variant == DEFAULT_VARIANT and not p.params), None)
     if baseline is not None and baseline not in contenders:
         contenders.append(baseline)
     final = _head_to_head([(by_name[p.variant], p.params) for p in contenders], problem, measure_fn, rounds, final_kwargs)
@@ -158,7 +157,7 @@ def choose(
     if not standing:
         return None, "every finalist failed or broke a constraint when measured again"
     winner = min(standing, key=lambda p: _rank_key(p, "latency" if objective == "balanced" else objective))
-    default = next((p for p in standing if p.variant == BASELINE and not p.params), None)
+    default = next((p for p in standing if p.variant == DEFAULT_VARIANT and not p.params), None)
     if (
         objective != "memory" and default is not None and winner is not default
         and winner.measured["latency_ms"] > default.measured["latency_ms"] * (1 - TIE_MARGIN)

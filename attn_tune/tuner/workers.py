@@ -80,10 +80,10 @@ def _report(studies: Sequence[Any], on_trial: Callable[[Problem, int, int], None
     """Progress of the first study not yet done, read from the storage."""
     if on_trial is None:
         return
-    from attn_tune.tuner.tune import _finished
+    from attn_tune.tuner.study import finished_trials
 
     for prepared in studies:
-        done = _finished(prepared.study)
+        done = finished_trials(prepared.study)
         if done < prepared.budget:
             on_trial(prepared.problem, done, prepared.budget)
             return
@@ -92,10 +92,10 @@ def _report(studies: Sequence[Any], on_trial: Callable[[Problem, int, int], None
 def work(job: dict[str, Any], storage_url: str) -> None:
     """One worker: for each problem, load (or create) its study and run trials until the study has its budget."""
     from attn_tune.registry import get_variant
-    from attn_tune.tuner.config import device_info
+    from attn_tune.tuned_config import device_info
     from attn_tune.tuner.space import quiet_optuna
     from attn_tune.tuner.storage import open_storage
-    from attn_tune.tuner.tune import prepare_study, run_trials
+    from attn_tune.tuner.study import prepare_study, run_trials
 
     problems = [Problem.from_dict(p) for p in job["problems"]]
     pool = [get_variant(name) for name in job["variants"]]

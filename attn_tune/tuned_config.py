@@ -13,6 +13,7 @@ from typing import Any, Sequence
 
 from attn_tune.errors import AttnTuneError, InvalidProblem
 from attn_tune.problem import Problem
+from attn_tune.registry.variant import DEFAULT_VARIANT
 
 __all__ = ["FORMAT", "VERSION", "ConfigError", "Entry", "TunedConfig", "device_info", "load_config", "merge_configs"]
 
@@ -68,7 +69,7 @@ class Entry:
             data["device"] = self.device
         return data
 
-    def baseline_latency_ms(self, name: str = "sdpa") -> float | None:
+    def baseline_latency_ms(self, name: str = DEFAULT_VARIANT) -> float | None:
         """The latency measured for variant `name` (default params) among the candidates, if any."""
         for c in self.candidates:
             if c.get("variant") == name and c.get("status") == "ok" and not c.get("params"):

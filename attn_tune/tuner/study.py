@@ -1,0 +1,235 @@
+"""One problem's Optuna study: create or load it, run trials on it (from any number of workers), choose from it.
+
+`tune` drives these for each problem in this process; `workers` runs `run_trials` in other processes on the same
+studies. Neither imports the other's module: both import this one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import optuna
+import torch
+
+from attn_tune.problem import Problem
+from attn_tune.registry.variant import Variant
+from attn_tune.tuned_config import Entry
+from attn_tune.tuner.measure import Measurement
+from attn_tune.tuner.selection import FAILURES, MeasureFn, Point, choose, constraint_violation, failure_reason
+from attn_tune.tuner.space import eligible_variants, grid_points, knob_name, space_size, suggest
+from attn_tune.tuner.storage import fail_dead_trials, mark_started
+
+__all__ = ["PreparedStudy", "study_name", "prepare_study", "run_trials", "finish_study", "finished_trials"]
+
+
+def study_name(problem: Problem, device: dict[str, Any], variant_names: Sequence[str], objective: str) -> str:
+    """Stable per (problem, device, set of taking-part variants, objective), so a resumed run finds its study."""
+    digest = hashlib.sha1(",".join(sorted(variant_names)).encode()).hexdigest()[:10]
+    return f"attn-tune/{objective}/{device['type']}:{device.get('name', '')}/{problem.describe().replace(' ', '_')}/{digest}"
+
+
+def _values(m: Measurement, objective: str) -> tuple[float, ...]:
+    if objective == "latency":
+        return (m.latency_ms,)
+    if objective == "memory":
+        return (float(m.peak_bytes),)
+    return (m.latency_ms, float(m.peak_bytes))
+
+
+def _points(study: optuna.Study) -> list[Point]:
+    points = []
+    for t in study.trials:
+        if t.state not in _DONE or "variant" not in t.params:
+            continue
+        name = t.params["variant"]
+        params = {k.split(":", 1)[1]: v for k, v in t.params.items() if k.startswith(knob_name(name, ""))}
+        points.append(Point(name, params, t.user_attrs.get("status", "failed"), t.user_attrs.get("reason"),
+                             t.user_attrs.get("measured")))
+    return points
+
+
+_DONE = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)  # measured, or failed with a reason
+
+
+def finished_trials(study: optuna.Study) -> int:
+    """Trials measured, or failed with a reason (a twin or a crash is not counted)."""
+    return sum(t.state in _DONE for t in study.trials)
+
+
+def _point_key(trial: optuna.trial.FrozenTrial) -> str:
+    """The point a trial measures: the params it was queued with (a running trial may have suggested only some of
+    them yet), else its params."""
+    fixed = trial.system_attrs.get("fixed_params")
+    return json.dumps(trial.params if fixed is None else fixed, sort_keys=True)
+
+
+def _queue_missing(study: optuna.Study, points: list[dict[str, Any]]) -> None:
+    """Queue each point that has no finished, running or queued trial (a failed one's point is queued again).
+
+    A trial left running by a killed worker is not queued here: once its heartbeat is stale it is failed and
+    queued again by the storage's retry callback, so the point is never measured by two live workers.
+    """
+    pending = (optuna.trial.TrialState.WAITING, optuna.trial.TrialState.RUNNING)
+    present = {_point_key(t) for t in study.trials if t.state in _DONE or t.state in pending}
+    for point in points:
+        if json.dumps(point, sort_keys=True) not in present:
+            study.enqueue_trial(point)
+
+
+class _NotMeasured(Exception):
+    """A trial that must not be measured: a twin of an earlier one, or one past the study's budget."""
+
+
+@dataclass
+class PreparedStudy:
+    """One problem's study, ready for any number of workers to run trials on."""
+
+    problem: Problem
+    study: optuna.Study
+    chosen: list[Variant]
+    excluded: dict[str, str]
+    budget: int
+    enumerated: bool  # every point is queued: trials take points from the queue, never sample new ones
+
+
+def prepare_study(
+    problem: Problem, *, pool: Sequence[Variant], trials: int, max_error: float | None, objective: str, storage: Any,
+    seed: int | None, device: dict[str, Any],
+) -> PreparedStudy | str:
+    """Create (or load) the problem's study and queue its points when the space is enumerated; else why not."""
+    chosen, excluded = eligible_variants(problem, pool, approximate=max_error is not None)
+    if not chosen:
+        return "no variant can serve this problem here: " + "; ".join(f"{k}: {v}" for k, v in excluded.items())
+    size = space_size(problem, chosen)
+    budget = int(min(trials, size))
+    enumerate_all = size <= trials
+    # A space no larger than the budget is enumerated through the queue (enqueue_trial): each point is taken by
+    # exactly one trial, whichever worker asks, and on resume exactly the missing points are queued again.
+    if enumerate_all:
+        sampler: optuna.samplers.BaseSampler = optuna.samplers.RandomSampler(seed=seed)  # queued points fix params
+    else:
+        sampler = optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True)
+    directions = ["minimize", "minimize"] if objective == "balanced" else ["minimize"]
+    study = optuna.create_study(
+        study_name=study_name(problem, device, [v.name for v in chosen], objective), storage=storage, sampler=sampler,
+        directions=directions, load_if_exists=True,
+    )
+    study.set_user_attr("problem", problem.to_dict())
+    study.set_user_attr("device", device)
+    study.set_user_attr("excluded_variants", excluded)
+    study.set_user_attr("budget", budget)
+    if enumerate_all:
+        _queue_missing(study, grid_points(problem, chosen))
+    return PreparedStudy(problem, study, chosen, excluded, budget, enumerate_all)
+
+
+def _copy_of(trial: optuna.Trial, twin: optuna.trial.FrozenTrial, objective: str) -> tuple[float, ...] | float:
+    """Finish `trial` with `twin`'s figures, not measuring the same point twice."""
+    for key in ("status", "reason", "measured"):
+        if key in twin.user_attrs:
+            trial.set_user_attr(key, twin.user_attrs[key])
+    trial.set_user_attr("copy_of", twin.number)
+    if twin.state == optuna.trial.TrialState.PRUNED:
+        raise optuna.TrialPruned(twin.user_attrs.get("reason", "failed"))
+    trial.set_constraint("within-limits", 0.0 if twin.user_attrs.get("status") == "ok" else 1.0)
+    return tuple(twin.values) if objective == "balanced" else twin.values[0]
+
+
+def run_trials(
+    prepared: PreparedStudy, *, measure_fn: MeasureFn, measure_kwargs: dict[str, Any], max_error: float | None,
+    memory_budget: int | None, objective: str, on_trial: Callable[[Problem, int, int], None] | None = None,
+    poll_s: float = 1.0,
+) -> None:
+    """Run trials until the study has its budget of finished ones; any number of workers may do this at once.
+
+    A worker with nothing left to take waits while others measure: if one of them dies, its trial is failed once
+    its heartbeat is stale and queued again, and a waiting worker takes it.
+    """
+    problem, study, budget = prepared.problem, prepared.study, prepared.budget
+
+    def not_measured(trial: optuna.Trial, variant: str | None, params: dict[str, Any], reason: str) -> None:
+        study.set_user_attr(f"failure:{trial.number}", {"variant": variant, "params": params, "reason": reason})
+        raise _NotMeasured(reason)
+
+    def objective_fn(trial: optuna.Trial) -> tuple[float, ...] | float:
+        mark_started(trial)
+        trials = study.get_trials(deepcopy=False)
+        queued = "fixed_params" in next(t for t in trials if t.number == trial.number).system_attrs
+        live = _DONE + (optuna.trial.TrialState.RUNNING,)
+        earlier = [t for t in trials if t.number < trial.number and t.state in live]
+        # A point belongs to its lowest-numbered trial not failed; a later twin (two processes queued the point at
+        # once) is never measured, whatever order the twins are taken in.
+        owners = [t for t in trials if t.number < trial.number and t.state != optuna.trial.TrialState.FAIL]
+        if prepared.enumerated and not queued:
+            not_measured(trial, None, {}, "not measured: the queue was empty when this trial asked (another worker "
+                                          "took the last point)")
+        if not prepared.enumerated and len({_point_key(t) for t in earlier}) >= budget:
+            not_measured(trial, None, {}, "not measured: the study already had its trials (another worker took the last)")
+        variant, params = suggest(trial, problem, prepared.chosen)
+        twin = next((t for t in owners if _point_key(t) == json.dumps(trial.params, sort_keys=True)), None)
+        if twin is not None and not prepared.enumerated and twin.state in _DONE:
+            return _copy_of(trial, twin, objective)  # the sampler proposed a measured point again: tell it the figures
+        if twin is not None:
+            not_measured(trial, variant.name, params, f"not measured: the same point as trial {twin.number}")
+        try:
+            m = measure_fn(variant, problem, params, **measure_kwargs)
+        except FAILURES as exc:
+            reason = failure_reason(exc)
+            if isinstance(exc, torch.OutOfMemoryError):
+                torch.cuda.empty_cache()
+            trial.set_user_attr("status", "failed")
+            trial.set_user_attr("reason", reason)
+            study.set_user_attr(f"failure:{trial.number}", {"variant": variant.name, "params": params, "reason": reason})
+            raise optuna.TrialPruned(reason) from None
+        violation = constraint_violation(variant, problem, m, max_error, memory_budget)
+        trial.set_user_attr("measured", {k: v for k, v in m.to_dict().items() if k != "repeats"})
+        trial.set_user_attr("status", "ok" if violation is None else "excluded")
+        trial.set_constraint("within-limits", 0.0 if violation is None else 1.0)  # TPE learns what is infeasible
+        if violation is not None:
+            trial.set_user_attr("reason", violation)
+            study.set_user_attr(f"failure:{trial.number}", {"variant": variant.name, "params": params, "reason": violation})
+        values = _values(m, objective)
+        return values if objective == "balanced" else values[0]
+
+    asked = 0
+    while True:
+        trials = study.get_trials(deepcopy=False)
+        finished = sum(t.state in _DONE for t in trials)
+        if on_trial is not None:
+            on_trial(problem, finished, budget)
+        waiting = any(t.state == optuna.trial.TrialState.WAITING for t in trials)
+        running = sum(t.state == optuna.trial.TrialState.RUNNING for t in trials)
+        if finished >= budget and not waiting:
+            return
+        if finished >= budget:  # a twin queued by another process: taken, found a twin, failed with that reason
+            study.optimize(objective_fn, n_trials=1, catch=(_NotMeasured,))
+            continue
+        if prepared.enumerated and not waiting and not running:
+            return  # every queued point is done, or failed past its retries
+        if (prepared.enumerated and not waiting) or finished + running >= budget:
+            time.sleep(poll_s)  # the rest is being measured by other workers; a dead one's trial is retried
+            fail_dead_trials(study)
+            continue
+        if asked >= 3 * budget:
+            return  # a sampler that keeps proposing points already measured
+        asked += 1
+        study.optimize(objective_fn, n_trials=1, catch=(_NotMeasured,))
+
+
+def finish_study(
+    prepared: PreparedStudy, *, objective: str, max_error: float | None, memory_budget: int | None,
+    measure_fn: MeasureFn, finalists: int, rounds: int, final_kwargs: dict[str, Any],
+) -> tuple[Entry | None, str]:
+    """Choose from the study's points (re-measuring the best head to head, on this device) and keep the entry in
+    the study, where `attn-tune export` finds it."""
+    study = prepared.study
+    entry, note = choose(_points(study), finished_trials(study), prepared.problem, {v.name: v for v in prepared.chosen},
+                         prepared.excluded, objective=objective, max_error=max_error, memory_budget=memory_budget,
+                         measure_fn=measure_fn, finalists=finalists, rounds=rounds, final_kwargs=final_kwargs)
+    if entry is not None:
+        study.set_user_attr("entry", entry.to_dict())
+    return entry, note
