@@ -13,6 +13,7 @@ from typing import Any, Sequence
 
 from attn_tune.errors import AttnTuneError, InvalidProblem
 from attn_tune.problem import Problem
+from attn_tune.registry.plugins import own_version
 from attn_tune.registry.variant import DEFAULT_VARIANT
 
 __all__ = ["FORMAT", "VERSION", "ConfigError", "Entry", "TunedConfig", "device_info", "load_config", "merge_configs"]
@@ -55,6 +56,8 @@ class Entry:
     candidates: list[dict[str, Any]] = field(default_factory=list)
     trials: int = 0
     device: dict[str, Any] | None = None
+    measured_with: dict[str, str] | None = None  # torch, build, attn_tune, package, package_version (staleness.py)
+    tuning: dict[str, Any] | None = None  # wall_s, first_calls_s, and cut_short (why) when a timeout stopped it
 
     def to_dict(self) -> dict[str, Any]:
         data = {
@@ -65,8 +68,9 @@ class Entry:
             "candidates": self.candidates,
             "trials": self.trials,
         }
-        if self.device is not None:
-            data["device"] = self.device
+        for key in ("device", "measured_with", "tuning"):
+            if getattr(self, key) is not None:
+                data[key] = getattr(self, key)
         return data
 
     def baseline_latency_ms(self, name: str = DEFAULT_VARIANT) -> float | None:
@@ -144,7 +148,16 @@ def _entry_from_dict(raw: Any) -> Entry:
         candidates=list(raw.get("candidates", [])),
         trials=int(raw.get("trials", 0)),
         device=raw.get("device"),
+        measured_with=_optional_object(raw, "measured_with"),
+        tuning=_optional_object(raw, "tuning"),
     )
+
+
+def _optional_object(raw: dict[str, Any], key: str) -> dict[str, Any] | None:
+    value = raw.get(key)
+    if value is not None and not isinstance(value, dict):
+        raise TypeError(f"{key} must be an object")
+    return value
 
 
 def _umask() -> int:
@@ -196,8 +209,6 @@ def merge_configs(configs: Sequence[TunedConfig]) -> TunedConfig:
     """
     import torch
 
-    from attn_tune import __version__
-
     merged: dict[tuple, Entry] = {}
     for config in configs:
         for entry in config.entries:
@@ -209,4 +220,4 @@ def merge_configs(configs: Sequence[TunedConfig]) -> TunedConfig:
         top = next(iter(merged.values())).device
     else:
         top = {"type": "mixed", "name": f"{len(devices)} devices"}
-    return TunedConfig(entries=list(merged.values()), device=top, attn_tune=__version__, torch=torch.__version__)
+    return TunedConfig(entries=list(merged.values()), device=top, attn_tune=own_version(), torch=torch.__version__)

@@ -20,13 +20,15 @@ class IntList(click.ParamType):
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> tuple[int, ...]:
         if isinstance(value, tuple):
             return value
+        parts = [part.strip() for part in str(value).split(",")]
+        if not any(parts):
+            self.fail("give at least one integer", param, ctx)
+        if not all(parts):
+            self.fail(f"{value!r} has an empty item; give integers separated by single commas", param, ctx)
         try:
-            items = tuple(int(part) for part in str(value).split(",") if part.strip())
+            return tuple(int(part) for part in parts)
         except ValueError:
             self.fail(f"{value!r} is not a comma-separated list of integers", param, ctx)
-        if not items:
-            self.fail("give at least one integer", param, ctx)
-        return items
 
 
 _OPTIONS = (

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,7 @@ import click
 
 from attn_tune.cli.group import cli
 from attn_tune.cli.options import options_given, problem_options, problems_from_options
-from attn_tune.cli.render import echo_json, mib, table
+from attn_tune.cli.render import mib
 from attn_tune.errors import AttnTuneError, InvalidProblem
 from attn_tune.problem import Problem, check_device
 
@@ -35,6 +36,9 @@ class ByteSize(click.ParamType):
         if size <= 0:
             self.fail(f"{value!r} must be positive", param, ctx)
         return size
+
+
+_SECONDS = click.FloatRange(min=0, min_open=True)
 
 
 def _problems_from_shapes(path: str) -> list[Problem]:
@@ -92,6 +96,16 @@ def _summary(problem: Problem, entry: Any, note: str) -> str:
     return f"{problem.describe()}: {choice} {latency:.3f} ms{versus}, {mib(entry.measured['peak_bytes'])} MiB, {entry.trials} trials"
 
 
+def _time_summary(entries: list[Any], tuned: list[Problem], wall_s: float) -> str:
+    """Where the run's time went: first calls (compiling, masks) against the rest; problems cut short."""
+    records = [e.tuning for e in entries if e.problem in set(tuned) and e.tuning]
+    first = sum(r["first_calls_s"] for r in records)
+    cut = sum("cut_short" in r for r in records)
+    line = (f"time: {wall_s:.1f} s for {len(tuned)} problem(s): {first:.1f} s in first calls (compiling, building masks), "
+            f"{max(wall_s - first, 0.0):.1f} s in timed calls and choosing")
+    return line + (f"; {cut} cut short by the time limit" if cut else "")
+
+
 @cli.command("tune")
 @problem_options
 @click.option("--shapes", type=click.Path(dir_okay=False), help="A JSON list of problems (e.g. from `attn-tune capture`).")
@@ -106,17 +120,28 @@ def _summary(problem: Problem, entry: Any, note: str) -> str:
 @click.option("--variant", "variant_names", multiple=True, metavar="NAME", help="Only these variants take part (repeatable).")
 @click.option("--out", type=click.Path(dir_okay=False), default="tuned.json", show_default=True, help="Where the tuned config goes.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None, help="Also draw the report PNG here. [quick: report.png]")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None, help="With --stale-only: the tuned config to bring up to date.")
+@click.option("--stale-only", is_flag=True, help="Re-tune only the --config entries measured under other versions or devices (and problems it lacks); keep the rest. [trials default: 5]")
+@click.option("--timeout", type=_SECONDS, default=None, help="Seconds for the whole run: no trial starts after it; each problem keeps its best so far.")
+@click.option("--problem-timeout", type=_SECONDS, default=None, help="Seconds for one problem, likewise.")
 @click.pass_context
 def tune_command(ctx: click.Context, shapes: str | None, preset: str | None, trials: int | None, max_error: float | None,
                  memory_budget: int | None, objective: str, storage: str | None, workers: int, seed: int | None,
-                 variant_names: tuple[str, ...], out: str, plot_path: str | None, **options: Any) -> None:
+                 variant_names: tuple[str, ...], out: str, plot_path: str | None, config_path: str | None,
+                 stale_only: bool, timeout: float | None, problem_timeout: float | None, **options: Any) -> None:
     """Search variants and knobs per problem by measuring them; write the tuned config."""
     from attn_tune.tuner.plot import plot_config
     from attn_tune.tuner.presets import PRESETS
     from attn_tune.tuner.storage import StorageError, default_storage_url, redact
     from attn_tune.registry import get_variant
+    from attn_tune.tuned_config import load_config
+    from attn_tune.tuner.retune import retune, stale_problems
     from attn_tune.tuner.tune import tune
 
+    if stale_only and not config_path:
+        raise click.UsageError("--stale-only re-tunes a tuned config: give it with --config")
+    if config_path and not stale_only:
+        raise click.UsageError("--config goes with --stale-only")
     chosen_variants = [get_variant(name) for name in variant_names] or None
     if sum(bool(x) for x in (shapes, preset, options_given(ctx))) > 1:
         raise click.UsageError("give problem options, --shapes or --preset, not more than one")
@@ -131,10 +156,21 @@ def tune_command(ctx: click.Context, shapes: str | None, preset: str | None, tri
         problems = _problems_from_shapes(shapes)
         for device in sorted({p.device for p in problems}):
             check_device(device)
-    else:
+    elif not stale_only or options_given(ctx):
         problems = problems_from_options(options)
+    else:
+        problems = []
     if not Path(out).resolve().parent.is_dir():
         raise click.BadParameter(f"folder {Path(out).parent} does not exist", param_hint="'--out'")
+    earlier = None
+    if stale_only:
+        earlier = load_config(config_path)
+        problems = stale_problems(earlier, problems)
+        trials = trials or 5
+        if not problems:
+            earlier.save(out)
+            click.echo(f"nothing in {config_path} is stale and no problem is missing from it; wrote {out} unchanged")
+            return
     storage = storage or default_storage_url(out)
     progress = _TrialProgress(enabled=True)
     lines: list[str] = []
@@ -144,10 +180,12 @@ def tune_command(ctx: click.Context, shapes: str | None, preset: str | None, tri
         progress.problem = None
         lines.append(_summary(problem, entry, note))
 
+    kwargs = dict(trials=trials or 20, max_error=max_error, memory_budget=memory_budget, objective=objective,
+                  storage=storage, seed=seed, variants=chosen_variants, on_trial=progress, workers=workers,
+                  on_result=on_result, timeout=timeout, problem_timeout=problem_timeout, **settings)
+    started = time.monotonic()
     try:
-        config = tune(problems, trials=trials or 20, max_error=max_error, memory_budget=memory_budget,
-                      objective=objective, storage=storage, seed=seed, variants=chosen_variants, on_trial=progress, workers=workers,
-                      on_result=on_result, **settings)
+        config = retune(earlier, problems, **kwargs) if earlier is not None else tune(problems, **kwargs)
     except KeyboardInterrupt:
         progress.close()
         click.echo(f"Interrupted: finished trials are kept in {redact(storage)}; run the same command to resume.", err=True)
@@ -164,113 +202,8 @@ def tune_command(ctx: click.Context, shapes: str | None, preset: str | None, tri
     if not config.entries:
         raise AttnTuneError("no problem got a choice; nothing written")
     config.save(out)
+    click.echo(_time_summary(config.entries, problems, time.monotonic() - started))
     click.echo(f"wrote {out} ({len(config.entries)} entries; trials in {redact(storage)})")
     if plot_path:
         plot_config(config, plot_path)
         click.echo(f"wrote {plot_path}")
-
-
-def _why(config: Any, config_path: str, problems: list[Problem], as_json: bool) -> None:
-    import dataclasses
-
-    from attn_tune.runtime import use_config
-    from attn_tune.runtime.dispatch import decide
-
-    with use_config(config):
-        decisions = [decide(p) for p in problems]
-    for d in decisions:
-        d.config = config_path
-    if as_json:
-        echo_json([{**dataclasses.asdict(d), "problem": d.problem.to_dict(),
-                    "entry": d.entry.to_dict() if d.entry else None} for d in decisions])
-        return
-    click.echo("\n\n".join(str(d) for d in decisions))
-
-
-def _load(path: str):
-    from attn_tune.tuned_config import load_config
-
-    return load_config(path)
-
-
-@cli.command("show")
-@click.argument("config_path", metavar="TUNED.json")
-@click.option("--why", is_flag=True, help="Say which entry and variant attn_tune.attention would use for the problem options.")
-@problem_options
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output only.")
-@click.pass_context
-def show_command(ctx: click.Context, config_path: str, why: bool, as_json: bool, **options: Any) -> None:
-    """Print a tuned config as a table (or, with --why, the runtime's choice for given problems)."""
-    config = _load(config_path)
-    if why:
-        _why(config, config_path, problems_from_options(options, check_devices=False), as_json)
-        return
-    if options_given(ctx):
-        raise click.UsageError("problem options go with --why")
-    if as_json:
-        echo_json(config.to_dict())
-        return
-    device = config.device
-    click.echo(f"{config_path}: {len(config.entries)} entries, {device.get('type')} {device.get('name', '')}, "
-               f"attn-tune {config.attn_tune}, torch {config.torch}, created {config.created}")
-    rows = []
-    for e in config.entries:
-        base = e.baseline_latency_ms()
-        m = e.measured
-        rows.append((
-            e.problem.describe(),
-            e.choice["variant"],
-            ",".join(f"{k}={v}" for k, v in e.choice["params"].items()),
-            f"{m['latency_ms']:.3f}",
-            f"{m['latency_ms'] / base:.2f}x" if base else "",
-            mib(m.get("peak_bytes")),
-            f"{m.get('rel_error', float('nan')):.1e}",
-            e.trials,
-        ) + (((e.device or device).get("name", ""),) if device.get("type") == "mixed" else ()))
-    headers = ("PROBLEM", "VARIANT", "PARAMS", "LATENCY ms", "vs sdpa", "PEAK MiB", "REL ERR", "TRIALS")
-    click.echo(table(headers + (("DEVICE",) if device.get("type") == "mixed" else ()), rows))
-
-
-@cli.command("merge")
-@click.argument("config_paths", nargs=-1, required=True, metavar="A.json B.json...")
-@click.option("--out", type=click.Path(dir_okay=False), required=True, help="The merged config.")
-def merge_command(config_paths: tuple[str, ...], out: str) -> None:
-    """Join configs from several devices; each entry keeps its device."""
-    from attn_tune.tuned_config import merge_configs
-
-    merged = merge_configs([_load(p) for p in config_paths])
-    merged.save(out)
-    click.echo(f"wrote {out} ({len(merged.entries)} entries from {len(config_paths)} configs)")
-
-
-@cli.command("export")
-@click.option("--storage", required=True, help="The Optuna storage URL the studies are in.")
-@click.option("--out", type=click.Path(dir_okay=False), required=True, help="The tuned config to write.")
-def export_command(storage: str, out: str) -> None:
-    """Write the tuned config a storage holds: every finished study's choice, each with its device."""
-    from attn_tune.tuner.export import export_config
-    from attn_tune.tuner.space import quiet_optuna
-
-    if not Path(out).resolve().parent.is_dir():
-        raise click.BadParameter(f"folder {Path(out).parent} does not exist", param_hint="'--out'")
-    with quiet_optuna():
-        config, pending = export_config(storage)
-    for line in pending:
-        click.echo(f"skipped {line}", err=True)
-    config.save(out)
-    kinds = sorted({(e.device or config.device).get("name", "?") for e in config.entries})
-    click.echo(f"wrote {out} ({len(config.entries)} entries from {len(kinds)} device(s): {', '.join(kinds)})")
-
-
-@cli.command("plot")
-@click.argument("config_path", metavar="TUNED.json")
-@click.option("--out", type=click.Path(dir_okay=False), required=True, help="The PNG to write.")
-def plot_command(config_path: str, out: str) -> None:
-    """Draw latency and peak memory against q_len per variant, the chosen one marked."""
-    from attn_tune.tuner.plot import plot_config
-
-    config = _load(config_path)
-    if not config.entries:
-        raise AttnTuneError(f"{config_path} has no entries to plot")
-    plot_config(config, out)
-    click.echo(f"wrote {out}")

@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Callable
 
 from attn_tune.runtime.lookup import ConfigIndex
-from attn_tune.tuned_config import ConfigError, TunedConfig, device_info, load_config
+from attn_tune.staleness import local_devices, stale_report
+from attn_tune.tuned_config import ConfigError, TunedConfig, load_config
 
 __all__ = ["use_config", "active_index", "on_change", "warn_other_device", "ENV_VAR"]
 
@@ -25,17 +26,16 @@ def on_change(listener: Callable[[], None]) -> None:
     _listeners.append(listener)
 
 
-def _local_names() -> dict[str, str]:
-    import torch
-
-    names = {"cpu": device_info("cpu")["name"]}
-    if torch.cuda.is_available():
-        names["cuda"] = device_info(f"cuda:{torch.cuda.current_device()}")["name"]
-    return names
-
-
 def _set(config: TunedConfig | None, label: str | None) -> None:
-    _state["index"] = None if config is None else ConfigIndex(config, _local_names())
+    """Index `config` for lookups; if entries were measured under other versions or devices, warn once, naming it."""
+    if config is None:
+        _state["index"] = None
+    else:
+        local = local_devices()
+        report = stale_report(config, label or "the config", local)
+        if report.message:
+            warnings.warn(report.message, RuntimeWarning, stacklevel=4)
+        _state["index"] = ConfigIndex(config, {kind: d["name"] for kind, d in local.items()}, report)
     _state["label"] = label
     _notify()
 

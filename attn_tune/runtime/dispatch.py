@@ -166,7 +166,12 @@ def _choose(problem: Problem) -> tuple[Variant, dict[str, Any], Decision, Varian
     if not variant.exact and (match.rule != "exact" or match.note):
         return default("fallback", f"{how} chose the approximate {variant.name}, whose error was measured only at "
                                    f"{entry.problem.describe()}", match)
+    stale = "; ".join(str(c) for c in index.changes(entry))
+    if index.retired(entry):
+        return default("fallback", f"{how} chose the approximate {variant.name}, measured before {stale}: its error "
+                                   "is no longer known", match)
     params = dict(choice.get("params", {}))
+    how += f" (stale: {stale})" if stale else ""
     decision = Decision(problem, variant.name, params, match.rule, how, entry.problem, label, entry.max_error)
     return variant, params, decision, fallback
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from attn_tune.problem import Problem
+from attn_tune.staleness import Change, StaleReport
 from attn_tune.tuned_config import Entry, TunedConfig
 
 __all__ = ["Match", "ConfigIndex", "shape_class"]
@@ -41,9 +42,12 @@ class ConfigIndex:
     device with this machine's name wins; else the first.
     """
 
-    def __init__(self, config: TunedConfig, local_names: dict[str, str]) -> None:
+    def __init__(self, config: TunedConfig, local_names: dict[str, str], report: StaleReport | None = None) -> None:
         self.device_types = sorted({(e.device or config.device).get("type", "?") for e in config.entries})
         self._classes: dict[tuple, dict[tuple[int, int, int], Entry]] = {}
+        report = report or StaleReport({}, set(), None)
+        self._changes = {id(config.entries[i]): found for i, found in report.changed.items()}
+        self._retired = {id(config.entries[i]) for i in report.retired}
         for entry in config.entries:
             device = entry.device or config.device
             dtype = device.get("type")
@@ -54,6 +58,14 @@ class ConfigIndex:
             held = bucket.get(size)
             if held is None or (device.get("name") == local_names.get(dtype) != (held.device or config.device).get("name")):
                 bucket[size] = entry
+
+    def changes(self, entry: Entry) -> list[Change]:
+        """What changed since `entry` was measured ([] if nothing): the entry is stale."""
+        return self._changes.get(id(entry), [])
+
+    def retired(self, entry: Entry) -> bool:
+        """A stale approximate entry whose variant's package changed version: not to be used."""
+        return id(entry) in self._retired
 
     def find(self, problem: Problem) -> Match | None:
         """The exact entry, else the nearest one in its shape class; a masked call may use its unmasked twin."""

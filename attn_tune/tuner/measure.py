@@ -92,12 +92,15 @@ def measure(
     min_repeats: int = 5,
     max_repeats: int = 100,
     min_time_s: float = 0.2,
+    first_call_limit_s: float | None = None,
 ) -> Measurement:
     """Measure `variant` with `params` on seeded random inputs for `problem`.
 
     Order: error (one call against the float64 reference, timed alone as `first_call_ms`), `warmup` untimed calls (so one-time set-up such as
     library handles is live before memory is read), peak memory of one call, then timed calls until both
     `min_repeats` and `min_time_s` are reached (at most `max_repeats`). CUDA work is synchronised around each call.
+    A first call longer than `first_call_limit_s` ends the measurement there (TimeoutError): a time-limited tune
+    reports such a problem instead of hanging on it.
 
     Raises:
         UnsupportedProblem: the variant is unavailable here or does not support the problem.
@@ -117,6 +120,9 @@ def measure(
         out = variant.fn(inputs.q, inputs.k, inputs.v, **inputs.call_kwargs(problem), **params)
     _synchronize(device)
     first_call_ms = (time.perf_counter() - started) * 1e3
+    if first_call_limit_s is not None and first_call_ms > first_call_limit_s * 1e3:
+        raise TimeoutError(f"the first call alone took {first_call_ms / 1e3:.1f} s, past the "
+                           f"{first_call_limit_s:.1f} s this problem had left")
     if out.shape != inputs.q.shape[:-1] + (inputs.v.shape[-1],) or out.dtype != inputs.q.dtype:
         raise UnsupportedProblem(f"{variant.name} returned {tuple(out.shape)} {out.dtype}, not q's shape and dtype")
     rel_error = relative_error(out, reference_output(problem, seed))

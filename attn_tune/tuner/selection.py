@@ -145,7 +145,9 @@ def choose(
         contenders.append(baseline)
     final = _head_to_head([(by_name[p.variant], p.params) for p in contenders], problem, measure_fn, rounds, final_kwargs)
     for p in contenders:
-        outcome = final[p.key]
+        outcome = final.get(p.key)
+        if outcome is None:  # no head-to-head (rounds=0, a study cut short): the trial's figures stand
+            continue
         if isinstance(outcome, str):
             p.status, p.reason = "failed", f"head-to-head: {outcome}"
             continue

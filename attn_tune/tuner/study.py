@@ -23,7 +23,8 @@ from attn_tune.tuner.selection import FAILURES, MeasureFn, Point, choose, constr
 from attn_tune.tuner.space import eligible_variants, grid_points, knob_name, space_size, suggest
 from attn_tune.tuner.storage import fail_dead_trials, mark_started
 
-__all__ = ["PreparedStudy", "study_name", "prepare_study", "run_trials", "finish_study", "finished_trials"]
+__all__ = ["PreparedStudy", "study_name", "prepare_study", "run_trials", "finish_study", "finished_trials",
+           "first_calls_s", "queue_point"]
 
 
 def study_name(problem: Problem, device: dict[str, Any], variant_names: Sequence[str], objective: str) -> str:
@@ -80,6 +81,17 @@ def _queue_missing(study: optuna.Study, points: list[dict[str, Any]]) -> None:
             study.enqueue_trial(point)
 
 
+def queue_point(prepared: PreparedStudy, choice: dict[str, Any]) -> None:
+    """Queue an earlier choice ({"variant", "params"}) to be measured first, unless the study already has trials
+    or the choice is not a point of its space (a variant no longer taking part)."""
+    study = prepared.study
+    if study.trials or choice.get("variant") not in {v.name for v in prepared.chosen}:
+        return
+    point = {"variant": choice["variant"]}
+    point.update({knob_name(choice["variant"], k): v for k, v in (choice.get("params") or {}).items()})
+    study.enqueue_trial(point)
+
+
 class _NotMeasured(Exception):
     """A trial that must not be measured: a twin of an earlier one, or one past the study's budget."""
 
@@ -94,6 +106,7 @@ class PreparedStudy:
     excluded: dict[str, str]
     budget: int
     enumerated: bool  # every point is queued: trials take points from the queue, never sample new ones
+    cut_short: str | None = None  # why run_trials stopped before the budget (a time limit)
 
 
 def prepare_study(
@@ -142,12 +155,13 @@ def _copy_of(trial: optuna.Trial, twin: optuna.trial.FrozenTrial, objective: str
 def run_trials(
     prepared: PreparedStudy, *, measure_fn: MeasureFn, measure_kwargs: dict[str, Any], max_error: float | None,
     memory_budget: int | None, objective: str, on_trial: Callable[[Problem, int, int], None] | None = None,
-    poll_s: float = 1.0,
+    poll_s: float = 1.0, deadline: float | None = None,
 ) -> None:
     """Run trials until the study has its budget of finished ones; any number of workers may do this at once.
 
     A worker with nothing left to take waits while others measure: if one of them dies, its trial is failed once
-    its heartbeat is stale and queued again, and a waiting worker takes it.
+    its heartbeat is stale and queued again, and a waiting worker takes it. Past `deadline` (time.monotonic())
+    no new trial starts: the study stops cleanly and `prepared.cut_short` says so.
     """
     problem, study, budget = prepared.problem, prepared.study, prepared.budget
 
@@ -205,6 +219,9 @@ def run_trials(
         running = sum(t.state == optuna.trial.TrialState.RUNNING for t in trials)
         if finished >= budget and not waiting:
             return
+        if deadline is not None and time.monotonic() >= deadline:
+            prepared.cut_short = f"stopped by the time limit after {finished} of {budget} trials"
+            return
         if finished >= budget:  # a twin queued by another process: taken, found a twin, failed with that reason
             study.optimize(objective_fn, n_trials=1, catch=(_NotMeasured,))
             continue
@@ -220,13 +237,20 @@ def run_trials(
         study.optimize(objective_fn, n_trials=1, catch=(_NotMeasured,))
 
 
+def first_calls_s(study: optuna.Study) -> float:
+    """Seconds the study's trials spent in first (cold) calls: compiling, building masks."""
+    return sum((t.user_attrs.get("measured") or {}).get("first_call_ms", 0.0) for t in study.trials) / 1e3
+
+
 def finish_study(
     prepared: PreparedStudy, *, objective: str, max_error: float | None, memory_budget: int | None,
     measure_fn: MeasureFn, finalists: int, rounds: int, final_kwargs: dict[str, Any],
 ) -> tuple[Entry | None, str]:
     """Choose from the study's points (re-measuring the best head to head, on this device) and keep the entry in
-    the study, where `attn-tune export` finds it."""
+    the study, where `attn-tune export` finds it. A study cut short skips the head-to-head: its trials decide."""
     study = prepared.study
+    if prepared.cut_short:
+        rounds = 0
     entry, note = choose(_points(study), finished_trials(study), prepared.problem, {v.name: v for v in prepared.chosen},
                          prepared.excluded, objective=objective, max_error=max_error, memory_budget=memory_budget,
                          measure_fn=measure_fn, finalists=finalists, rounds=rounds, final_kwargs=final_kwargs)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+import time
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
@@ -10,12 +11,15 @@ from attn_tune.errors import AttnTuneError
 from attn_tune.problem import Problem, check_device
 from attn_tune.registry.catalog import variants as registered_variants
 from attn_tune.registry.variant import Variant
+from attn_tune.registry.plugins import own_version
+from attn_tune.staleness import measured_with
 from attn_tune.tuned_config import Entry, TunedConfig, device_info
 from attn_tune.tuner.measure import measure
 from attn_tune.tuner.selection import MeasureFn
 from attn_tune.tuner.space import quiet_optuna
 from attn_tune.tuner.storage import open_storage
-from attn_tune.tuner.study import finish_study, prepare_study, run_trials
+from attn_tune.tuner.study import PreparedStudy, finish_study, first_calls_s, prepare_study, queue_point, run_trials
+from attn_tune.tuner.workers import run_workers
 
 __all__ = ["OBJECTIVES", "tune"]
 
@@ -40,6 +44,9 @@ def tune(
     on_trial: Callable[[Problem, int, int], None] | None = None,
     on_result: Callable[[Problem, Entry | None, str], None] | None = None,
     workers: int = 1,
+    timeout: float | None = None,
+    problem_timeout: float | None = None,
+    queue_first: Mapping[Problem, dict[str, Any]] | None = None,
 ) -> TunedConfig:
     """Find, by measuring, the best variant and knobs for each problem on this machine.
 
@@ -58,6 +65,11 @@ def tune(
         on_trial / on_result: progress callbacks.
         workers: processes measuring trials at once on one shared study per problem (needs `storage`); this
             process then measures what a dead worker left and makes the choice.
+        timeout / problem_timeout: seconds for the whole run / for one problem; past them no new trial starts, the
+            best so far is chosen (no head-to-head) and the entry's `tuning.cut_short` says so. A first call longer
+            than the time a problem has left is recorded as that trial's failure.
+        queue_first: per problem, an earlier choice ({"variant", "params"}) measured as its first trial, so that a
+            re-tune which finds nothing better costs little (`attn-tune tune --stale-only`).
 
     Returns:
         A `TunedConfig` with one entry per problem that some candidate could serve within the constraints.
@@ -71,12 +83,17 @@ def tune(
         raise AttnTuneError(f"trials must be positive, got {trials}")
     for device in sorted({p.device for p in problems}):
         check_device(device)
-    from attn_tune import __version__
-
     if workers < 1:
         raise AttnTuneError(f"workers must be positive, got {workers}")
     if workers > 1 and storage is None:
         raise AttnTuneError("several workers share a study through a storage: give one (an SQLite file or a server URL)")
+    for name, limit in (("timeout", timeout), ("problem_timeout", problem_timeout)):
+        if limit is not None and not limit > 0:
+            raise AttnTuneError(f"{name} must be a positive number of seconds, got {limit}")
+    if workers > 1 and (timeout or problem_timeout):
+        raise AttnTuneError("time limits apply to one process; with --workers, bound the run by --trials")
+    started = time.monotonic()
+    run_deadline = None if timeout is None else started + timeout
     pool = list(variants) if variants is not None else registered_variants()
     devices = {p.device: device_info(p.device) for p in problems}
     top = devices[problems[0].device] if problems else device_info("cpu")
@@ -91,24 +108,48 @@ def tune(
             for problem in problems
         ]
         if workers > 1:
-            from attn_tune.tuner.workers import run_workers
-
             run_workers(workers, storage, problems, pool=pool, trials=trials, seed=seed, measure_fn=measure_fn,
                         measure_kwargs=measure_kwargs, studies=[p for p in prepared if not isinstance(p, str)],
                         on_trial=on_trial, **limits)
         for problem, study in zip(problems, prepared):
+            problem_started = time.monotonic()
             if isinstance(study, str):
                 entry, note = None, study
             else:  # alone, every trial; after workers, only what a dead worker left
-                run_trials(study, measure_fn=measure_fn, measure_kwargs=measure_kwargs, on_trial=on_trial, **limits)
+                deadline = _deadline(run_deadline, problem_started, problem_timeout)
+                kwargs = measure_kwargs if deadline is None else {
+                    **measure_kwargs, "first_call_limit_s": max(deadline - time.monotonic(), 0.0)}
+                if queue_first and problem in queue_first:
+                    queue_point(study, queue_first[problem])
+                run_trials(study, measure_fn=measure_fn, measure_kwargs=kwargs, on_trial=on_trial, deadline=deadline,
+                           **limits)
                 entry, note = finish_study(
                     study, measure_fn=measure_fn, finalists=finalists, rounds=rounds,
                     final_kwargs=dict(final_kwargs or {"min_repeats": 10, "min_time_s": 0.3}), **limits,
                 )
+                if study.cut_short:
+                    note = f"cut short ({study.cut_short}): {note}"
+                if entry is not None:
+                    entry.measured_with = measured_with(entry.choice["variant"])
+                    entry.tuning = _tuning_record(study, time.monotonic() - problem_started)
             if entry is not None:
                 entry.device = devices[problem.device] if devices[problem.device] != top else None
                 entries.append(entry)
             if on_result is not None:
                 on_result(problem, entry, note)
-    return TunedConfig(entries=entries, device=top, attn_tune=__version__, torch=torch.__version__)
+    return TunedConfig(entries=entries, device=top, attn_tune=own_version(), torch=torch.__version__)
 
+
+def _deadline(run_deadline: float | None, started: float, problem_timeout: float | None) -> float | None:
+    limits = [d for d in (run_deadline, None if problem_timeout is None else started + problem_timeout) if d is not None]
+    return min(limits) if limits else None
+
+
+def _tuning_record(study: PreparedStudy, wall_s: float) -> dict[str, Any]:
+    """Where one problem's tuning time went: first calls (compiling, masks) apart from everything else."""
+    first = first_calls_s(study.study)
+    record: dict[str, Any] = {"wall_s": round(wall_s, 3), "first_calls_s": round(first, 3),
+                              "other_s": round(max(wall_s - first, 0.0), 3)}
+    if study.cut_short:
+        record["cut_short"] = study.cut_short
+    return record

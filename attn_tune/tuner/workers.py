@@ -18,7 +18,12 @@ from typing import Any, Callable, Sequence
 
 from attn_tune.errors import AttnTuneError
 from attn_tune.problem import Problem
+from attn_tune.registry import get_variant
 from attn_tune.registry.variant import Variant
+from attn_tune.tuned_config import device_info
+from attn_tune.tuner.space import quiet_optuna
+from attn_tune.tuner.storage import open_storage, redact
+from attn_tune.tuner.study import finished_trials, prepare_study, run_trials
 
 __all__ = ["run_workers", "work", "STORAGE_ENV"]
 
@@ -80,7 +85,6 @@ def _report(studies: Sequence[Any], on_trial: Callable[[Problem, int, int], None
     """Progress of the first study not yet done, read from the storage."""
     if on_trial is None:
         return
-    from attn_tune.tuner.study import finished_trials
 
     for prepared in studies:
         done = finished_trials(prepared.study)
@@ -91,11 +95,6 @@ def _report(studies: Sequence[Any], on_trial: Callable[[Problem, int, int], None
 
 def work(job: dict[str, Any], storage_url: str) -> None:
     """One worker: for each problem, load (or create) its study and run trials until the study has its budget."""
-    from attn_tune.registry import get_variant
-    from attn_tune.tuned_config import device_info
-    from attn_tune.tuner.space import quiet_optuna
-    from attn_tune.tuner.storage import open_storage
-    from attn_tune.tuner.study import prepare_study, run_trials
 
     problems = [Problem.from_dict(p) for p in job["problems"]]
     pool = [get_variant(name) for name in job["variants"]]
@@ -114,7 +113,6 @@ def work(job: dict[str, Any], storage_url: str) -> None:
 
 def main() -> None:
     """`python -m attn_tune.tuner.workers`: the job on stdin, the storage URL in ATTN_TUNE_STORAGE_URL."""
-    from attn_tune.tuner.storage import redact
 
     try:
         work(json.load(sys.stdin), os.environ[STORAGE_ENV])
