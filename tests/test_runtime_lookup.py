@@ -12,9 +12,8 @@ import torch
 
 import attn_tune
 from attn_tune import Problem
-from attn_tune.registry import plugins
 from attn_tune.tuned_config import ConfigError, device_info, merge_configs
-from tests.runtime_helpers import config, entry
+from tests.runtime_helpers import config, entry, registered
 
 
 @pytest.fixture(autouse=True)
@@ -129,14 +128,7 @@ def test_refusal_at_call_time_falls_back_once_with_a_warning() -> None:
     def refuses(q, k, v, **kwargs):
         raise attn_tune.UnsupportedProblem("not today")
 
-    class Plugin:
-        @attn_tune.hookimpl
-        def attn_tune_variants(self):
-            return [attn_tune.Variant(name="moody", family="dense", fn=refuses, exact=True)]
-
-    plugins.load_plugins()
-    plugins.pm.register(Plugin(), name="moody-plugin")
-    try:
+    with registered(attn_tune.Variant(name="moody", family="dense", fn=refuses, exact=True)):
         attn_tune.use_config(config([entry(_problem(), "moody")]))
         q, k, v = _qkv()
         assert attn_tune.explain(q, k, v).variant == "moody"
@@ -145,8 +137,6 @@ def test_refusal_at_call_time_falls_back_once_with_a_warning() -> None:
         torch.testing.assert_close(out, torch.nn.functional.scaled_dot_product_attention(q, k, v))
         decision = attn_tune.explain(q, k, v)
         assert (decision.variant, decision.rule) == ("sdpa", "fallback")
-    finally:
-        plugins.pm.unregister(name="moody-plugin")
 
 
 def test_approximate_entries_serve_only_their_own_problem_exact_ones_their_neighbours_too() -> None:
@@ -157,13 +147,6 @@ def test_approximate_entries_serve_only_their_own_problem_exact_ones_their_neigh
     def rough(q, k, v, *, is_causal, window, attn_mask, scale, **params):
         return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
 
-    class Plugin:
-        @attn_tune.hookimpl
-        def attn_tune_variants(self):
-            return [attn_tune.Variant(name="rough", family="dense", fn=rough, exact=False)]
-
-    plugins.load_plugins()
-    plugins.pm.register(Plugin(), name="rough-plugin")
     approximate = attn_tune.Problem(batch=1, heads=2, q_len=512, head_dim=32)
     exact = attn_tune.Problem(batch=1, heads=2, q_len=256, head_dim=32, causal=True)
 
@@ -172,7 +155,7 @@ def test_approximate_entries_serve_only_their_own_problem_exact_ones_their_neigh
         mask = torch.ones(1, 1, q_len, q_len, dtype=torch.bool) if masked else None
         return attn_tune.explain(q, q, q, attn_mask=mask, is_causal=causal)
 
-    try:
+    with registered(attn_tune.Variant(name="rough", family="dense", fn=rough, exact=False)):
         attn_tune.use_config(config([entry(approximate, "rough", max_error=2.0), entry(exact, "chunked", {"chunk": 32})]))
         own = decision(512)
         assert (own.variant, own.rule) == ("rough", "exact")
@@ -185,8 +168,6 @@ def test_approximate_entries_serve_only_their_own_problem_exact_ones_their_neigh
         twin = decision(256, causal=True, masked=True)
         assert (twin.variant, twin.rule, twin.entry) == ("chunked", "exact", exact)
         assert "tuned without an explicit mask" in twin.reason
-    finally:
-        plugins.pm.unregister(name="rough-plugin")
 
 
 def test_use_config_as_a_context_manager_restores_the_previous(tmp_path) -> None:

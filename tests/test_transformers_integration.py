@@ -7,7 +7,7 @@ import torch
 
 import attn_tune
 from attn_tune.runtime import record
-from tests.runtime_helpers import config, entry
+from tests.runtime_helpers import config, entry, registered
 
 transformers = pytest.importorskip("transformers", reason="transformers is the optional extra 'transformers'")
 import attn_tune.integrations.transformers  # noqa: E402,F401  (registers "attn_tune")
@@ -91,8 +91,6 @@ def test_config_attn_implementation_switch_and_a_tuned_choice() -> None:
 def test_generation_with_a_cache() -> None:
     """Greedy decoding through the KV cache (q_len 1 after the prompt) gives the tokens sdpa gives, and every call,
     prompt and decoding steps, ran the variant the config chose (a plugin variant that counts its calls)."""
-    from attn_tune.registry import plugins
-
     calls: list[tuple[int, int]] = []
 
     def counted(q, k, v, *, is_causal, window, attn_mask, scale, **params):
@@ -100,23 +98,14 @@ def test_generation_with_a_cache() -> None:
         return attn_tune.get_variant("sdpa").fn(q, k, v, is_causal=is_causal, window=window, attn_mask=attn_mask,
                                                 scale=scale)
 
-    class Plugin:
-        @attn_tune.hookimpl
-        def attn_tune_variants(self):
-            return [attn_tune.Variant(name="counted", family="dense", fn=counted, exact=True)]
-
     ids = torch.randint(0, 96, (1, 6))
     kwargs = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
     with torch.no_grad(), record() as seen:
         _llama("attn_tune").generate(ids, **kwargs)  # the problems generation asks for
     assert {p.q_len for p in seen} == {6, 1}
-    plugins.load_plugins()
-    plugins.pm.register(Plugin(), name="counted-plugin")
-    try:
-        with torch.no_grad(), attn_tune.use_config(config([entry(p, "counted") for p in seen])):
-            ours = _llama("attn_tune").generate(ids, **kwargs)
-    finally:
-        plugins.pm.unregister(name="counted-plugin")
+    with registered(attn_tune.Variant(name="counted", family="dense", fn=counted, exact=True)), torch.no_grad(), \
+            attn_tune.use_config(config([entry(p, "counted") for p in seen])):
+        ours = _llama("attn_tune").generate(ids, **kwargs)
     with torch.no_grad():
         reference = _llama("sdpa").generate(ids, **kwargs)
     assert torch.equal(ours, reference)
