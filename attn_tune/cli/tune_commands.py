@@ -93,14 +93,16 @@ def _summary(problem: Problem, entry: Any, note: str) -> str:
     latency = entry.measured["latency_ms"]
     base = entry.baseline_latency_ms()
     versus = f", {latency / base:.2f}x sdpa's {base:.3f} ms" if base else ", sdpa not measured"
-    return f"{problem.describe()}: {choice} {latency:.3f} ms{versus}, {mib(entry.measured['peak_bytes'])} MiB, {entry.trials} trials"
+    cut = f", cut short: {entry.tuning['cut_short']}" if (entry.tuning or {}).get("cut_short") else ""
+    return (f"{problem.describe()}: {choice} {latency:.3f} ms{versus}, {mib(entry.measured['peak_bytes'])} MiB, "
+            f"{entry.trials} trials{cut}")
 
 
-def _time_summary(entries: list[Any], tuned: list[Problem], wall_s: float) -> str:
+def _time_summary(entries: list[Any], tuned: list[Problem], notes: list[str], wall_s: float) -> str:
     """Where the run's time went: first calls (compiling, masks) against the rest; problems cut short."""
     records = [e.tuning for e in entries if e.problem in set(tuned) and e.tuning]
     first = sum(r["first_calls_s"] for r in records)
-    cut = sum("cut_short" in r for r in records)
+    cut = sum(note.startswith("cut short") for note in notes)
     line = (f"time: {wall_s:.1f} s for {len(tuned)} problem(s): {first:.1f} s in first calls (compiling, building masks), "
             f"{max(wall_s - first, 0.0):.1f} s in timed calls and choosing")
     return line + (f"; {cut} cut short by the time limit" if cut else "")
@@ -175,10 +177,13 @@ def tune_command(ctx: click.Context, shapes: str | None, preset: str | None, tri
     progress = _TrialProgress(enabled=True)
     lines: list[str] = []
 
+    notes: list[str] = []
+
     def on_result(problem: Problem, entry: Any, note: str) -> None:
         progress.close()
         progress.problem = None
         lines.append(_summary(problem, entry, note))
+        notes.append(note)
 
     kwargs = dict(trials=trials or 20, max_error=max_error, memory_budget=memory_budget, objective=objective,
                   storage=storage, seed=seed, variants=chosen_variants, on_trial=progress, workers=workers,
@@ -202,7 +207,7 @@ def tune_command(ctx: click.Context, shapes: str | None, preset: str | None, tri
     if not config.entries:
         raise AttnTuneError("no problem got a choice; nothing written")
     config.save(out)
-    click.echo(_time_summary(config.entries, problems, time.monotonic() - started))
+    click.echo(_time_summary(config.entries, problems, notes, time.monotonic() - started))
     click.echo(f"wrote {out} ({len(config.entries)} entries; trials in {redact(storage)})")
     if plot_path:
         plot_config(config, plot_path)

@@ -123,6 +123,8 @@ def tune(
                     queue_point(study, queue_first[problem])
                 run_trials(study, measure_fn=measure_fn, measure_kwargs=kwargs, on_trial=on_trial, deadline=deadline,
                            **limits)
+                if deadline is not None and not study.cut_short and time.monotonic() >= deadline:
+                    study.cut_short = "the time limit came before the head-to-head"
                 entry, note = finish_study(
                     study, measure_fn=measure_fn, finalists=finalists, rounds=rounds,
                     final_kwargs=dict(final_kwargs or {"min_repeats": 10, "min_time_s": 0.3}), **limits,
