@@ -65,11 +65,11 @@ def _device_label(device: dict[str, Any]) -> str:
     return f"{device.get('name', '?')}{extra}"
 
 
-def changes(entry: Entry, config_device: dict[str, Any], local_devices: dict[str, dict[str, Any]]) -> list[Change]:
+def changes(entry: Entry, config_device: dict[str, Any], here: dict[str, dict[str, Any]]) -> list[Change]:
     """What differs between the entry's record and this machine; [] for entries that recorded nothing.
 
-    `local_devices` maps device type to `device_info` here; an entry for a type this machine lacks is not compared
-    (it is not used here either).
+    `here` maps device type to `device_info` on this machine (`local_devices()`); an entry for a type this machine
+    lacks is not compared (it is not used here either).
     """
     recorded = entry.measured_with or {}
     found: list[Change] = []
@@ -83,9 +83,9 @@ def changes(entry: Entry, config_device: dict[str, Any], local_devices: dict[str
                 and recorded.get("package_version") != now.get("package_version"):
             found.append(Change(package, str(recorded.get("package_version")), str(now.get("package_version"))))
     device = entry.device or config_device
-    here = local_devices.get(device.get("type", ""))
-    if here is not None and _device_label(device) != _device_label(here):
-        found.append(Change("device", _device_label(device), _device_label(here)))
+    local = here.get(device.get("type", ""))
+    if local is not None and _device_label(device) != _device_label(local):
+        found.append(Change("device", _device_label(device), _device_label(local)))
     return found
 
 
@@ -107,9 +107,14 @@ class StaleReport:
     message: str | None
 
 
-def stale_report(config: TunedConfig, label: str, local_devices: dict[str, dict[str, Any]]) -> StaleReport:
-    """Compare every entry of `config` (read from `label`) with this machine, for one summary warning."""
-    changed = {i: found for i, e in enumerate(config.entries) if (found := changes(e, config.device, local_devices))}
+def stale_report(config: TunedConfig, label: str, here: dict[str, dict[str, Any]]) -> StaleReport:
+    """Compare every entry of `config` (read from `label`) with this machine (`here`: `local_devices()`), for one
+    summary warning."""
+    changed = {i: found for i, e in enumerate(config.entries) if (found := changes(e, config.device, here))}
+    # A merged config holds other machines' entries beside this one's; those are not used here, so not stale.
+    local = {e.problem for i, e in enumerate(config.entries) if not any(c.what == "device" for c in changed.get(i, []))}
+    changed = {i: found for i, found in changed.items()
+               if not (config.entries[i].problem in local and any(c.what == "device" for c in found))}
     retired = {i for i, found in changed.items() if is_retired(config.entries[i], found)}
     if not changed:
         return StaleReport(changed, retired, None)

@@ -79,6 +79,17 @@ def test_one_warning_names_each_change_and_the_policy_applies(tmp_path: Path) ->
     assert _decision(MOVED).variant == "chunked" and "stale: device" in _decision(MOVED).reason
 
 
+def test_a_merged_config_with_this_machines_entry_beside_anothers_is_not_stale() -> None:
+    here = local_devices()["cpu"]
+    ours = entry(EXACT, "chunked", {"chunk": 16}, device=here)
+    theirs = entry(EXACT, "dense", device={**here, "name": "Other CPU"})
+    ours.measured_with, theirs.measured_with = _with("chunked"), _with("dense")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        attn_tune.use_config(config([theirs, ours], device={"type": "mixed", "name": "2 devices"}))
+    assert _decision(EXACT).variant == "chunked" and "stale" not in _decision(EXACT).reason
+
+
 def test_a_plugin_version_change_retires_its_approximate_entry_only() -> None:
     """A third-party plugin's version moved: its approximate choice is not used; exact ones elsewhere stay."""
     def rough(q, k, v, **kwargs):
