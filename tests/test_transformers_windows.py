@@ -146,34 +146,38 @@ def test_masks_it_does_not_recognise_are_built_as_sdpa_builds_them() -> None:
     assert isinstance(structured_mask(**{**args, "mask_function": custom}), torch.Tensor)
 
 
-@pytest.mark.parametrize("cache", ["default", "full"], ids=["sliding-cache", "full-cache"])
-def test_greedy_decoding_through_the_cache_equals_sdpa_and_reads_only_the_window(cache) -> None:
-    """Prompt below the window, 14 new tokens past it; a cache keeping every key still gives attention only w."""
+@pytest.mark.parametrize("make", MODELS, ids=["mistral", "qwen2", "gemma3"])
+@pytest.mark.parametrize("cache", ["default", "full"], ids=["model-cache", "full-cache"])
+def test_greedy_decoding_through_the_cache_equals_sdpa_and_reads_only_the_window(make, cache) -> None:
+    """Prompt below the window, 14 new tokens past it; a cache keeping every key still gives a sliding layer only
+    the last `window` keys (a global layer, all of them)."""
     ids, mask = _inputs(5, left_padding=True, batch=2)
     kwargs = dict(max_new_tokens=14, do_sample=False, pad_token_id=0, attention_mask=mask)
     with torch.no_grad():
-        reference = _mistral("sdpa").generate(ids, **kwargs)
-        model = _mistral("attn_tune")
+        reference = make("sdpa").generate(ids, **kwargs)
+        model = make("attn_tune")
         extra = {"past_key_values": transformers.DynamicCache()} if cache == "full" else {}
         with record() as seen:
             ours = model.generate(ids, **kwargs, **extra)
     assert torch.equal(ours, reference)
-    decode = [p for p in seen if p.q_len == 1]
-    assert decode and max(p.kv_len for p in decode) == WINDOW
+    longest = max(p.kv_len for p in seen if p.q_len == 1)
+    assert longest == (WINDOW if all(SLIDING_LAYERS[make]) else 5 + 13)
+    assert any(p.q_len == 1 and p.kv_len == WINDOW for p in seen)  # sliding layers past the window: w keys
 
 
-def test_gradients_equal_sdpa_through_the_window_path() -> None:
+@pytest.mark.parametrize("make", MODELS, ids=["mistral", "qwen2", "gemma3"])
+def test_gradients_equal_sdpa_through_the_window_path(make) -> None:
     ids, mask = _inputs(3 * WINDOW + 2, left_padding=False, batch=2)
 
     def grads(attn: str, tuned=None):
-        model = _mistral(attn).train()
+        model = make(attn).train()
         with attn_tune.use_config(tuned), record() as seen:
             model(input_ids=ids, labels=ids).loss.backward()
         return {n: p.grad for n, p in model.named_parameters()}, seen
 
     reference, _ = grads("sdpa")
     _, seen = grads("attn_tune")
-    assert [p.window for p in seen] == [WINDOW] and seen[0].training
+    assert WINDOW in [p.window for p in seen] and all(p.training for p in seen)
     ours, _ = grads("attn_tune", _window_chunked_for(seen))
     for name, grad in reference.items():
         assert _rel(ours[name], grad) < 1e-4, name

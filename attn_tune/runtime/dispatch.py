@@ -130,8 +130,10 @@ def _problem(q: Tensor, k: Tensor, v: Tensor, has_mask: bool, causal: bool, wind
 
 def _exact_fallback(problem: Problem) -> Variant:
     """The default policy's variant if it serves the problem here, else the first exact variant that does."""
-    pool = [get_variant(DEFAULT_VARIANT)] + [v for v in variants() if v.name != DEFAULT_VARIANT]
-    for variant in pool:
+    default = get_variant(DEFAULT_VARIANT)
+    if availability(default) is None and default.supports(problem) is None:
+        return default  # the usual case, without walking the catalog (a new call shape pays this once)
+    for variant in variants():
         if variant.exact and availability(variant) is None and variant.supports(problem) is None:
             return variant
     raise UnsupportedProblem(f"no exact variant serves {problem.describe()} here")
