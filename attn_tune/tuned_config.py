@@ -58,6 +58,7 @@ class Entry:
     device: dict[str, Any] | None = None
     measured_with: dict[str, str] | None = None  # torch, build, attn_tune, package, package_version (staleness.py)
     tuning: dict[str, Any] | None = None  # wall_s, first_calls_s, and cut_short (why) when a timeout stopped it
+    head_to_head: dict[str, Any] | None = None  # each finalist's latency ratio to sdpa, its interval, the decision
 
     def to_dict(self) -> dict[str, Any]:
         data = {
@@ -68,7 +69,7 @@ class Entry:
             "candidates": self.candidates,
             "trials": self.trials,
         }
-        for key in ("device", "measured_with", "tuning"):
+        for key in ("device", "measured_with", "tuning", "head_to_head"):
             if getattr(self, key) is not None:
                 data[key] = getattr(self, key)
         return data
@@ -150,6 +151,7 @@ def _entry_from_dict(raw: Any) -> Entry:
         device=raw.get("device"),
         measured_with=_optional_object(raw, "measured_with"),
         tuning=_optional_object(raw, "tuning"),
+        head_to_head=_optional_object(raw, "head_to_head"),
     )
 
 

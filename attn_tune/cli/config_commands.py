@@ -9,7 +9,7 @@ import click
 
 from attn_tune.cli.group import cli
 from attn_tune.cli.options import options_given, problem_options, problems_from_options
-from attn_tune.cli.render import echo_json, mib, table
+from attn_tune.cli.render import echo_json, mib, table, versus_default
 from attn_tune.errors import AttnTuneError
 from attn_tune.problem import Problem
 
@@ -69,14 +69,13 @@ def show_command(ctx: click.Context, config_path: str, why: bool, as_json: bool,
                f"attn-tune {config.attn_tune}, torch {config.torch}, created {config.created}")
     rows = []
     for i, e in enumerate(config.entries):
-        base = e.baseline_latency_ms()
         m = e.measured
         rows.append((
             e.problem.describe(),
             e.choice["variant"],
             ",".join(f"{k}={v}" for k, v in e.choice["params"].items()),
             f"{m['latency_ms']:.3f}",
-            f"{m['latency_ms'] / base:.2f}x" if base else "",
+            versus_default(e),
             mib(m.get("peak_bytes")),
             f"{m.get('rel_error', float('nan')):.1e}",
             e.trials,

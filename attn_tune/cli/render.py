@@ -27,3 +27,17 @@ def mib(n_bytes: float | None) -> str:
 def echo_json(data: Any) -> None:
     """Machine-readable output on stdout, nothing else."""
     click.echo(json.dumps(data, indent=2, sort_keys=False))
+
+
+def versus_default(entry: Any) -> str:
+    """The choice's latency against sdpa's: the head-to-head ratio and its interval when there was one."""
+    verdict = entry.head_to_head or {}
+    row = next((r for r in verdict.get("ratios", []) if r["variant"] == entry.choice["variant"]
+                and r["params"] == entry.choice["params"]), None)
+    if row is not None:
+        return f"{row['ratio']:.2f}x [{row['low']:.2f}-{row['high']:.2f}]"
+    if verdict.get("ratios"):
+        best = min(verdict["ratios"], key=lambda r: r["ratio"])
+        return f"kept (nearest rival {best['variant']} {best['ratio']:.2f}x [{best['low']:.2f}-{best['high']:.2f}])"
+    base = entry.baseline_latency_ms()
+    return f"{entry.measured['latency_ms'] / base:.2f}x" if base else ""

@@ -13,7 +13,7 @@ import click
 
 from attn_tune.cli.group import cli
 from attn_tune.cli.options import options_given, problem_options, problems_from_options
-from attn_tune.cli.render import mib
+from attn_tune.cli.render import mib, versus_default
 from attn_tune.errors import AttnTuneError, InvalidProblem
 from attn_tune.problem import Problem, check_device
 
@@ -92,7 +92,13 @@ def _summary(problem: Problem, entry: Any, note: str) -> str:
     choice = entry.choice["variant"] + (f"({params})" if params else "")
     latency = entry.measured["latency_ms"]
     base = entry.baseline_latency_ms()
-    versus = f", {latency / base:.2f}x sdpa's {base:.3f} ms" if base else ", sdpa not measured"
+    against = versus_default(entry)
+    if not base:
+        versus = ", sdpa not measured"
+    elif against.startswith("kept"):  # sdpa itself, and the best rival's interval that did not beat it
+        versus = f", 1.00x sdpa's {base:.3f} ms, {against}"
+    else:
+        versus = f", {against} sdpa's {base:.3f} ms"
     cut = f", cut short: {entry.tuning['cut_short']}" if (entry.tuning or {}).get("cut_short") else ""
     return (f"{problem.describe()}: {choice} {latency:.3f} ms{versus}, {mib(entry.measured['peak_bytes'])} MiB, "
             f"{entry.trials} trials{cut}")

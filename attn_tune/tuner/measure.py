@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import statistics
 import time
 from dataclasses import dataclass
@@ -34,6 +35,8 @@ class Measurement:
     rel_error: float
     repeats: int
     first_call_ms: float = 0.0
+    output_digest: str | None = None  # SHA-1 of the first call's output bytes: equal digests, one kernel
+
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -126,6 +129,7 @@ def measure(
     if out.shape != inputs.q.shape[:-1] + (inputs.v.shape[-1],) or out.dtype != inputs.q.dtype:
         raise UnsupportedProblem(f"{variant.name} returned {tuple(out.shape)} {out.dtype}, not q's shape and dtype")
     rel_error = relative_error(out, reference_output(problem, seed))
+    digest = hashlib.sha1(out.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
     del out
 
     step = make_step(variant, problem, inputs, params, seed)
@@ -142,4 +146,5 @@ def measure(
         rel_error=rel_error,
         repeats=len(times),
         first_call_ms=first_call_ms,
+        output_digest=digest,
     )

@@ -14,23 +14,15 @@ from typing import Any, Callable
 from attn_tune.problem import Problem
 from attn_tune.registry.variant import DEFAULT_VARIANT, Variant
 from attn_tune.tuned_config import Entry
+from attn_tune.tuner.headtohead import FAILURES, TIE_MARGIN, Ratio, failure_reason, head_to_head
 from attn_tune.tuner.measure import Measurement
 
 __all__ = ["Point", "TIE_MARGIN", "EXACT_TOLERANCE", "FAILURES", "constraint_violation", "choose", "failure_reason"]
 
-# The default policy keeps the choice unless a candidate beats it by more than this in the head-to-head: two
-# dispatch paths to one kernel differ by noise alone, and a config should not flip between them.
-TIE_MARGIN = 0.03
-# An exact variant whose measured error exceeds its dtype's rounding is computing something else: never chosen.
+# An exact variant further than this from float64 attention has a bug, whatever its speed: it is never chosen.
 EXACT_TOLERANCE = {"float32": 1e-4, "float16": 1e-2, "bfloat16": 5e-2}
-FAILURES = (Exception,)  # anything a variant raises is a recorded failure, never the end of the study
 
 MeasureFn = Callable[..., Measurement]
-
-
-def failure_reason(exc: BaseException) -> str:
-    """One line naming the exception."""
-    return f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
 
 
 @dataclass
@@ -89,42 +81,15 @@ def _pareto(points: list[Point]) -> list[Point]:
     return [p for p in points if not dominated(p)]
 
 
-def _head_to_head(
-    finalists: list[tuple[Variant, dict[str, Any]]], problem: Problem, measure_fn: MeasureFn, rounds: int,
-    final_kwargs: dict[str, Any],
-) -> dict[str, Measurement | str]:
-    """Re-measure the finalists in interleaved rounds (A B C A B C ...), so drift hits them all alike."""
-    runs: dict[str, list[Measurement]] = {}
-    failed: dict[str, str] = {}
-    for _ in range(rounds):
-        for variant, params in finalists:
-            key = json.dumps([variant.name, params], sort_keys=True)
-            if key in failed:
-                continue
-            try:
-                runs.setdefault(key, []).append(measure_fn(variant, problem, params, **final_kwargs))
-            except FAILURES as exc:
-                failed[key] = failure_reason(exc)
-    result: dict[str, Measurement | str] = dict(failed)
-    for key, ms in runs.items():
-        if key not in failed:
-            result[key] = Measurement(
-                latency_ms=statistics.median(m.latency_ms for m in ms),
-                latency_iqr_ms=statistics.median(m.latency_iqr_ms for m in ms),
-                peak_bytes=max(m.peak_bytes for m in ms),
-                rel_error=max(m.rel_error for m in ms),
-                repeats=sum(m.repeats for m in ms),
-                first_call_ms=ms[0].first_call_ms,
-            )
-    return result
-
-
 def choose(
     points: list[Point], trials: int, problem: Problem, by_name: dict[str, Variant], excluded: dict[str, str], *, objective: str,
     max_error: float | None, memory_budget: int | None, measure_fn: MeasureFn, finalists: int, rounds: int,
-    final_kwargs: dict[str, Any],
+    final_kwargs: dict[str, Any], max_rounds: int | None = None,
 ) -> tuple[Entry | None, str]:
-    """Rank the feasible points, re-measure the best few (and sdpa) head to head, build the entry."""
+    """Rank the feasible points, re-measure the best few (and sdpa) head to head, build the entry.
+
+    Points with sdpa's output and peak memory are the same kernel and never contend. The head-to-head runs
+    `rounds` to `max_rounds` (default 3 x rounds) interleaved rounds; see `headtohead`."""
     unique: dict[str, Point] = {}
     for p in points:  # a point measured twice (a sampler's repeat, a resumed run) keeps its first figures
         unique.setdefault(p.key, p)
@@ -139,11 +104,17 @@ def choose(
         reasons = "; ".join(f"{p.variant}: {p.reason}" for p in unique.values())
         return None, f"no candidate met the constraints ({reasons or 'no trial finished'})"
 
-    contenders = ranked[:finalists]
-    baseline = next((p for p in feasible if p.variant == DEFAULT_VARIANT and not p.params), None)
-    if baseline is not None and baseline not in contenders:
-        contenders.append(baseline)
-    final = _head_to_head([(by_name[p.variant], p.params) for p in contenders], problem, measure_fn, rounds, final_kwargs)
+    default_point = next((p for p in feasible if p.variant == DEFAULT_VARIANT and not p.params), None)
+    same_kernel = [p for p in ranked if default_point is not None and p is not default_point and _one_kernel(p, default_point)]
+    for p in same_kernel:  # one kernel reached twice: no timing contest, the default stays
+        p.reason = f"the same output and peak memory as {DEFAULT_VARIANT}: one kernel, no timing contest"
+    contenders = [p for p in ranked if p not in same_kernel][:finalists]
+    if default_point is not None and default_point not in contenders:
+        contenders.append(default_point)
+    baseline = default_point.key if default_point is not None and objective != "memory" else None
+    final, ratios = head_to_head([(by_name[p.variant], p.params) for p in contenders], problem, measure_fn,
+                                 baseline=baseline, min_rounds=rounds, max_rounds=max_rounds or 3 * rounds,
+                                 final_kwargs=final_kwargs)
     for p in contenders:
         outcome = final.get(p.key)
         if outcome is None:  # no head-to-head (rounds=0, a study cut short): the trial's figures stand
@@ -158,13 +129,7 @@ def choose(
     standing = [p for p in contenders if p.status == "ok" and (objective != "balanced" or p.pareto)]
     if not standing:
         return None, "every finalist failed or broke a constraint when measured again"
-    winner = min(standing, key=lambda p: _rank_key(p, "latency" if objective == "balanced" else objective))
-    default = next((p for p in standing if p.variant == DEFAULT_VARIANT and not p.params), None)
-    if (
-        objective != "memory" and default is not None and winner is not default
-        and winner.measured["latency_ms"] > default.measured["latency_ms"] * (1 - TIE_MARGIN)
-    ):
-        winner = default
+    winner, verdict = _winner(standing, default_point, ratios, objective)
 
     candidates = sorted(unique.values(), key=lambda p: (p.status != "ok", (p.measured or {}).get("latency_ms", math.inf)))
     entry = Entry(
@@ -175,5 +140,36 @@ def choose(
         candidates=[p.to_candidate() for p in candidates]
         + [{"variant": name, "status": "unsupported", "reason": reason} for name, reason in excluded.items()],
         trials=trials,
+        head_to_head=verdict,
     )
     return entry, "ok"
+
+
+def _one_kernel(a: Point, b: Point) -> bool:
+    """Bit-identical outputs on the same inputs and equal peak memory: one kernel reached by two names."""
+    ma, mb = a.measured or {}, b.measured or {}
+    return ma.get("output_digest") is not None and ma.get("output_digest") == mb.get("output_digest") \
+        and ma.get("peak_bytes") == mb.get("peak_bytes")
+
+
+def _winner(standing: list[Point], default: Point | None, ratios: dict[str, Ratio],
+            objective: str) -> tuple[Point, dict[str, Any] | None]:
+    """The choice, and (when the default took part) the verdict: every ratio with its interval and why.
+
+    A candidate replaces the default only when its whole interval is faster by more than TIE_MARGIN; the memory
+    objective ranks by peak memory and is not held to the latency rule."""
+    best = min(standing, key=lambda p: _rank_key(p, "latency" if objective == "balanced" else objective))
+    if objective == "memory" or default is None or default not in standing:
+        return best, None
+    if not ratios:  # no head-to-head (a study cut short): the trials' figures, with the same margin
+        slower = best.measured["latency_ms"] > default.measured["latency_ms"] * (1 - TIE_MARGIN)
+        return (default if slower else best), None
+    rows = [{"variant": p.variant, "params": p.params, **ratios[p.key].to_dict()} for p in standing if p.key in ratios]
+    clear = [p for p in standing if p.key in ratios and ratios[p.key].clearly_faster(TIE_MARGIN)]
+    verdict: dict[str, Any] = {"baseline": DEFAULT_VARIANT, "margin": TIE_MARGIN, "ratios": rows}
+    if clear:
+        winner = min(clear, key=lambda p: ratios[p.key].ratio)
+        verdict["decision"] = f"{winner.variant} is faster than {DEFAULT_VARIANT} over its whole interval"
+        return winner, verdict
+    verdict["decision"] = f"{DEFAULT_VARIANT} kept: no candidate's interval is wholly below {1 - TIE_MARGIN:g}x"
+    return default, verdict

@@ -244,7 +244,7 @@ def first_calls_s(study: optuna.Study) -> float:
 
 def finish_study(
     prepared: PreparedStudy, *, objective: str, max_error: float | None, memory_budget: int | None,
-    measure_fn: MeasureFn, finalists: int, rounds: int, final_kwargs: dict[str, Any],
+    measure_fn: MeasureFn, finalists: int, rounds: int, final_kwargs: dict[str, Any], max_rounds: int | None = None,
 ) -> tuple[Entry | None, str]:
     """Choose from the study's points (re-measuring the best head to head, on this device) and keep the entry in
     the study, where `attn-tune export` finds it. A study cut short skips the head-to-head: its trials decide."""
@@ -253,7 +253,8 @@ def finish_study(
         rounds = 0
     entry, note = choose(_points(study), finished_trials(study), prepared.problem, {v.name: v for v in prepared.chosen},
                          prepared.excluded, objective=objective, max_error=max_error, memory_budget=memory_budget,
-                         measure_fn=measure_fn, finalists=finalists, rounds=rounds, final_kwargs=final_kwargs)
+                         measure_fn=measure_fn, finalists=finalists, rounds=rounds, final_kwargs=final_kwargs,
+                         max_rounds=0 if prepared.cut_short else max_rounds)
     if entry is not None:
         study.set_user_attr("entry", entry.to_dict())
     return entry, note

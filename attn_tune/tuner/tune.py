@@ -40,6 +40,7 @@ def tune(
     measure_kwargs: dict[str, Any] | None = None,
     finalists: int = 3,
     rounds: int = 3,
+    max_rounds: int | None = None,
     final_kwargs: dict[str, Any] | None = None,
     on_trial: Callable[[Problem, int, int], None] | None = None,
     on_result: Callable[[Problem, Entry | None, str], None] | None = None,
@@ -61,7 +62,9 @@ def tune(
         variants: the pool to search (default: every registered variant).
         measure_fn: `measure`, or a stand-in with its signature (tests inject one, as triton's autotuner does).
         measure_kwargs / final_kwargs: passed to `measure_fn` in the trials and in the head-to-head.
-        finalists / rounds: how many of the best are re-measured, interleaved, and how many rounds.
+        finalists / rounds / max_rounds: how many of the best are re-measured against sdpa, interleaved, in at
+            least `rounds` and at most `max_rounds` (default 3 x rounds) rounds: until each one's latency ratio
+            interval is narrow or decided. A candidate replaces sdpa only when its whole interval is faster.
         on_trial / on_result: progress callbacks.
         workers: processes measuring trials at once on one shared study per problem (needs `storage`); this
             process then measures what a dead worker left and makes the choice.
@@ -126,7 +129,7 @@ def tune(
                 if deadline is not None and not study.cut_short and time.monotonic() >= deadline:
                     study.cut_short = "the time limit came before the head-to-head"
                 entry, note = finish_study(
-                    study, measure_fn=measure_fn, finalists=finalists, rounds=rounds,
+                    study, measure_fn=measure_fn, finalists=finalists, rounds=rounds, max_rounds=max_rounds,
                     final_kwargs=dict(final_kwargs or {"min_repeats": 10, "min_time_s": 0.3}), **limits,
                 )
                 if study.cut_short:

@@ -1,0 +1,100 @@
+"""The head-to-head decides with a confidence interval on each candidate's latency ratio to sdpa, through injected
+noisy measurements (no timing here): a real win beyond the noise wins, equal kernels leave the default in place,
+and one kernel reached under two names never contends."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+from click.testing import CliRunner
+
+from attn_tune import Problem
+from attn_tune.cli.main import cli
+from attn_tune.tuner.headtohead import ratio_interval, t_quantile
+from attn_tune.tuner.measure import Measurement
+from attn_tune.tuner.tune import tune
+from tests.test_tune import MiB, _variant
+
+PROBLEM = Problem(batch=1, heads=2, q_len=64, head_dim=16)
+
+
+class NoisyMeasure:
+    """True latency per variant, each call multiplied by exp(N(0, noise)), seeded; digests say which kernel ran."""
+
+    def __init__(self, latency: dict[str, float], noise: float, seed: int, digests: dict[str, str] | None = None):
+        self.latency, self.noise, self.rng = latency, noise, random.Random(seed)
+        self.digests = digests or {}
+        self.final_calls: list[str] = []
+
+    def __call__(self, variant, problem, params, **kwargs):
+        if kwargs.get("phase") == "final":
+            self.final_calls.append(variant.name)
+        ms = self.latency[variant.name] * math.exp(self.rng.gauss(0.0, self.noise))
+        return Measurement(latency_ms=ms, latency_iqr_ms=0.0, peak_bytes=MiB, rel_error=1e-7, repeats=5,
+                           output_digest=self.digests.get(variant.name, variant.name))
+
+
+def _tune(latency: dict[str, float], seed: int, **kwargs):
+    pool = [_variant(name) for name in latency]
+    measure = NoisyMeasure(latency, kwargs.pop("noise", 0.08), seed, kwargs.pop("digests", None))
+    entry = tune([PROBLEM], trials=len(pool), variants=pool, measure_fn=measure, seed=seed,
+                 final_kwargs={"phase": "final"}, **kwargs).entries[0]
+    return entry, measure
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_a_variant_truly_25_percent_faster_under_8_percent_noise_wins(seed: int) -> None:
+    entry, _ = _tune({"sdpa": 10.0, "fast": 7.5}, seed)
+    assert entry.choice["variant"] == "fast", entry.head_to_head
+    (row,) = [r for r in entry.head_to_head["ratios"] if r["variant"] == "fast"]
+    assert row["high"] < 0.97 and row["low"] <= 0.75 * 1.15
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_four_equal_variants_under_the_same_noise_leave_the_default(seed: int) -> None:
+    entry, measure = _tune({"sdpa": 10.0, "a": 10.0, "b": 10.0, "c": 10.0, "d": 10.0}, seed)
+    assert entry.choice["variant"] == "sdpa", entry.head_to_head
+    assert entry.head_to_head["decision"].startswith("sdpa kept")
+    assert all(r["low"] < 0.97 < r["high"] or r["low"] >= 0.97 for r in entry.head_to_head["ratios"])
+
+
+def test_one_kernel_under_two_names_never_contends() -> None:
+    """`twin` gives sdpa's output bits and peak memory: the same kernel. Even 20% 'faster' it is not timed."""
+    entry, measure = _tune({"sdpa": 10.0, "twin": 8.0}, 0, noise=0.0, digests={"sdpa": "x", "twin": "x"})
+    assert entry.choice["variant"] == "sdpa" and "twin" not in measure.final_calls
+    (twin,) = [c for c in entry.candidates if c["variant"] == "twin"]
+    assert "one kernel, no timing contest" in twin["reason"]
+    control, _ = _tune({"sdpa": 10.0, "twin": 8.0}, 0, noise=0.0, digests={"sdpa": "x", "twin": "y"})
+    assert control.choice["variant"] == "twin"
+
+
+def test_rounds_go_on_until_the_interval_decides() -> None:
+    """Noise-free: three rounds decide. Noisy and close: more rounds, up to max_rounds."""
+    _, quiet = _tune({"sdpa": 10.0, "fast": 7.5}, 0, noise=0.0)
+    assert quiet.final_calls.count("sdpa") == 3
+    _, noisy = _tune({"sdpa": 10.0, "close": 9.6}, 1, noise=0.08, max_rounds=7)
+    assert noisy.final_calls.count("sdpa") == 7
+
+
+@pytest.mark.parametrize("df,exact", [(1, 12.706), (2, 4.303), (3, 3.182), (5, 2.571), (10, 2.228), (30, 2.042)])
+def test_t_quantile_is_students(df: int, exact: float) -> None:
+    assert t_quantile(0.975, df) == pytest.approx(exact, rel=0.02)
+
+
+def test_ratio_interval_of_paired_rounds() -> None:
+    r = ratio_interval([0.8, 0.82, 0.78, 0.8])
+    assert r.low < 0.8 < r.high < 0.97 and r.rounds == 4 and r.clearly_faster()
+    assert not ratio_interval([0.9, 1.1, 0.95, 1.05]).clearly_faster()
+
+
+def test_show_prints_the_ratio_with_its_interval(tmp_path) -> None:
+    entry, _ = _tune({"sdpa": 10.0, "fast": 7.5}, 0)
+    from tests.runtime_helpers import config
+
+    path = tmp_path / "t.json"
+    config([entry]).save(path)
+    line = next(line for line in CliRunner().invoke(cli, ["show", str(path)]).stdout.splitlines() if "fast" in line)
+    row = entry.head_to_head["ratios"][0]
+    assert f"{row['ratio']:.2f}x [{row['low']:.2f}-{row['high']:.2f}]" in line
