@@ -59,6 +59,7 @@ class Entry:
     measured_with: dict[str, str] | None = None  # torch, build, attn_tune, package, package_version (staleness.py)
     tuning: dict[str, Any] | None = None  # wall_s, first_calls_s, and cut_short (why) when a timeout stopped it
     head_to_head: dict[str, Any] | None = None  # each finalist's latency ratio to sdpa, its interval, the decision
+    error_inputs: str | None = None  # what rel_error was measured on: "captured: N calls" or "random"
 
     def to_dict(self) -> dict[str, Any]:
         data = {
@@ -69,7 +70,7 @@ class Entry:
             "candidates": self.candidates,
             "trials": self.trials,
         }
-        for key in ("device", "measured_with", "tuning", "head_to_head"):
+        for key in ("device", "measured_with", "tuning", "head_to_head", "error_inputs"):
             if getattr(self, key) is not None:
                 data[key] = getattr(self, key)
         return data
@@ -91,9 +92,10 @@ class TunedConfig:
     created: str = field(default_factory=lambda: datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"))
     attn_tune: str = ""
     torch: str = ""
+    validation: dict[str, Any] | None = None  # end to end (tune --validate): the model, its loss change, drops
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        data = {
             "format": FORMAT,
             "version": VERSION,
             "created": self.created,
@@ -102,6 +104,9 @@ class TunedConfig:
             "device": self.device,
             "entries": [e.to_dict() for e in self.entries],
         }
+        if self.validation is not None:
+            data["validation"] = self.validation
+        return data
 
     @classmethod
     def from_dict(cls, data: Any) -> TunedConfig:
@@ -122,8 +127,12 @@ class TunedConfig:
                 entries.append(_entry_from_dict(raw))
             except (InvalidProblem, KeyError, TypeError, ValueError) as exc:
                 raise ConfigError(f"malformed config entry {i}: {exc}") from None
+        try:
+            validation = _optional_object(data, "validation")
+        except TypeError as exc:
+            raise ConfigError(f"malformed config: {exc}") from None
         return cls(entries=entries, device=data["device"], created=str(data.get("created", "")),
-                    attn_tune=str(data.get("attn_tune", "")), torch=str(data.get("torch", "")))
+                   attn_tune=str(data.get("attn_tune", "")), torch=str(data.get("torch", "")), validation=validation)
 
     def save(self, path: str | os.PathLike) -> None:
         """Write atomically: a temporary file in the same folder, then a rename; never a half-written config."""
@@ -152,7 +161,15 @@ def _entry_from_dict(raw: Any) -> Entry:
         measured_with=_optional_object(raw, "measured_with"),
         tuning=_optional_object(raw, "tuning"),
         head_to_head=_optional_object(raw, "head_to_head"),
+        error_inputs=_optional_string(raw, "error_inputs"),
     )
+
+
+def _optional_string(raw: dict[str, Any], key: str) -> str | None:
+    value = raw.get(key)
+    if value is not None and not isinstance(value, str):
+        raise TypeError(f"{key} must be a string")
+    return value
 
 
 def _optional_object(raw: dict[str, Any], key: str) -> dict[str, Any] | None:

@@ -15,17 +15,32 @@ from attn_tune.errors import AttnTuneError
 @click.argument("factory_spec", metavar="MODULE:FACTORY")
 @click.option("--out", type=click.Path(dir_okay=False), default="shapes.json", show_default=True,
               help="Where the shapes file (for `attn-tune tune --shapes`) goes.")
+@click.option("--activations", type=click.Path(dir_okay=False), default=None,
+              help="Also keep the real q, k, v (and mask) of a few calls per problem here (safetensors), for "
+                   "`attn-tune tune --activations`: errors measured on what the model computes.")
+@click.option("--samples", type=click.IntRange(min=1), default=None,
+              help="Calls kept per problem with --activations, spread across layers.  [default: 4]")
 @click.option("--training", is_flag=True, help="Run forward and backward in train mode (problems marked training).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output only.")
-def capture_command(factory_spec: str, out: str, training: bool, as_json: bool) -> None:
-    """Run FACTORY()'s (model, example_inputs) once and record every attn_tune.attention problem it asks for."""
-    from attn_tune.runtime.capture import capture_factory, load_factory, save_shapes
+def capture_command(factory_spec: str, out: str, activations: str | None, samples: int | None, training: bool,
+                    as_json: bool) -> None:
+    """Run FACTORY()'s (model, example_inputs[, targets]) once and record every attn_tune.attention problem it
+    asks for."""
+    from attn_tune.activations import describe_inputs, save_activations
+    from attn_tune.runtime.capture import capture_activations, capture_factory, load_factory, save_shapes
 
-    if not Path(out).resolve().parent.is_dir():
-        raise click.BadParameter(f"folder {Path(out).parent} does not exist", param_hint="'--out'")
+    for option, path in (("--out", out), ("--activations", activations)):
+        if path is not None and not Path(path).resolve().parent.is_dir():
+            raise click.BadParameter(f"folder {Path(path).parent} does not exist", param_hint=f"'{option}'")
+    if samples is not None and activations is None:
+        raise click.UsageError("--samples is the number of calls kept with --activations; give --activations FILE")
     factory = load_factory(factory_spec)
+    kept: dict = {}
     try:
-        problems = capture_factory(factory, training=training)
+        if activations is None:
+            problems = capture_factory(factory, training=training)
+        else:
+            problems, kept = capture_activations(factory, samples or 4, training=training)
     except AttnTuneError:
         raise
     except Exception as exc:  # noqa: BLE001 - the user's model failed: one line, not a traceback
@@ -34,8 +49,17 @@ def capture_command(factory_spec: str, out: str, training: bool, as_json: bool) 
         raise AttnTuneError(f"{factory_spec} made no attn_tune.attention call (does the model use AutoAttention or "
                             "attn_implementation='attn_tune'?); nothing written")
     save_shapes(problems, out, source=factory_spec)
+    if activations is not None:
+        save_activations(activations, kept, source=factory_spec)
     if as_json:
-        echo_json({"out": out, "problems": [p.to_dict() for p in problems]})
+        report = {"out": out, "problems": [p.to_dict() for p in problems]}
+        if activations is not None:
+            report.update(activations=activations, samples=[len(kept.get(p, ())) for p in problems])
+        echo_json(report)
         return
-    click.echo(table(("PROBLEM",), [(p.describe(),) for p in problems]))
-    click.echo(f"wrote {out} ({len(problems)} problem(s)); next: attn-tune tune --shapes {out} --out tuned.json")
+    rows = [(p.describe(), describe_inputs(kept.get(p)) if activations else "") for p in problems]
+    click.echo(table(("PROBLEM", "ACTIVATIONS") if activations else ("PROBLEM",),
+                     rows if activations else [row[:1] for row in rows]))
+    written = f"{out} and {activations}" if activations else out
+    then = f" --activations {activations}" if activations else ""
+    click.echo(f"wrote {written} ({len(problems)} problem(s)); next: attn-tune tune --shapes {out}{then} --out tuned.json")

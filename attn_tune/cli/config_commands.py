@@ -78,12 +78,20 @@ def show_command(ctx: click.Context, config_path: str, why: bool, as_json: bool,
             versus_default(e),
             mib(m.get("peak_bytes")),
             f"{m.get('rel_error', float('nan')):.1e}",
+            (e.error_inputs or "random").replace("captured: ", "captured "),
             e.trials,
         ) + (((e.device or device).get("name", ""),) if device.get("type") == "mixed" else ())
           + ((status.get(i, "current"),) if status else ()))
-    headers = ("PROBLEM", "VARIANT", "PARAMS", "LATENCY ms", "vs sdpa", "PEAK MiB", "REL ERR", "TRIALS")
+    headers = ("PROBLEM", "VARIANT", "PARAMS", "LATENCY ms", "vs sdpa", "PEAK MiB", "REL ERR", "ERROR ON", "TRIALS")
     headers += (("DEVICE",) if device.get("type") == "mixed" else ()) + (("STATUS",) if status else ())
     click.echo(table(headers, rows))
+    if config.validation:
+        v = config.validation
+        change = "no loss" if v.get("loss_change") is None else f"loss change {v['loss_change']:+.2%}"
+        dropped = "; dropped " + ", ".join(f"{d['variant']} for {d['problem']}" for d in v["dropped"]) \
+            if v.get("dropped") else ""
+        click.echo(f"validated on {v.get('factory')}: {change}, output rel error {v.get('output_rel_error', 0):.2e}, "
+                   f"{v.get('approximate_calls', 0)} of {v.get('calls', 0)} calls approximate{dropped}")
 
 
 @cli.command("merge")

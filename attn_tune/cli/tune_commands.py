@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -100,8 +101,9 @@ def _summary(problem: Problem, entry: Any, note: str) -> str:
     else:
         versus = f", {against} sdpa's {base:.3f} ms"
     cut = f", cut short: {entry.tuning['cut_short']}" if (entry.tuning or {}).get("cut_short") else ""
-    return (f"{problem.describe()}: {choice} {latency:.3f} ms{versus}, {mib(entry.measured['peak_bytes'])} MiB, "
-            f"{entry.trials} trials{cut}")
+    error = f", error {entry.measured['rel_error']:.1e} on {entry.error_inputs}" if entry.error_inputs else ""
+    return (f"{problem.describe()}: {choice} {latency:.3f} ms{versus}, {mib(entry.measured['peak_bytes'])} MiB"
+            f"{error}, {entry.trials} trials{cut}")
 
 
 def _time_summary(entries: list[Any], tuned: list[Problem], notes: list[str], wall_s: float) -> str:
@@ -114,12 +116,42 @@ def _time_summary(entries: list[Any], tuned: list[Problem], notes: list[str], wa
     return line + (f"; {cut} cut short by the time limit" if cut else "")
 
 
+def _capture_for_preset(preset: Any, activations: str) -> list[Problem]:
+    """The preset's model, run once: its problems, and a few real calls of each kept in `activations`."""
+    from attn_tune.activations import save_activations
+    from attn_tune.runtime.capture import capture_activations, load_factory
+
+    captured, kept = capture_activations(load_factory(preset.factory), preset.samples)
+    save_activations(activations, kept, source=preset.factory)
+    click.echo(f"captured {len(captured)} problem(s) of {preset.factory}, {preset.samples} real calls each")
+    return captured
+
+
+def _validated(config: Any, validator: Any, max_loss_change: float | None) -> Any:
+    """Run the model with the config; within a loss budget, drop approximate entries until it holds."""
+    from attn_tune.cli.validate_command import loss_line
+    from attn_tune.tuner.validate import fit_loss_budget
+
+    def dropped(record: dict[str, Any]) -> None:
+        click.echo(f"validate: dropped {record['variant']} for {record['problem']} (worst call error "
+                   f"{record['worst_call_error']:.2e}; loss change {record['loss_change_before']:+.2%} was over "
+                   f"{max_loss_change:+.2%}): sdpa serves it")
+
+    if max_loss_change is not None:
+        config, validation = fit_loss_budget(config, validator, max_loss_change, on_drop=dropped)
+    else:
+        validation = validator.validate(config)
+        config.validation = validation.summary()
+    click.echo(f"validate {validator.label}: " + loss_line(validation))
+    return config
+
+
 @cli.command("tune")
 @problem_options
 @click.option("--shapes", type=click.Path(dir_okay=False), help="A JSON list of problems (e.g. from `attn-tune capture`).")
-@click.option("--preset", type=click.Choice(["quick"]), help="A named set of problems: quick = 8 CPU problems, about a minute.")
-@click.option("--trials", type=click.IntRange(min=1), default=None, help="Trials per problem. [default: 20, quick: 12]")
-@click.option("--max-error", type=click.FloatRange(min=0), default=None, help="Let approximate variants take part within this relative error.")
+@click.option("--preset", type=click.Choice(["quick"]), help="A named tuning job: quick = the reference LM's problems with its activations and a loss budget, plus a sliding window; a few minutes.")
+@click.option("--trials", type=click.IntRange(min=1), default=None, help="Trials per problem. [default: 20, quick: 20]")
+@click.option("--max-error", type=click.FloatRange(min=0), default=None, help="Let approximate variants take part within this relative error per call (a search filter). [quick: 0.35]")
 @click.option("--memory-budget", type=ByteSize(), default=None, help="Never choose a candidate whose peak memory exceeds this (2GiB, 512MB).")
 @click.option("--objective", type=click.Choice(["latency", "memory", "balanced"]), default="latency", show_default=True)
 @click.option("--storage", default=None, help="Optuna storage URL (sqlite:///..., postgresql://user@host/db). [default: an SQLite file beside --out]")
@@ -132,11 +164,19 @@ def _time_summary(entries: list[Any], tuned: list[Problem], notes: list[str], wa
 @click.option("--stale-only", is_flag=True, help="Re-tune only the --config entries measured under other versions or devices (and problems it lacks); keep the rest. [trials default: 5]")
 @click.option("--timeout", type=_SECONDS, default=None, help="Seconds for the whole run: no trial starts after it; each problem keeps its best so far.")
 @click.option("--problem-timeout", type=_SECONDS, default=None, help="Seconds for one problem, likewise.")
+@click.option("--activations", type=click.Path(dir_okay=False), default=None,
+              help="Real q, k, v from `attn-tune capture --activations`: each candidate's error is the worst over them.")
+@click.option("--validate", "validate_spec", metavar="MODULE:FACTORY", default=None,
+              help="Then run the factory's model with exact attention and with the config; record the loss change.")
+@click.option("--max-loss-change", type=click.FloatRange(min=0), default=None,
+              help="With --validate: drop approximate entries, worst first, until the loss rises by at most this "
+                   "(relative: 0.01 is 1%). [quick: 0.01]")
 @click.pass_context
 def tune_command(ctx: click.Context, shapes: str | None, preset: str | None, trials: int | None, max_error: float | None,
                  memory_budget: int | None, objective: str, storage: str | None, workers: int, seed: int | None,
                  variant_names: tuple[str, ...], out: str, plot_path: str | None, config_path: str | None,
-                 stale_only: bool, timeout: float | None, problem_timeout: float | None, **options: Any) -> None:
+                 stale_only: bool, timeout: float | None, problem_timeout: float | None, activations: str | None,
+                 validate_spec: str | None, max_loss_change: float | None, **options: Any) -> None:
     """Search variants and knobs per problem by measuring them; write the tuned config."""
     from attn_tune.tuner.plot import plot_config
     from attn_tune.tuner.presets import PRESETS
@@ -153,13 +193,27 @@ def tune_command(ctx: click.Context, shapes: str | None, preset: str | None, tri
     chosen_variants = [get_variant(name) for name in variant_names] or None
     if sum(bool(x) for x in (shapes, preset, options_given(ctx))) > 1:
         raise click.UsageError("give problem options, --shapes or --preset, not more than one")
+    if max_loss_change is not None and not validate_spec and not preset:
+        raise click.UsageError("--max-loss-change is checked by running the model: give --validate MODULE:FACTORY")
+    if activations and (preset or stale_only):
+        raise click.UsageError("--activations goes with --shapes or problem options (a preset captures its own)")
     settings: dict[str, Any] = {}
+    workdir = tempfile.TemporaryDirectory(prefix="attn-tune-")
+    ctx.call_on_close(workdir.cleanup)
     if preset:
         chosen = PRESETS[preset]
         problems = list(chosen.problems)
         settings = dict(measure_kwargs=chosen.measure_kwargs, final_kwargs=chosen.final_kwargs, rounds=chosen.rounds)
         trials = trials or chosen.trials
         plot_path = plot_path or str(Path(out).with_name("report.png"))
+        if chosen.variants and not variant_names:
+            chosen_variants = [get_variant(name) for name in chosen.variants]
+        if chosen.factory:
+            validate_spec = validate_spec or chosen.factory
+            max_error = chosen.max_error if max_error is None else max_error
+            max_loss_change = chosen.max_loss_change if max_loss_change is None else max_loss_change
+            activations = str(Path(workdir.name) / "activations.safetensors")
+            problems = _capture_for_preset(chosen, activations) + problems
     elif shapes:
         problems = _problems_from_shapes(shapes)
         for device in sorted({p.device for p in problems}):
@@ -179,6 +233,19 @@ def tune_command(ctx: click.Context, shapes: str | None, preset: str | None, tri
             earlier.save(out)
             click.echo(f"nothing in {config_path} is stale and no problem is missing from it; wrote {out} unchanged")
             return
+    validator = None
+    if validate_spec:
+        from attn_tune.cli.validate_command import build_validator
+        from attn_tune.runtime.capture import load_factory
+
+        validator = build_validator(validate_spec, load_factory(validate_spec))
+        if max_loss_change is not None:
+            validator.require_loss()  # before any tuning: nothing is written for a model without a loss
+    if activations is not None:
+        from attn_tune.activations import check_against, load_activations
+
+        check_against(load_activations(activations), problems, activations,
+                      f"the problems of {shapes}" if shapes else "the problems tuned")
     storage = storage or default_storage_url(out)
     progress = _TrialProgress(enabled=True)
     lines: list[str] = []
@@ -194,6 +261,8 @@ def tune_command(ctx: click.Context, shapes: str | None, preset: str | None, tri
     kwargs = dict(trials=trials or 20, max_error=max_error, memory_budget=memory_budget, objective=objective,
                   storage=storage, seed=seed, variants=chosen_variants, on_trial=progress, workers=workers,
                   on_result=on_result, timeout=timeout, problem_timeout=problem_timeout, **settings)
+    if activations is not None:
+        kwargs["activations"] = activations
     started = time.monotonic()
     try:
         config = retune(earlier, problems, **kwargs) if earlier is not None else tune(problems, **kwargs)
@@ -212,6 +281,8 @@ def tune_command(ctx: click.Context, shapes: str | None, preset: str | None, tri
         click.echo(line)
     if not config.entries:
         raise AttnTuneError("no problem got a choice; nothing written")
+    if validator is not None:
+        config = _validated(config, validator, max_loss_change)
     config.save(out)
     click.echo(_time_summary(config.entries, problems, notes, time.monotonic() - started))
     click.echo(f"wrote {out} ({len(config.entries)} entries; trials in {redact(storage)})")

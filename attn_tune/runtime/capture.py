@@ -1,4 +1,5 @@
-"""Recording the attention problems a model asks for, as a shapes file for `attn-tune tune --shapes`."""
+"""Recording the attention problems a model asks for (a shapes file for `attn-tune tune --shapes`) and, on request,
+the real q, k, v of a few of its calls (an activations file for `--activations`)."""
 
 from __future__ import annotations
 
@@ -9,12 +10,14 @@ import os
 import sys
 from typing import Any, Callable, Iterator
 
+from attn_tune.activations import Sample
 from attn_tune.errors import AttnTuneError
 from attn_tune.problem import Problem
 from attn_tune.runtime import dispatch
 from attn_tune.tuned_config import write_atomically
 
-__all__ = ["record", "capture_factory", "load_factory", "save_shapes", "CaptureError"]
+__all__ = ["record", "observe", "capture_factory", "capture_activations", "load_factory", "call_factory",
+           "save_shapes", "CaptureError", "Built"]
 
 
 class CaptureError(AttnTuneError):
@@ -22,15 +25,24 @@ class CaptureError(AttnTuneError):
 
 
 @contextlib.contextmanager
+def observe(observer: Callable[[dispatch.Call], None]) -> Iterator[None]:
+    """Show every `attn_tune.attention` call inside the block (a problem describes) to `observer`, after it ran."""
+    dispatch._observers.append(observer)
+    try:
+        yield
+    finally:
+        dispatch._observers.remove(observer)
+
+
+@contextlib.contextmanager
 def record() -> Iterator[list[Problem]]:
     """Collect the distinct problems `attn_tune.attention` is called with inside the block, in first-seen order."""
     seen: list[Problem] = []
-    dispatch._recorders.append(seen)
     distinct: list[Problem] = []
     try:
-        yield distinct
+        with observe(lambda call: seen.append(call.problem)):
+            yield distinct
     finally:
-        dispatch._recorders.remove(seen)
         distinct.extend(dict.fromkeys(seen))
 
 
@@ -51,25 +63,96 @@ def load_factory(spec: str) -> Callable[[], Any]:
     return factory
 
 
-def capture_factory(factory: Callable[[], Any], training: bool = False) -> list[Problem]:
-    """Build (model, example_inputs) with `factory`, run one forward (and backward when `training`), record.
+class Built:
+    """What a factory returned: the model, its call arguments, and the targets its loss is computed against."""
+
+    def __init__(self, model: Any, inputs: Any, targets: Any = None) -> None:
+        import torch
+
+        self.model, self.targets = model, targets
+        if isinstance(inputs, dict):
+            self.args, self.kwargs = (), inputs
+        elif isinstance(inputs, torch.Tensor):
+            self.args, self.kwargs = (inputs,), {}
+        else:
+            self.args, self.kwargs = tuple(inputs), {}
+
+    def __call__(self) -> Any:
+        return self.model(*self.args, **self.kwargs)
+
+
+def call_factory(factory: Callable[[], Any]) -> Built:
+    """Call `factory()`: it returns (model, example_inputs) or (model, example_inputs, targets).
 
     `example_inputs` is a tuple of positional arguments, a dict of keyword arguments, or a single tensor.
     """
+    result = factory()
+    if not isinstance(result, (tuple, list)) or len(result) not in (2, 3):
+        raise CaptureError("the factory must return (model, example_inputs) or (model, example_inputs, targets), "
+                           f"got {type(result).__name__}")
+    if not callable(result[0]):
+        raise CaptureError(f"the factory's model is a {type(result[0]).__name__}, not something to call")
+    return Built(*result)
+
+
+def _run(built: Built, training: bool) -> None:
     import torch
 
-    try:
-        model, inputs = factory()
-    except (TypeError, ValueError) as exc:
-        raise CaptureError(f"the factory must return (model, example_inputs): {exc}") from None
-    args, kwargs = ((), inputs) if isinstance(inputs, dict) else ((inputs,), {}) if isinstance(inputs, torch.Tensor) else (tuple(inputs), {})
-    model.train(training)
-    with record() as problems, torch.set_grad_enabled(training):
-        out = model(*args, **kwargs)
+    built.model.train(training)
+    with torch.set_grad_enabled(training):
+        out = built()
         if training:
-            loss = _first_tensor(out)
-            loss.float().square().mean().backward()
+            _first_tensor(out).float().square().mean().backward()
+
+
+def capture_factory(factory: Callable[[], Any], training: bool = False) -> list[Problem]:
+    """Build the factory's model, run one forward (and backward when `training`), return the problems it asked."""
+    built = call_factory(factory)
+    with record() as problems:
+        _run(built, training)
     return problems
+
+
+def spread(count: int, samples: int) -> list[int]:
+    """`samples` call numbers out of `count`, evenly spread from the first to the last (all when fewer)."""
+    if samples >= count:
+        return list(range(count))
+    if samples == 1:
+        return [count // 2]
+    return sorted({round(i * (count - 1) / (samples - 1)) for i in range(samples)})
+
+
+def capture_activations(factory: Callable[[], Any], samples: int, training: bool = False
+                        ) -> tuple[list[Problem], dict[Problem, list[Sample]]]:
+    """The problems, and for each the q, k, v (and mask) of `samples` of its calls spread across the model's layers.
+
+    Runs the model twice (the same inputs): once to count each problem's calls, once to copy the chosen ones,
+    so that only what is kept is ever held.
+    """
+    if samples < 1:
+        raise CaptureError(f"samples must be positive, got {samples}")
+    built = call_factory(factory)
+    calls: dict[Problem, int] = {}
+
+    def count(call: dispatch.Call) -> None:
+        calls[call.problem] = calls.get(call.problem, 0) + 1
+
+    with observe(count):
+        _run(built, training)
+    wanted = {problem: set(spread(n, samples)) for problem, n in calls.items()}
+    seen: dict[Problem, int] = {}
+    kept: dict[Problem, list[Sample]] = {problem: [] for problem in calls}
+
+    def keep(call: dispatch.Call) -> None:
+        number = seen.get(call.problem, 0)
+        seen[call.problem] = number + 1
+        if number in wanted.get(call.problem, ()):
+            copy = [None if t is None else t.detach().to("cpu", copy=True) for t in (call.q, call.k, call.v, call.attn_mask)]
+            kept[call.problem].append(Sample(*copy, scale=call.scale, call=number))
+
+    with observe(keep):
+        _run(built, training)
+    return list(calls), kept
 
 
 def _first_tensor(out: Any) -> Any:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import warnings
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -86,7 +86,23 @@ class _Route:
 
 
 _routes: dict[tuple, _Route] = {}
-_recorders: list[list[Problem]] = []  # filled by attn_tune.runtime.capture
+
+
+@dataclass(frozen=True)
+class Call:
+    """One `attention` call as it ran (4-D layout), shown to observers: capture keeps samples, validate errors."""
+
+    problem: Problem
+    decision: Decision
+    q: Tensor
+    k: Tensor
+    v: Tensor
+    attn_mask: Tensor | None
+    scale: float | None
+    out: Tensor
+
+
+_observers: list[Callable[[Call], None]] = []  # added by attn_tune.runtime.capture (record, samples) and validate
 active.on_change(_routes.clear)
 
 
@@ -230,10 +246,20 @@ def attention(
         return _sdpa_as_is(query, key, value, is_causal=is_causal, window=window, attn_mask=attn_mask, scale=scale,
                            dropout_p=dropout_p, enable_gqa=enable_gqa)
     route = _route(query, key, value, attn_mask, is_causal, window, enable_gqa)
-    if _recorders and route.decision.problem is not None:
-        for seen in _recorders:
-            seen.append(route.decision.problem)
-    return route(query, key, value, attn_mask, is_causal, window, scale)
+    out = route(query, key, value, attn_mask, is_causal, window, scale)
+    if _observers and route.decision.problem is not None:
+        _show(route.decision, query, key, value, attn_mask, scale, out)
+    return out
+
+
+def _show(decision: Decision, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float | None,
+          out: Tensor) -> None:
+    if q.dim() == 3:  # the problem's layout has a heads axis
+        q, k, v, out = q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1), out.unsqueeze(1)
+        mask = mask.unsqueeze(1) if mask is not None and mask.dim() == 3 else mask
+    call = Call(decision.problem, decision, q, k, v, mask, scale, out)
+    for observe in list(_observers):
+        observe(call)
 
 
 def explain(

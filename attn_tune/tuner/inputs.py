@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import os
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from attn_tune.activations import ActivationsError, Sample, load_activations
 from attn_tune.problem import Problem
 
-__all__ = ["Inputs", "make_inputs", "reference_output", "relative_error"]
+__all__ = ["Inputs", "make_inputs", "reference_output", "relative_error", "captured_samples", "sample_reference"]
 
 
 @dataclass(frozen=True)
@@ -65,6 +68,42 @@ def reference_output(problem: Problem, seed: int = 0) -> Tensor:
     q, k, v = (t.detach().to(torch.float64) for t in (inputs.q, inputs.k, inputs.v))
     with torch.no_grad():
         return chunked_attention(q, k, v, chunk=256, **inputs.call_kwargs(problem))
+
+
+@functools.lru_cache(maxsize=4)
+def _activations(path: str, stamp: tuple[int, int]) -> dict[Problem, list[Sample]]:
+    return load_activations(path)
+
+
+def captured_samples(path: str | os.PathLike, problem: Problem) -> list[Sample]:
+    """The captured calls of `problem` in the activations file at `path`, on the problem's device ([] if none).
+
+    Raises:
+        ActivationsError: the file is missing or not an activations file.
+    """
+    try:
+        stat = os.stat(path)
+    except OSError:
+        raise ActivationsError(f"activations file {path} does not exist") from None
+    samples = _activations(str(path), (stat.st_mtime_ns, stat.st_size)).get(problem, [])
+    return [dataclasses.replace(s, **{name: None if getattr(s, name) is None else getattr(s, name).to(problem.device)
+                                      for name in ("q", "k", "v", "attn_mask")}) for s in samples]
+
+
+@functools.lru_cache(maxsize=16)
+def _sample_reference(path: str, stamp: tuple[int, int], problem: Problem, index: int) -> Tensor:
+    from attn_tune.families.chunked import chunked_attention
+
+    sample = captured_samples(path, problem)[index]
+    q, k, v = (t.to(torch.float64) for t in (sample.q, sample.k, sample.v))
+    with torch.no_grad():
+        return chunked_attention(q, k, v, chunk=256, **sample.call_kwargs(problem))
+
+
+def sample_reference(path: str | os.PathLike, problem: Problem, index: int) -> Tensor:
+    """The float64 exact attention of captured sample `index` of `problem` (cached while the file is unchanged)."""
+    stat = os.stat(path)
+    return _sample_reference(str(path), (stat.st_mtime_ns, stat.st_size), problem, index)
 
 
 def relative_error(out: Tensor, ref: Tensor) -> float:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import os
 import statistics
 import time
 from dataclasses import dataclass
@@ -15,7 +16,8 @@ from attn_tune.errors import UnsupportedProblem
 from attn_tune.problem import Problem, check_device
 from attn_tune.registry.catalog import availability
 from attn_tune.registry.variant import Variant
-from attn_tune.tuner.inputs import Inputs, make_inputs, reference_output, relative_error
+from attn_tune.tuner.inputs import (Inputs, captured_samples, make_inputs, reference_output, relative_error,
+                                    sample_reference)
 from attn_tune.tuner.memory import peak_bytes
 
 __all__ = ["Measurement", "measure", "make_step"]
@@ -66,6 +68,13 @@ def make_step(
     return forward_backward
 
 
+def _sample_error(variant: Variant, problem: Problem, params: dict[str, Any], path: str | os.PathLike, index: int,
+                  sample: Any) -> float:
+    with torch.no_grad():
+        out = variant.fn(sample.q, sample.k, sample.v, **sample.call_kwargs(problem), **params)
+    return relative_error(out, sample_reference(path, problem, index))
+
+
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -96,8 +105,12 @@ def measure(
     max_repeats: int = 100,
     min_time_s: float = 0.2,
     first_call_limit_s: float | None = None,
+    activations: str | os.PathLike | None = None,
 ) -> Measurement:
     """Measure `variant` with `params` on seeded random inputs for `problem`.
+
+    With `activations` (a file from `attn-tune capture --activations`) holding calls of this problem, `rel_error`
+    is the worst over those real calls instead (latency, memory and the digest stay on the random inputs).
 
     Order: error (one call against the float64 reference, timed alone as `first_call_ms`), `warmup` untimed calls (so one-time set-up such as
     library handles is live before memory is read), peak memory of one call, then timed calls until both
@@ -129,6 +142,9 @@ def measure(
     if out.shape != inputs.q.shape[:-1] + (inputs.v.shape[-1],) or out.dtype != inputs.q.dtype:
         raise UnsupportedProblem(f"{variant.name} returned {tuple(out.shape)} {out.dtype}, not q's shape and dtype")
     rel_error = relative_error(out, reference_output(problem, seed))
+    samples = captured_samples(activations, problem) if activations is not None else []
+    if samples:
+        rel_error = max(_sample_error(variant, problem, params, activations, i, s) for i, s in enumerate(samples))
     digest = hashlib.sha1(out.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
     del out
 

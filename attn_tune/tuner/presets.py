@@ -20,19 +20,26 @@ class Preset:
     measure_kwargs: dict[str, Any] = field(default_factory=dict)
     final_kwargs: dict[str, Any] = field(default_factory=dict)
     rounds: int = 3
+    factory: str | None = None  # a model whose problems are captured (with `samples` real calls each) and tuned
+    samples: int = 4
+    max_error: float | None = None  # the per-call search filter for approximate variants
+    max_loss_change: float | None = None  # the end-to-end guard: the factory's model validated against it
+    variants: tuple[str, ...] | None = None  # the pool (default: every registered variant)
 
 
 PRESETS: dict[str, Preset] = {
     "quick": Preset(
-        description="8 CPU float32 problems (q_len 256 to 2048, causal and not), light measurement: about a minute",
-        problems=tuple(
-            Problem(batch=1, heads=8, q_len=n, head_dim=64, causal=causal)
-            for causal in (False, True)
-            for n in (256, 512, 1024, 2048)
-        ),
-        trials=12,
+        description="the reference LM's own attention at 2048, errors on its captured activations, a 1% loss "
+                    "budget checked end to end, and a sliding-window problem: a few minutes on 2 CPU cores",
+        factory="attn_tune.models:pretrained_lm",
+        samples=4,
+        max_error=0.35,
+        max_loss_change=0.01,
+        problems=(Problem(batch=1, heads=4, q_len=2048, head_dim=32, causal=True, window=256),),
+        variants=("sdpa", "sdpa-math", "chunked", "local", "window-chunked", "window-flex"),
+        trials=20,
         measure_kwargs={"warmup": 1, "min_repeats": 3, "min_time_s": 0.05},
         final_kwargs={"warmup": 1, "min_repeats": 5, "min_time_s": 0.1},
-        rounds=2,
+        rounds=3,
     ),
 }

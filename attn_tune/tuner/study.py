@@ -23,14 +23,28 @@ from attn_tune.tuner.selection import FAILURES, MeasureFn, Point, choose, constr
 from attn_tune.tuner.space import eligible_variants, grid_points, knob_name, space_size, suggest
 from attn_tune.tuner.storage import fail_dead_trials, mark_started
 
-__all__ = ["PreparedStudy", "study_name", "prepare_study", "run_trials", "finish_study", "finished_trials",
+__all__ = ["PreparedStudy", "study_name", "inputs_key", "prepare_study", "run_trials", "finish_study", "finished_trials",
            "first_calls_s", "queue_point"]
 
 
-def study_name(problem: Problem, device: dict[str, Any], variant_names: Sequence[str], objective: str) -> str:
-    """Stable per (problem, device, set of taking-part variants, objective), so a resumed run finds its study."""
-    digest = hashlib.sha1(",".join(sorted(variant_names)).encode()).hexdigest()[:10]
+def study_name(problem: Problem, device: dict[str, Any], variant_names: Sequence[str], objective: str,
+               inputs_key: str = "") -> str:
+    """Stable per (problem, device, set of taking-part variants, objective, error inputs), so a resumed run finds
+    its study, and errors measured on random inputs are never reused for a run on captured ones."""
+    digest = hashlib.sha1((",".join(sorted(variant_names)) + inputs_key).encode()).hexdigest()[:10]
     return f"attn-tune/{objective}/{device['type']}:{device.get('name', '')}/{problem.describe().replace(' ', '_')}/{digest}"
+
+
+def inputs_key(measure_kwargs: dict[str, Any]) -> str:
+    """What errors are measured on, for the study's name: "" for random inputs, else the activations' digest."""
+    path = measure_kwargs.get("activations")
+    if path is None:
+        return ""
+    digest = hashlib.sha1()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return "|captured:" + digest.hexdigest()
 
 
 def _values(m: Measurement, objective: str) -> tuple[float, ...]:
@@ -111,7 +125,7 @@ class PreparedStudy:
 
 def prepare_study(
     problem: Problem, *, pool: Sequence[Variant], trials: int, max_error: float | None, objective: str, storage: Any,
-    seed: int | None, device: dict[str, Any],
+    seed: int | None, device: dict[str, Any], inputs_key: str = "",
 ) -> PreparedStudy | str:
     """Create (or load) the problem's study and queue its points when the space is enumerated; else why not."""
     chosen, excluded = eligible_variants(problem, pool, approximate=max_error is not None)
@@ -128,7 +142,8 @@ def prepare_study(
         sampler = optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True)
     directions = ["minimize", "minimize"] if objective == "balanced" else ["minimize"]
     study = optuna.create_study(
-        study_name=study_name(problem, device, [v.name for v in chosen], objective), storage=storage, sampler=sampler,
+        study_name=study_name(problem, device, [v.name for v in chosen], objective, inputs_key), storage=storage,
+        sampler=sampler,
         directions=directions, load_if_exists=True,
     )
     study.set_user_attr("problem", problem.to_dict())

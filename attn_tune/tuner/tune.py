@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import time
+from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
+from attn_tune.activations import check_against, describe_inputs, load_activations
 from attn_tune.errors import AttnTuneError
 from attn_tune.problem import Problem, check_device
 from attn_tune.registry.catalog import variants as registered_variants
@@ -18,7 +21,8 @@ from attn_tune.tuner.measure import measure
 from attn_tune.tuner.selection import MeasureFn
 from attn_tune.tuner.space import quiet_optuna
 from attn_tune.tuner.storage import open_storage
-from attn_tune.tuner.study import PreparedStudy, finish_study, first_calls_s, prepare_study, queue_point, run_trials
+from attn_tune.tuner.study import (PreparedStudy, finish_study, first_calls_s, inputs_key, prepare_study, queue_point,
+                                   run_trials)
 from attn_tune.tuner.workers import run_workers
 
 __all__ = ["OBJECTIVES", "tune"]
@@ -48,6 +52,7 @@ def tune(
     timeout: float | None = None,
     problem_timeout: float | None = None,
     queue_first: Mapping[Problem, dict[str, Any]] | None = None,
+    activations: str | os.PathLike | None = None,
 ) -> TunedConfig:
     """Find, by measuring, the best variant and knobs for each problem on this machine.
 
@@ -73,12 +78,16 @@ def tune(
             than the time a problem has left is recorded as that trial's failure.
         queue_first: per problem, an earlier choice ({"variant", "params"}) measured as its first trial, so that a
             re-tune which finds nothing better costs little (`attn-tune tune --stale-only`).
+        activations: a file from `attn-tune capture --activations`: each candidate's error is the worst over the
+            real calls it holds for the problem (random inputs for problems it has none of); each entry's
+            `error_inputs` says which. Every problem in it must be one of `problems`.
 
     Returns:
         A `TunedConfig` with one entry per problem that some candidate could serve within the constraints.
 
     Raises:
-        AttnTuneError: a bad objective or trial count, an unreachable storage, a device this machine lacks.
+        AttnTuneError: a bad objective or trial count, an unreachable storage, a device this machine lacks, an
+            activations file that is missing, malformed or not of these problems.
     """
     if objective not in OBJECTIVES:
         raise AttnTuneError(f"unknown objective {objective!r}; choose one of {', '.join(OBJECTIVES)}")
@@ -101,13 +110,20 @@ def tune(
     devices = {p.device: device_info(p.device) for p in problems}
     top = devices[problems[0].device] if problems else device_info("cpu")
     measure_kwargs = dict(measure_kwargs or {})
+    final_kwargs = dict(final_kwargs or {"min_repeats": 10, "min_time_s": 0.3})
+    captured: dict[Problem, list[Any]] = {}
+    if activations is not None:
+        captured = load_activations(activations)
+        check_against(captured, problems, activations)
+        measure_kwargs["activations"] = final_kwargs["activations"] = str(Path(activations).resolve())
+    key = inputs_key(measure_kwargs)
     limits = dict(objective=objective, max_error=max_error, memory_budget=memory_budget)
     entries = []
     with quiet_optuna():
         opened = open_storage(storage)
         prepared = [
             prepare_study(problem, pool=pool, trials=trials, max_error=max_error, objective=objective, storage=opened,
-                          seed=seed, device=devices[problem.device])
+                          seed=seed, device=devices[problem.device], inputs_key=key)
             for problem in problems
         ]
         if workers > 1:
@@ -130,12 +146,13 @@ def tune(
                     study.cut_short = "the time limit came before the head-to-head"
                 entry, note = finish_study(
                     study, measure_fn=measure_fn, finalists=finalists, rounds=rounds, max_rounds=max_rounds,
-                    final_kwargs=dict(final_kwargs or {"min_repeats": 10, "min_time_s": 0.3}), **limits,
+                    final_kwargs=final_kwargs, **limits,
                 )
                 if study.cut_short:
                     note = f"cut short ({study.cut_short}): {note}"
                 if entry is not None:
                     entry.measured_with = measured_with(entry.choice["variant"])
+                    entry.error_inputs = describe_inputs(captured.get(problem))
                     entry.tuning = _tuning_record(study, time.monotonic() - problem_started)
             if entry is not None:
                 entry.device = devices[problem.device] if devices[problem.device] != top else None

@@ -23,7 +23,7 @@ from attn_tune.registry.variant import Variant
 from attn_tune.tuned_config import device_info
 from attn_tune.tuner.space import quiet_optuna
 from attn_tune.tuner.storage import open_storage, redact
-from attn_tune.tuner.study import finished_trials, prepare_study, run_trials
+from attn_tune.tuner.study import finished_trials, inputs_key, prepare_study, run_trials
 
 __all__ = ["run_workers", "work", "STORAGE_ENV"]
 
@@ -106,7 +106,8 @@ def work(job: dict[str, Any], storage_url: str) -> None:
         for problem in problems:
             prepared = prepare_study(problem, pool=pool, trials=job["trials"], max_error=job["max_error"],
                                      objective=job["objective"], storage=storage, seed=seed,
-                                     device=device_info(problem.device))
+                                     device=device_info(problem.device),
+                                     inputs_key=inputs_key(job["measure_kwargs"]))
             if not isinstance(prepared, str):
                 run_trials(prepared, measure_fn=measure_fn, measure_kwargs=job["measure_kwargs"], **limits)
 

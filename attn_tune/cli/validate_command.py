@@ -1,0 +1,78 @@
+"""`attn-tune validate MODULE:FACTORY --config tuned.json`: what a config does to a model, end to end."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import click
+
+from attn_tune.cli.group import cli
+from attn_tune.cli.render import echo_json, table
+
+
+def loss_line(validation: Any) -> str:
+    """The model's figures in one line: output error, and the loss with exact attention and with the config."""
+    line = f"model: output rel error {validation.output_error:.2e}"
+    if validation.loss_from is None:
+        return line + "; no loss (the factory returns no targets and the output no loss)"
+    return (line + f"; loss ({validation.loss_from}) exact {validation.loss_exact:.4f}, tuned "
+            f"{validation.loss_tuned:.4f}, change {validation.loss_change:+.2%}")
+
+
+def calls_table(validation: Any) -> str:
+    rows = []
+    for c in validation.calls:
+        params = ",".join(f"{k}={v}" for k, v in c.params.items())
+        rows.append((c.number, c.problem.describe(), c.variant + (f"({params})" if params else ""), c.rule,
+                     f"{c.rel_error:.1e}"))
+    return table(("CALL", "PROBLEM", "VARIANT", "RULE", "REL ERR"), rows)
+
+
+@cli.command("validate")
+@click.argument("factory_spec", metavar="MODULE:FACTORY")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), required=True,
+              help="The tuned config to run the model with.")
+@click.option("--max-loss-change", type=click.FloatRange(min=0), default=None,
+              help="Exit 1 when the loss rises by more than this (relative: 0.01 is 1%).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output only.")
+def validate_command(factory_spec: str, config_path: str, max_loss_change: float | None, as_json: bool) -> None:
+    """Run FACTORY's model with exact attention (sdpa) and with the config: each call's variant and error, the
+    output's error, and the loss change (targets returned third by the factory, or the model's own loss)."""
+    from attn_tune.runtime.capture import load_factory
+    from attn_tune.tuned_config import load_config
+
+    config = load_config(config_path)
+    validator = build_validator(factory_spec, load_factory(factory_spec))
+    if max_loss_change is not None:
+        validator.require_loss()
+    validation = _guarded(factory_spec, lambda: validator.validate(config))
+    over = max_loss_change is not None and validation.loss_change > max_loss_change
+    if as_json:
+        echo_json({**validation.to_dict(), "max_loss_change": max_loss_change, "within_budget": not over})
+    else:
+        click.echo(calls_table(validation))
+        click.echo(loss_line(validation))
+        if max_loss_change is not None:
+            click.echo(f"{'over' if over else 'within'} the loss budget of {max_loss_change:+.2%}")
+    if over:
+        sys.exit(1)
+
+
+def _guarded(spec: str, run: Any) -> Any:
+    """Run the user's model: its own failure is one line, not a traceback."""
+    from attn_tune.errors import AttnTuneError
+
+    try:
+        return run()
+    except AttnTuneError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the user's model failed
+        raise click.ClickException(f"{spec} raised {type(exc).__name__}: {' '.join(str(exc).split())[:300]}") from None
+
+
+def build_validator(spec: str, factory: Any) -> Any:
+    """The factory's model, run once with exact attention; a failure of the model is one line."""
+    from attn_tune.tuner.validate import Validator
+
+    return _guarded(spec, lambda: Validator(factory, label=spec))

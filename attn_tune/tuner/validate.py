@@ -1,0 +1,198 @@
+"""End to end: run a factory's model with exact attention and with a tuned config, and compare.
+
+Per attention call: the variant used and its error against float64 exact attention on that call's own inputs.
+For the model: the output's relative error and, where there is a loss, the loss with each and its relative change.
+The loss is the model's own (an output with a `loss` tensor, as Hugging Face models return given labels), else
+cross-entropy of the output logits against integer targets the factory returns third (positions holding -100
+ignored), or mean squared error against float targets.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from attn_tune.errors import AttnTuneError
+from attn_tune.problem import Problem
+from attn_tune.registry.catalog import get_variant
+from attn_tune.runtime import dispatch, use_config
+from attn_tune.runtime.capture import Built, call_factory, observe
+from attn_tune.tuned_config import TunedConfig
+from attn_tune.tuner.inputs import relative_error
+
+__all__ = ["CallReport", "Validation", "Validator", "NoLoss", "fit_loss_budget", "IGNORE_INDEX"]
+
+IGNORE_INDEX = -100
+
+
+class NoLoss(AttnTuneError):
+    """A loss budget was asked for a model with no loss: its factory returns no targets and its output no loss."""
+
+
+@dataclass(frozen=True)
+class CallReport:
+    """One attention call of the validated run."""
+
+    number: int
+    problem: Problem
+    variant: str
+    params: dict[str, Any]
+    rule: str
+    entry: Problem | None
+    rel_error: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"call": self.number, "problem": self.problem.to_dict(), "variant": self.variant, "params": self.params,
+                "rule": self.rule, "rel_error": self.rel_error}
+
+
+@dataclass
+class Validation:
+    """What a config does to one model, measured against the same model with exact attention."""
+
+    factory: str
+    calls: list[CallReport]
+    output_error: float
+    loss_exact: float | None
+    loss_tuned: float | None
+    loss_from: str | None  # "model" (its own loss) | "targets" | None
+    dropped: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def loss_change(self) -> float | None:
+        """(tuned - exact) / exact: +0.01 is a loss 1% higher with the config."""
+        if self.loss_exact is None or self.loss_tuned is None:
+            return None
+        return (self.loss_tuned - self.loss_exact) / abs(self.loss_exact) if self.loss_exact else float("inf")
+
+    def to_dict(self) -> dict[str, Any]:
+        data = {"factory": self.factory, "output_rel_error": self.output_error, "loss_from": self.loss_from,
+                "loss_exact": self.loss_exact, "loss_tuned": self.loss_tuned, "loss_change": self.loss_change,
+                "calls": [c.to_dict() for c in self.calls]}
+        if self.dropped:
+            data["dropped"] = self.dropped
+        return data
+
+    def summary(self) -> dict[str, Any]:
+        """What the config records of its validation."""
+        approximate = [c for c in self.calls if not _exact(c.variant)]
+        return {"factory": self.factory, "loss_from": self.loss_from, "loss_exact": self.loss_exact,
+                "loss_tuned": self.loss_tuned, "loss_change": self.loss_change, "output_rel_error": self.output_error,
+                "calls": len(self.calls), "approximate_calls": len(approximate), "dropped": self.dropped}
+
+
+def _exact(variant: str) -> bool:
+    try:
+        return get_variant(variant).exact
+    except AttnTuneError:
+        return False
+
+
+def _first_tensor(out: Any) -> Tensor:
+    if isinstance(out, Tensor):
+        return out
+    values = out.values() if isinstance(out, dict) else out if isinstance(out, (tuple, list)) else vars(out).values()
+    for value in values:
+        if isinstance(value, Tensor) and value.dim() > 0:
+            return value
+    raise AttnTuneError("the model's output holds no tensor to compare")
+
+
+def _own_loss(out: Any) -> Tensor | None:
+    loss = out.get("loss") if isinstance(out, dict) else getattr(out, "loss", None)
+    return loss if isinstance(loss, Tensor) and loss.numel() == 1 else None
+
+
+def _logits(out: Any) -> Tensor:
+    logits = out.get("logits") if isinstance(out, dict) else getattr(out, "logits", None)
+    return logits if isinstance(logits, Tensor) else _first_tensor(out)
+
+
+def _loss(out: Any, targets: Any) -> tuple[float | None, str | None]:
+    own = _own_loss(out)
+    if own is not None:
+        return float(own), "model"
+    if targets is None:
+        return None, None
+    logits = _logits(out)
+    if targets.dtype.is_floating_point:
+        return float(torch.nn.functional.mse_loss(logits.float(), targets.float())), "targets"
+    return float(torch.nn.functional.cross_entropy(logits.flatten(0, -2).float(), targets.flatten(),
+                                                   ignore_index=IGNORE_INDEX)), "targets"
+
+
+def _call_error(call: dispatch.Call) -> float:
+    from attn_tune.families.chunked import chunked_attention
+
+    q, k, v = (t.detach().to(torch.float64) for t in (call.q, call.k, call.v))
+    mask = call.attn_mask if call.attn_mask is None or call.attn_mask.dtype == torch.bool else call.attn_mask.double()
+    with torch.no_grad():
+        ref = chunked_attention(q, k, v, chunk=256, is_causal=call.problem.causal, window=call.problem.window,
+                                attn_mask=mask, scale=call.scale)
+    return relative_error(call.out, ref)
+
+
+class Validator:
+    """A factory's model run once with exact attention; `validate(config)` runs it with a config and compares."""
+
+    def __init__(self, factory: Callable[[], Any], label: str = "") -> None:
+        self.label = label or getattr(factory, "__name__", "factory")
+        self.built: Built = call_factory(factory)
+        self.built.model.eval()
+        with use_config(None), torch.no_grad():
+            out = self.built()
+        self.exact_output = _first_tensor(out).detach()
+        self.loss_exact, self.loss_from = _loss(out, self.built.targets)
+
+    def require_loss(self) -> None:
+        """Raise NoLoss unless the model has a loss to budget."""
+        if self.loss_from is None:
+            raise NoLoss(f"{self.label} gives no loss: return (model, example_inputs, targets) from the factory, or "
+                         "a model output with a 'loss' (see README, 'Validate end to end')")
+
+    def validate(self, config: TunedConfig | str | Any) -> Validation:
+        calls: list[CallReport] = []
+
+        def seen(call: dispatch.Call) -> None:
+            d = call.decision
+            calls.append(CallReport(len(calls), call.problem, d.variant, dict(d.params), d.rule, d.entry,
+                                    _call_error(call)))
+
+        with use_config(config), torch.no_grad(), observe(seen):
+            out = self.built()
+        loss_tuned, _ = _loss(out, self.built.targets)
+        return Validation(self.label, calls, relative_error(_first_tensor(out), self.exact_output.double()),
+                          self.loss_exact, loss_tuned, self.loss_from)
+
+
+def fit_loss_budget(config: TunedConfig, validator: Validator, max_loss_change: float,
+                    on_drop: Callable[[dict[str, Any]], None] | None = None) -> tuple[TunedConfig, Validation]:
+    """Drop approximate entries, the one whose calls had the worst error first, until the model's loss rises by
+    at most `max_loss_change` (relative) or no approximate entry serves a call; return the config and its check."""
+    validator.require_loss()
+    entries = list(config.entries)
+    dropped: list[dict[str, Any]] = []
+    while True:
+        trial = TunedConfig(entries=entries, device=config.device, created=config.created, attn_tune=config.attn_tune,
+                            torch=config.torch)
+        validation = validator.validate(trial)
+        change = validation.loss_change
+        worst: dict[Problem, float] = {}
+        for call in validation.calls:
+            if call.entry is not None and call.rule == "exact" and not _exact(call.variant):
+                worst[call.entry] = max(worst.get(call.entry, 0.0), call.rel_error)
+        if change is None or change <= max_loss_change or not worst:
+            validation.dropped = dropped
+            trial.validation = {**validation.summary(), "max_loss_change": max_loss_change}
+            return trial, validation
+        target = max(worst, key=worst.get)
+        entry = next(e for e in entries if e.problem == target)
+        record = {"problem": target.describe(), "variant": entry.choice["variant"], "params": entry.choice["params"],
+                  "worst_call_error": worst[target], "loss_change_before": change}
+        dropped.append(record)
+        if on_drop is not None:
+            on_drop(record)
+        entries = [e for e in entries if e.problem != target]

@@ -1,0 +1,244 @@
+"""Real activations: capture keeps a few calls' q, k, v; tune measures error on them; validate runs end to end."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import attn_tune
+from attn_tune import Problem
+from attn_tune.activations import ActivationsError, Sample, load_activations, save_activations
+from attn_tune.cli.main import cli
+from attn_tune.registry.variant import Variant
+from attn_tune.runtime.capture import capture_activations, load_factory, spread
+from attn_tune.tuned_config import load_config
+from attn_tune.tuner.measure import measure
+from attn_tune.tuner.tune import tune
+from attn_tune.tuner.validate import NoLoss, Validator, fit_loss_budget
+from tests.runtime_helpers import config, entry, registered
+
+FACTORIES = '''
+import torch
+import attn_tune
+from attn_tune.models import CausalLM
+
+def lm():
+    torch.manual_seed(0)
+    ids = torch.randint(0, 32, (1, 65))
+    return CausalLM(vocab_size=32, dim=32, depth=3, heads=2), (ids[:, :-1],), ids[:, 1:]
+
+def lm_without_targets():
+    return lm()[:2]
+
+class Sharp(torch.nn.Module):
+    """Attention whose scores are large and peaked, as a trained model's are (random inputs' are not)."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(16, 16)
+
+    def forward(self, x):
+        outs = []
+        for layer in range(3):
+            h = self.proj(x) + layer
+            outs.append(attn_tune.attention(6 * h, 6 * h, h, is_causal=True))
+        return torch.stack(outs).sum(0)
+
+def sharp():
+    torch.manual_seed(0)
+    return Sharp(), (torch.randn(1, 2, 32, 16),)
+'''
+LM_PROBLEM = Problem(batch=1, heads=2, q_len=64, head_dim=16, causal=True)
+SHARP_PROBLEM = Problem(batch=1, heads=2, q_len=32, head_dim=16, causal=True)
+
+
+def _clamped(q, k, v, *, is_causal, window, attn_mask, scale, **params):
+    """Causal attention with scores clipped to [-5, 5]: harmless for random inputs, wrong for peaked ones."""
+    scores = (q @ k.transpose(-2, -1)) * (scale or q.shape[-1] ** -0.5)
+    scores = scores.clamp(-5, 5)
+    if is_causal:
+        keep = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool).tril()
+        scores = scores.masked_fill(~keep, float("-inf"))
+    return scores.softmax(-1) @ v
+
+
+CLAMPED = Variant(name="clamped", family="test", fn=_clamped, exact=False,
+                  supports=lambda p: None if p.window is None and not p.mask and p.kv_heads is None else "plain only")
+
+
+@pytest.fixture(autouse=True)
+def _no_config():
+    with attn_tune.use_config(None):
+        yield
+
+
+@pytest.fixture
+def user_module(tmp_path, monkeypatch):
+    (tmp_path / "act_models.py").write_text(FACTORIES)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def run(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args], prog_name="attn-tune")
+
+
+def test_spread_takes_the_first_and_last_layers_and_between() -> None:
+    assert spread(12, 4) == [0, 4, 7, 11]
+    assert spread(3, 4) == [0, 1, 2]
+    assert spread(5, 1) == [2]
+
+
+def test_capture_with_activations_round_trips(user_module: Path) -> None:
+    problems, kept = capture_activations(load_factory("act_models:lm"), samples=2)
+    assert problems == [LM_PROBLEM]
+    assert [s.call for s in kept[LM_PROBLEM]] == [0, 2]  # three layers: the first and the last
+    save_activations(user_module / "a.safetensors", kept, source="act_models:lm")
+    loaded = load_activations(user_module / "a.safetensors")
+    assert list(loaded) == [LM_PROBLEM]
+    for before, after in zip(kept[LM_PROBLEM], loaded[LM_PROBLEM]):
+        for name in ("q", "k", "v"):
+            assert torch.equal(getattr(before, name), getattr(after, name))
+        assert after.call == before.call and after.attn_mask is None
+    # the layers differ: these are real activations, not one call copied
+    assert not torch.equal(loaded[LM_PROBLEM][0].q, loaded[LM_PROBLEM][1].q)
+
+
+def test_capture_cli_writes_shapes_and_activations(user_module: Path) -> None:
+    result = run("capture", "act_models:lm", "--out", "s.json", "--activations", "a.safetensors", "--samples", "3",
+                 "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["samples"] == [3] and report["activations"] == "a.safetensors"
+    assert [s.call for s in load_activations("a.safetensors")[LM_PROBLEM]] == [0, 1, 2]
+    assert run("capture", "act_models:lm", "--samples", "2").exit_code == 2  # --samples needs --activations
+
+
+def test_a_mask_is_kept_with_its_call(tmp_path: Path) -> None:
+    problem = Problem(batch=1, heads=2, q_len=8, head_dim=4, mask=True)
+    sample = Sample(torch.randn(1, 2, 8, 4), torch.randn(1, 2, 8, 4), torch.randn(1, 2, 8, 4),
+                    torch.rand(1, 1, 8, 8) > 0.3, scale=0.5, call=3)
+    save_activations(tmp_path / "m.safetensors", {problem: [sample]})
+    back = load_activations(tmp_path / "m.safetensors")[problem][0]
+    assert torch.equal(back.attn_mask, sample.attn_mask) and back.scale == 0.5 and back.call == 3
+
+
+def test_error_is_measured_on_the_captured_calls(user_module: Path) -> None:
+    _, kept = capture_activations(load_factory("act_models:sharp"), samples=2)
+    save_activations("sharp.safetensors", kept)
+    on_random = measure(CLAMPED, SHARP_PROBLEM, min_repeats=1, min_time_s=0)
+    on_captured = measure(CLAMPED, SHARP_PROBLEM, min_repeats=1, min_time_s=0, activations="sharp.safetensors")
+    assert on_random.rel_error < 0.02 < 0.3 < on_captured.rel_error
+    exact = measure(attn_tune.registry.get_variant("sdpa"), SHARP_PROBLEM, min_repeats=1, min_time_s=0,
+                    activations="sharp.safetensors")
+    assert exact.rel_error < 1e-5
+
+
+def test_tune_excludes_a_variant_wrong_on_real_calls_only_with_activations(user_module: Path) -> None:
+    _, kept = capture_activations(load_factory("act_models:sharp"), samples=2)
+    save_activations("sharp.safetensors", kept)
+    pool = [attn_tune.registry.get_variant("sdpa"), CLAMPED]
+    settings = dict(trials=2, max_error=0.05, variants=pool, seed=0, rounds=1,
+                    measure_kwargs={"min_repeats": 1, "min_time_s": 0}, final_kwargs={"min_repeats": 1, "min_time_s": 0})
+    with registered(CLAMPED):
+        blind = tune([SHARP_PROBLEM], **settings).entries[0]
+        seeing = tune([SHARP_PROBLEM], activations="sharp.safetensors", **settings).entries[0]
+    blind_status, seeing_status = ({c["variant"]: c["status"] for c in e.candidates} for e in (blind, seeing))
+    assert blind_status["clamped"] == "ok" and blind.error_inputs == "random"
+    assert seeing_status["clamped"] == "excluded" and seeing.error_inputs == "captured: 2 calls"
+    assert seeing.choice["variant"] == "sdpa"
+
+
+def test_validate_reports_each_call_and_the_loss_change(user_module: Path) -> None:
+    validator = Validator(load_factory("act_models:lm"), "act_models:lm")
+    same = validator.validate(config([]))
+    assert same.loss_change == 0.0 and same.output_error == 0.0 and [c.variant for c in same.calls] == ["sdpa"] * 3
+    assert all(c.rel_error < 1e-5 for c in same.calls)
+    bad = config([entry(LM_PROBLEM, "local", {"local_window": 2}, max_error=1.0)])  # planted: two keys per query
+    checked = validator.validate(bad)
+    assert [c.variant for c in checked.calls] == ["local"] * 3 and min(c.rel_error for c in checked.calls) > 0.1
+    assert checked.loss_change > 0.001 and checked.output_error > 0.01  # an untrained model: small loss changes
+    fitted, after = fit_loss_budget(bad, validator, 0.001)
+    assert fitted.entries == [] and after.loss_change == 0.0
+    assert [d["variant"] for d in after.dropped] == ["local"] and fitted.validation["dropped"][0]["variant"] == "local"
+
+
+def test_validate_cli_catches_a_planted_bad_config(user_module: Path) -> None:
+    config([entry(LM_PROBLEM, "local", {"local_window": 2}, max_error=1.0)]).save("bad.json")
+    config([]).save("exact.json")
+    result = run("validate", "act_models:lm", "--config", "bad.json", "--max-loss-change", "0.001")
+    assert result.exit_code == 1 and "over the loss budget" in result.stdout
+    assert "local(local_window=2)" in result.stdout
+    fine = run("validate", "act_models:lm", "--config", "exact.json", "--max-loss-change", "0.01", "--json")
+    assert fine.exit_code == 0, fine.output
+    report = json.loads(fine.stdout)
+    assert report["within_budget"] and report["loss_change"] == 0.0 and report["loss_from"] == "targets"
+    assert len(report["calls"]) == 3
+
+
+def test_tune_validate_drops_what_breaks_the_loss_budget(user_module: Path) -> None:
+    """A candidate error filter loose enough to admit a harmful window; the loss budget removes it."""
+    result = run("capture", "act_models:lm", "--out", "s.json", "--activations", "a.safetensors")
+    assert result.exit_code == 0, result.output
+    with registered(Variant(name="tiny-window", family="test", exact=False,
+                            fn=lambda q, k, v, **kw: attn_tune.registry.get_variant("local").fn(q, k, v, **kw, local_window=2))):
+        result = run("tune", "--shapes", "s.json", "--activations", "a.safetensors", "--variant", "tiny-window",
+                     "--max-error", "10", "--trials", "1", "--validate", "act_models:lm", "--max-loss-change", "0.001",
+                     "--out", "tuned.json")
+    assert result.exit_code == 0, result.output
+    assert "validate: dropped tiny-window" in result.stdout
+    tuned = load_config("tuned.json")
+    assert tuned.entries == [] or all(e.choice["variant"] != "tiny-window" for e in tuned.entries)
+    assert tuned.validation["dropped"][0]["variant"] == "tiny-window" and tuned.validation["loss_change"] == 0.0
+
+
+def test_bad_activations_and_loss_budgets_are_one_line_and_write_nothing(user_module: Path) -> None:
+    assert run("capture", "act_models:lm", "--out", "s.json", "--activations", "a.safetensors").exit_code == 0
+    assert run("capture", "act_models:sharp", "--out", "other.json", "--activations", "other.safetensors").exit_code == 0
+    Path("not.safetensors").write_text("{}")
+    base = ["tune", "--shapes", "s.json", "--trials", "1", "--out", "tuned.json"]
+    cases = {
+        ("--activations", "missing.safetensors"): "does not exist",
+        ("--activations", "not.safetensors"): "is not a safetensors file",
+        ("--activations", "s.json"): "is not a safetensors file",
+        ("--activations", "other.safetensors"): "which is not among the problems of s.json",
+        ("--validate", "act_models:lm_without_targets", "--max-loss-change", "0.01"): "gives no loss",
+        ("--max-loss-change", "0.01"): "give --validate",
+    }
+    for extra, message in cases.items():
+        result = run(*base, *extra)
+        assert result.exit_code == 2, (extra, result.output)
+        assert message in result.output and "Traceback" not in result.output
+        assert len(result.output.strip().splitlines()) == 1, result.output
+        assert not Path("tuned.json").exists()
+    with pytest.raises(ActivationsError, match="not among"):
+        tune([LM_PROBLEM], activations="other.safetensors", trials=1)
+    validator = Validator(load_factory("act_models:lm_without_targets"))
+    with pytest.raises(NoLoss):
+        fit_loss_budget(config([]), validator, 0.01)
+
+
+def test_a_preset_with_a_model_captures_tunes_and_validates_it(user_module: Path, monkeypatch) -> None:
+    """The main job's path (`tune --preset quick`) on a tiny stand-in for the reference LM."""
+    from attn_tune.tuner import presets
+
+    window = Problem(batch=1, heads=2, q_len=64, head_dim=16, causal=True, window=8)
+    light = {"warmup": 0, "min_repeats": 1, "min_time_s": 0}
+    monkeypatch.setitem(presets.PRESETS, "quick", presets.Preset(
+        description="tiny", factory="act_models:lm", samples=2, max_error=0.5, max_loss_change=0.01,
+        problems=(window,), variants=("sdpa", "local", "window-chunked"), trials=3, measure_kwargs=light,
+        final_kwargs=light, rounds=1))
+    result = run("tune", "--preset", "quick", "--out", "tuned.json")
+    assert result.exit_code == 0, result.output
+    assert "captured 1 problem(s) of act_models:lm, 2 real calls each" in result.stdout
+    assert "validate act_models:lm: model: output rel error" in result.stdout and "change +" in result.stdout
+    tuned = load_config("tuned.json")
+    inputs = {e.problem: e.error_inputs for e in tuned.entries}
+    assert inputs[window] == "random"
+    assert inputs.get(LM_PROBLEM, "captured: 2 calls") == "captured: 2 calls"  # absent only if dropped
+    assert tuned.validation["max_loss_change"] == 0.01 and tuned.validation["loss_change"] <= 0.01
+    assert Path("report.png").read_bytes()[:4] == b"\x89PNG"
