@@ -86,12 +86,12 @@ def show_command(ctx: click.Context, config_path: str, why: bool, as_json: bool,
     headers += (("DEVICE",) if device.get("type") == "mixed" else ()) + (("STATUS",) if status else ())
     click.echo(table(headers, rows))
     if config.validation:
+        from attn_tune.cli.validate_command import summary_line
+
         v = config.validation
-        change = "no loss" if v.get("loss_change") is None else f"loss change {v['loss_change']:+.2%}"
-        dropped = "; dropped " + ", ".join(f"{d['variant']} for {d['problem']}" for d in v["dropped"]) \
-            if v.get("dropped") else ""
-        click.echo(f"validated on {v.get('factory')}: {change}, output rel error {v.get('output_rel_error', 0):.2e}, "
-                   f"{v.get('approximate_calls', 0)} of {v.get('calls', 0)} calls approximate{dropped}")
+        changed = "".join(f"; re-chosen: {d['variant']} for {d['problem']} -> {(d.get('now') or {}).get('variant', 'dropped')}"
+                          for d in v.get("dropped") or ())
+        click.echo(f"validated on {v.get('factory')}: {summary_line(v)}{changed}")
 
 
 @cli.command("merge")

@@ -127,23 +127,15 @@ def _capture_for_preset(preset: Any, activations: str) -> list[Problem]:
     return captured
 
 
-def _validated(config: Any, validator: Any, max_loss_change: float | None) -> Any:
-    """Run the model with the config; within a loss budget, drop approximate entries until it holds."""
-    from attn_tune.cli.validate_command import loss_line
-    from attn_tune.tuner.validate import fit_loss_budget
-
-    def dropped(record: dict[str, Any]) -> None:
-        click.echo(f"validate: dropped {record['variant']} for {record['problem']} (worst call error "
-                   f"{record['worst_call_error']:.2e}; loss change {record['loss_change_before']:+.2%} was over "
-                   f"{max_loss_change:+.2%}): sdpa serves it")
-
-    if max_loss_change is not None:
-        config, validation = fit_loss_budget(config, validator, max_loss_change, on_drop=dropped)
-    else:
-        validation = validator.validate(config)
-        config.validation = validation.summary()
-    click.echo(f"validate {validator.label}: " + loss_line(validation))
-    return config
+def _dropped_line(max_loss_change: float, lines: list[str]) -> Any:
+    def say(record: dict[str, Any]) -> None:
+        now = record["now"]
+        then = "sdpa serves it" if now is None else "chosen again with errors below it: " + now["variant"] + (
+            "(" + ",".join(f"{k}={v}" for k, v in now["params"].items()) + ")" if now["params"] else "")
+        lines.append(f"validate: loss change {record['loss_change_before']:+.2%} is over {max_loss_change:+.2%}; "
+                     f"{record['variant']} for {record['problem']} had the worst call (error "
+                     f"{record['worst_call_error']:.2e}): {then}")
+    return say
 
 
 @cli.command("tune")
@@ -188,6 +180,8 @@ def tune_command(ctx: click.Context, shapes: str | None, preset: str | None, tri
 
     if stale_only and not config_path:
         raise click.UsageError("--stale-only re-tunes a tuned config: give it with --config")
+    if validate_spec and stale_only:
+        raise click.UsageError("--validate checks a whole tuning run; validate a re-tuned config with `attn-tune validate`")
     if config_path and not stale_only:
         raise click.UsageError("--config goes with --stale-only")
     chosen_variants = [get_variant(name) for name in variant_names] or None
@@ -248,21 +242,25 @@ def tune_command(ctx: click.Context, shapes: str | None, preset: str | None, tri
                       f"the problems of {shapes}" if shapes else "the problems tuned")
     storage = storage or default_storage_url(out)
     progress = _TrialProgress(enabled=True)
-    lines: list[str] = []
+    results: list[tuple[Problem, Any, str]] = []
 
     notes: list[str] = []
 
     def on_result(problem: Problem, entry: Any, note: str) -> None:
         progress.close()
         progress.problem = None
-        lines.append(_summary(problem, entry, note))
+        results.append((problem, entry, note))
         notes.append(note)
 
     kwargs = dict(trials=trials or 20, max_error=max_error, memory_budget=memory_budget, objective=objective,
                   storage=storage, seed=seed, variants=chosen_variants, on_trial=progress, workers=workers,
                   on_result=on_result, timeout=timeout, problem_timeout=problem_timeout, **settings)
+    drops: list[str] = []
     if activations is not None:
         kwargs["activations"] = activations
+    if validator is not None:
+        kwargs.update(validator=validator, max_loss_change=max_loss_change,
+                      on_drop=_dropped_line(max_loss_change, drops) if max_loss_change is not None else None)
     started = time.monotonic()
     try:
         config = retune(earlier, problems, **kwargs) if earlier is not None else tune(problems, **kwargs)
@@ -277,12 +275,20 @@ def tune_command(ctx: click.Context, shapes: str | None, preset: str | None, tri
         raise StorageError(f"storage {redact(storage)} failed: {type(exc).__name__}: "
                            f"{redact(' '.join(str(exc).split()))[:200]}") from None
     progress.close()
-    for line in lines:
+    final = {e.problem: e for e in config.entries}
+    for problem, entry, note in results:  # a loss budget may have chosen again: the entry written is the one shown
+        if entry is not None and problem not in final:
+            click.echo(f"{problem.describe()}: sdpa (the default: {entry.choice['variant']} was dropped for the loss budget)")
+        else:
+            click.echo(_summary(problem, final.get(problem, entry), note))
+    for line in drops:
         click.echo(line)
-    if not config.entries:
+    if not config.entries and not config.validation:  # (a loss budget may drop every entry: that is an answer)
         raise AttnTuneError("no problem got a choice; nothing written")
-    if validator is not None:
-        config = _validated(config, validator, max_loss_change)
+    if config.validation:
+        from attn_tune.cli.validate_command import summary_line
+
+        click.echo(f"validate {validator.label}: " + summary_line(config.validation))
     config.save(out)
     click.echo(_time_summary(config.entries, problems, notes, time.monotonic() - started))
     click.echo(f"wrote {out} ({len(config.entries)} entries; trials in {redact(storage)})")

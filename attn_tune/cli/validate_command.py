@@ -20,6 +20,14 @@ def loss_line(validation: Any) -> str:
             f"{validation.loss_tuned:.4f}, change {validation.loss_change:+.2%}")
 
 
+def summary_line(v: dict[str, Any]) -> str:
+    """A config's `validation` record in one line."""
+    if v.get("loss_change") is None:
+        return f"output rel error {v['output_rel_error']:.2e}; no loss"
+    return (f"loss exact {v['loss_exact']:.4f}, tuned {v['loss_tuned']:.4f}, change {v['loss_change']:+.2%}; "
+            f"output rel error {v['output_rel_error']:.2e}; {v['approximate_calls']} of {v['calls']} calls approximate")
+
+
 def calls_table(validation: Any) -> str:
     rows = []
     for c in validation.calls:

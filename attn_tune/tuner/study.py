@@ -262,11 +262,18 @@ def finish_study(
     measure_fn: MeasureFn, finalists: int, rounds: int, final_kwargs: dict[str, Any], max_rounds: int | None = None,
 ) -> tuple[Entry | None, str]:
     """Choose from the study's points (re-measuring the best head to head, on this device) and keep the entry in
-    the study, where `attn-tune export` finds it. A study cut short skips the head-to-head: its trials decide."""
+    the study, where `attn-tune export` finds it. A study cut short skips the head-to-head: its trials decide.
+    A `max_error` tighter than the trials ran with excludes the approximate points beyond it (no re-measuring)."""
     study = prepared.study
     if prepared.cut_short:
         rounds = 0
-    entry, note = choose(_points(study), finished_trials(study), prepared.problem, {v.name: v for v in prepared.chosen},
+    points = _points(study)
+    exact = {v.name: v.exact for v in prepared.chosen}
+    for p in points:  # a tighter max_error than the trials ran with (a loss budget re-choosing): apply it here
+        error = (p.measured or {}).get("rel_error")
+        if p.status == "ok" and not exact.get(p.variant, True) and error is not None and not error <= (max_error or 0.0):
+            p.status, p.reason = "excluded", f"error {error:.2e} above max_error {max_error:g}"
+    entry, note = choose(points, finished_trials(study), prepared.problem, {v.name: v for v in prepared.chosen},
                          prepared.excluded, objective=objective, max_error=max_error, memory_budget=memory_budget,
                          measure_fn=measure_fn, finalists=finalists, rounds=rounds, final_kwargs=final_kwargs,
                          max_rounds=0 if prepared.cut_short else max_rounds)

@@ -23,6 +23,7 @@ from attn_tune.tuner.space import quiet_optuna
 from attn_tune.tuner.storage import open_storage
 from attn_tune.tuner.study import (PreparedStudy, finish_study, first_calls_s, inputs_key, prepare_study, queue_point,
                                    run_trials)
+from attn_tune.tuner.validate import Validator, fit_loss_budget
 from attn_tune.tuner.workers import run_workers
 
 __all__ = ["OBJECTIVES", "tune"]
@@ -53,6 +54,9 @@ def tune(
     problem_timeout: float | None = None,
     queue_first: Mapping[Problem, dict[str, Any]] | None = None,
     activations: str | os.PathLike | None = None,
+    validator: Validator | None = None,
+    max_loss_change: float | None = None,
+    on_drop: Callable[[dict[str, Any]], None] | None = None,
 ) -> TunedConfig:
     """Find, by measuring, the best variant and knobs for each problem on this machine.
 
@@ -81,12 +85,16 @@ def tune(
         activations: a file from `attn-tune capture --activations`: each candidate's error is the worst over the
             real calls it holds for the problem (random inputs for problems it has none of); each entry's
             `error_inputs` says which. Every problem in it must be one of `problems`.
+        validator / max_loss_change / on_drop: at the end, run the validator's model with the config (the
+            outcome goes to the config's `validation`); within a loss budget, the approximate entry with the worst
+            call is chosen again from its study with errors below that call's (a safer knob, or exact), or
+            dropped, until the loss rises by at most `max_loss_change`; `on_drop` hears of each.
 
     Returns:
         A `TunedConfig` with one entry per problem that some candidate could serve within the constraints.
 
     Raises:
-        AttnTuneError: a bad objective or trial count, an unreachable storage, a device this machine lacks, an
+        AttnTuneError: a bad objective or trial count, a loss budget for a model with no loss, an unreachable storage, a device this machine lacks, an
             activations file that is missing, malformed or not of these problems.
     """
     if objective not in OBJECTIVES:
@@ -102,6 +110,10 @@ def tune(
     for name, limit in (("timeout", timeout), ("problem_timeout", problem_timeout)):
         if limit is not None and not limit > 0:
             raise AttnTuneError(f"{name} must be a positive number of seconds, got {limit}")
+    if max_loss_change is not None and validator is None:
+        raise AttnTuneError("a loss budget is checked by running a model: give a validator")
+    if max_loss_change is not None:
+        validator.require_loss()
     if workers > 1 and (timeout or problem_timeout):
         raise AttnTuneError("time limits apply to one process; with --workers, bound the run by --trials")
     started = time.monotonic()
@@ -119,6 +131,14 @@ def tune(
     key = inputs_key(measure_kwargs)
     limits = dict(objective=objective, max_error=max_error, memory_budget=memory_budget)
     entries = []
+
+    def complete(entry: Entry) -> Entry:
+        """What every entry records beyond the choice: versions, error inputs, its device if not the top one."""
+        entry.measured_with = measured_with(entry.choice["variant"])
+        entry.error_inputs = describe_inputs(captured.get(entry.problem))
+        entry.device = devices[entry.problem.device] if devices[entry.problem.device] != top else None
+        return entry
+
     with quiet_optuna():
         opened = open_storage(storage)
         prepared = [
@@ -151,15 +171,31 @@ def tune(
                 if study.cut_short:
                     note = f"cut short ({study.cut_short}): {note}"
                 if entry is not None:
-                    entry.measured_with = measured_with(entry.choice["variant"])
-                    entry.error_inputs = describe_inputs(captured.get(problem))
                     entry.tuning = _tuning_record(study, time.monotonic() - problem_started)
             if entry is not None:
-                entry.device = devices[problem.device] if devices[problem.device] != top else None
-                entries.append(entry)
+                entries.append(complete(entry))
             if on_result is not None:
                 on_result(problem, entry, note)
-    return TunedConfig(entries=entries, device=top, attn_tune=own_version(), torch=torch.__version__)
+
+        def rechoose(problem: Problem, below: float) -> Entry | None:
+            study = dict(zip(problems, prepared)).get(problem)
+            if study is None or isinstance(study, str):
+                return None
+            entry, _ = finish_study(study, measure_fn=measure_fn, finalists=finalists, rounds=rounds,
+                                    max_rounds=max_rounds, final_kwargs=final_kwargs, objective=objective,
+                                    max_error=min(max_error or 0.0, below), memory_budget=memory_budget)
+            if entry is None:
+                return None
+            entry.tuning = next((e.tuning for e in entries if e.problem == problem), None)
+            return complete(entry)
+
+        config = TunedConfig(entries=entries, device=top, attn_tune=own_version(), torch=torch.__version__)
+        if validator is not None and entries:
+            if max_loss_change is None:
+                config.validation = validator.validate(config).summary()
+            else:
+                config, _ = fit_loss_budget(config, validator, max_loss_change, on_drop=on_drop, rechoose=rechoose)
+    return config
 
 
 def _deadline(run_deadline: float | None, started: float, problem_timeout: float | None) -> float | None:

@@ -20,7 +20,7 @@ from attn_tune.problem import Problem
 from attn_tune.registry.catalog import get_variant
 from attn_tune.runtime import dispatch, use_config
 from attn_tune.runtime.capture import Built, call_factory, observe
-from attn_tune.tuned_config import TunedConfig
+from attn_tune.tuned_config import Entry, TunedConfig
 from attn_tune.tuner.inputs import relative_error
 
 __all__ = ["CallReport", "Validation", "Validator", "NoLoss", "fit_loss_budget", "IGNORE_INDEX"]
@@ -169,9 +169,12 @@ class Validator:
 
 
 def fit_loss_budget(config: TunedConfig, validator: Validator, max_loss_change: float,
-                    on_drop: Callable[[dict[str, Any]], None] | None = None) -> tuple[TunedConfig, Validation]:
-    """Drop approximate entries, the one whose calls had the worst error first, until the model's loss rises by
-    at most `max_loss_change` (relative) or no approximate entry serves a call; return the config and its check."""
+                    on_drop: Callable[[dict[str, Any]], None] | None = None,
+                    rechoose: Callable[[Problem, float], Entry | None] | None = None) -> tuple[TunedConfig, Validation]:
+    """Until the model's loss rises by at most `max_loss_change` (relative), take the approximate entry whose calls
+    had the worst error and choose again for its problem with errors below that (`rechoose`, from the problem's
+    study: a safer knob, or an exact variant), or drop it when there is no `rechoose` or it finds nothing.
+    Returns the config, with its `validation` record, and the last check."""
     validator.require_loss()
     entries = list(config.entries)
     dropped: list[dict[str, Any]] = []
@@ -189,10 +192,13 @@ def fit_loss_budget(config: TunedConfig, validator: Validator, max_loss_change: 
             trial.validation = {**validation.summary(), "max_loss_change": max_loss_change}
             return trial, validation
         target = max(worst, key=worst.get)
-        entry = next(e for e in entries if e.problem == target)
-        record = {"problem": target.describe(), "variant": entry.choice["variant"], "params": entry.choice["params"],
-                  "worst_call_error": worst[target], "loss_change_before": change}
+        old = next(e for e in entries if e.problem == target)
+        limit = min(worst[target], old.measured.get("rel_error", worst[target])) * (1 - 1e-6)
+        new = rechoose(target, limit) if rechoose is not None else None
+        record = {"problem": target.describe(), "variant": old.choice["variant"], "params": old.choice["params"],
+                  "worst_call_error": worst[target], "loss_change_before": change,
+                  "now": None if new is None else new.choice}
         dropped.append(record)
         if on_drop is not None:
             on_drop(record)
-        entries = [e for e in entries if e.problem != target]
+        entries = [e if e.problem != target else new for e in entries if e.problem != target or new is not None]
