@@ -22,6 +22,31 @@ def _title(entry: Any) -> str:
     return " ".join(part for part in label if not part.startswith(("q", "kv")) or part.startswith("kvh"))
 
 
+def _bars(lat_ax: Any, mem_ax: Any, entry: Any) -> None:
+    """One problem: each variant's fastest measured knobs as a bar, with its error; the choice outlined."""
+    best: dict[str, dict] = {}
+    for c in entry.candidates:
+        if c.get("status") == "ok" and "latency_ms" in c:
+            if c["variant"] not in best or c["latency_ms"] < best[c["variant"]]["latency_ms"]:
+                best[c["variant"]] = c
+    rows = sorted(best.values(), key=lambda c: -c["latency_ms"])
+    labels = [c["variant"] + ("\n" + ",".join(f"{k}={v}" for k, v in c["params"].items()) if c.get("params") else "")
+              for c in rows]
+    chosen = [c["variant"] == entry.choice["variant"] and (c.get("params") or {}) == entry.choice["params"]
+              for c in rows]
+    for ax, values, xlabel in ((lat_ax, [c["latency_ms"] for c in rows], "latency (ms)"),
+                               (mem_ax, [c["peak_bytes"] / 2**20 for c in rows], "peak memory (MiB)")):
+        bars = ax.barh(range(len(rows)), values, color=["tab:orange" if x else "tab:blue" for x in chosen])
+        ax.set_yticks(range(len(rows)), labels, fontsize=6)
+        ax.set_xlabel(xlabel)
+        ax.grid(True, axis="x", alpha=0.3)
+        for bar, c in zip(bars, rows):
+            ax.annotate(f" err {c.get('rel_error', float('nan')):.1e}", (bar.get_width(), bar.get_y()), fontsize=6,
+                        va="bottom")
+    inputs = entry.error_inputs or "random"
+    lat_ax.set_title(f"{entry.problem.describe()} (chosen in orange; error on {inputs})", fontsize=9, loc="left")
+
+
 def plot_config(config: TunedConfig, out: str | os.PathLike) -> None:
     """Draw one row per group of problems (latency left, peak memory right), written atomically to `out`."""
     import matplotlib
@@ -45,6 +70,10 @@ def plot_config(config: TunedConfig, out: str | os.PathLike) -> None:
                         best[c["variant"]] = c
             for name, c in best.items():
                 series.setdefault(name, []).append((entry.problem.q_len, c["latency_ms"], c["peak_bytes"] / 2**20))
+        lengths = sorted({e.problem.q_len for e in entries})
+        if len(lengths) == 1:  # one length: a line per variant would be a dot; bars, best knobs per variant
+            _bars(lat_ax, mem_ax, entries[0])
+            continue
         for name, points in sorted(series.items()):
             xs, lat, mem = zip(*sorted(points))
             (line,) = lat_ax.plot(xs, lat, marker="o", markersize=3, label=name)
@@ -53,7 +82,6 @@ def plot_config(config: TunedConfig, out: str | os.PathLike) -> None:
         xs, lat, mem = zip(*chosen)
         lat_ax.scatter(xs, lat, marker="*", s=180, facecolors="none", edgecolors="black", zorder=5, label="chosen")
         mem_ax.scatter(xs, mem, marker="*", s=180, facecolors="none", edgecolors="black", zorder=5, label="chosen")
-        lengths = sorted({e.problem.q_len for e in entries})
         for ax, ylabel in ((lat_ax, "latency (ms)"), (mem_ax, "peak memory (MiB)")):
             ax.set_xscale("log", base=2)
             ax.set_xticks(lengths, [str(n) for n in lengths])
@@ -64,7 +92,13 @@ def plot_config(config: TunedConfig, out: str | os.PathLike) -> None:
         lat_ax.set_title(_title(entries[0]), fontsize=10, loc="left")
         mem_ax.legend(fontsize=7, loc="upper left", ncol=2)
     device = config.device.get("name", config.device.get("type", ""))
-    fig.suptitle(f"attn-tune: measured latency and peak memory ({device})", fontsize=11)
+    title = f"attn-tune: measured latency and peak memory ({device})"
+    v = config.validation
+    if v and v.get("loss_change") is not None:
+        title += (f"\nvalidated end to end on {v['factory']}: held-out loss {v['loss_exact']:.4f} -> "
+                  f"{v['loss_tuned']:.4f} ({v['loss_change']:+.2%}), {v['approximate_calls']} of {v['calls']} "
+                  "attention calls approximate")
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110)
