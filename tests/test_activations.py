@@ -265,3 +265,7 @@ def test_a_loss_budget_chooses_a_safer_knob_from_the_study_before_dropping(user_
     assert tuned.entries[0].choice == {"variant": "local", "params": {"local_window": 32}}
     assert tuned.entries[0].error_inputs == "captured: 3 calls"
     assert tuned.validation["loss_change"] <= 0.002 and tuned.validation["dropped"] == drops
+    tuned.save("tuned.json")
+    shown = run("show", "tuned.json")
+    assert "over the loss budget, b1 h2 q64 d16 float32 cpu causal: local(local_window=16) -> local(local_window=32)" \
+        in shown.stdout and "captured 3 calls" in shown.stdout

@@ -89,7 +89,13 @@ def show_command(ctx: click.Context, config_path: str, why: bool, as_json: bool,
         from attn_tune.cli.validate_command import summary_line
 
         v = config.validation
-        changed = "".join(f"; re-chosen: {d['variant']} for {d['problem']} -> {(d.get('now') or {}).get('variant', 'dropped')}"
+        def named(choice: dict[str, Any] | None) -> str:
+            if choice is None:
+                return "dropped"
+            params = ",".join(f"{k}={x}" for k, x in (choice.get("params") or {}).items())
+            return choice["variant"] + (f"({params})" if params else "")
+
+        changed = "".join(f"; over the loss budget, {d['problem']}: {named(d)} -> {named(d.get('now'))}"
                           for d in v.get("dropped") or ())
         click.echo(f"validated on {v.get('factory')}: {summary_line(v)}{changed}")
 
