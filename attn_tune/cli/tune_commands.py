@@ -161,8 +161,8 @@ def _dropped_line(max_loss_change: float, lines: list[str]) -> Any:
 @click.option("--validate", "validate_spec", metavar="MODULE:FACTORY", default=None,
               help="Then run the factory's model with exact attention and with the config; record the loss change.")
 @click.option("--max-loss-change", type=click.FloatRange(min=0), default=None,
-              help="With --validate: drop approximate entries, worst first, until the loss rises by at most this "
-                   "(relative: 0.01 is 1%). [quick: 0.01]")
+              help="With --validate: until the loss rises by at most this (relative: 0.01 is 1%), choose the approximate "
+                   "entry with the worst call again with smaller errors (a safer knob, or exact). [quick: 0.01]")
 @click.pass_context
 def tune_command(ctx: click.Context, shapes: str | None, preset: str | None, trials: int | None, max_error: float | None,
                  memory_budget: int | None, objective: str, storage: str | None, workers: int, seed: int | None,
