@@ -269,3 +269,15 @@ def test_a_loss_budget_chooses_a_safer_knob_from_the_study_before_dropping(user_
     shown = run("show", "tuned.json")
     assert "over the loss budget, b1 h2 q64 d16 float32 cpu causal: local(local_window=16) -> local(local_window=32)" \
         in shown.stdout and "captured 3 calls" in shown.stdout
+
+
+def test_a_captured_additive_float_mask_is_measured_against_its_own_reference(tmp_path: Path) -> None:
+    problem = Problem(batch=1, heads=2, q_len=8, head_dim=4, mask=True)
+    keep = torch.rand(1, 1, 8, 8, generator=torch.Generator().manual_seed(0)) > 0.3
+    keep[..., torch.arange(8), torch.arange(8)] = True
+    additive = torch.zeros(1, 1, 8, 8).masked_fill(~keep, float("-inf"))
+    sample = Sample(torch.randn(1, 2, 8, 4), torch.randn(1, 2, 8, 4), torch.randn(1, 2, 8, 4), additive)
+    save_activations(tmp_path / "f.safetensors", {problem: [sample]})
+    m = measure(attn_tune.registry.get_variant("sdpa"), problem, min_repeats=1, min_time_s=0,
+                activations=str(tmp_path / "f.safetensors"))
+    assert m.rel_error < 1e-5

@@ -14,7 +14,8 @@ from torch import Tensor
 from attn_tune.activations import ActivationsError, Sample, load_activations
 from attn_tune.problem import Problem
 
-__all__ = ["Inputs", "make_inputs", "reference_output", "relative_error", "captured_samples", "sample_reference"]
+__all__ = ["Inputs", "make_inputs", "reference_output", "exact_attention", "relative_error", "captured_samples",
+           "sample_reference"]
 
 
 @dataclass(frozen=True)
@@ -62,12 +63,20 @@ def reference_output(problem: Problem, seed: int = 0) -> Tensor:
 
     Computed in query chunks, so that the reference itself fits in memory at long sequence lengths.
     """
+    inputs = make_inputs(problem, seed)
+    return exact_attention(inputs.q, inputs.k, inputs.v, **inputs.call_kwargs(problem))
+
+
+def exact_attention(q: Tensor, k: Tensor, v: Tensor, *, attn_mask: Tensor | None = None, **kwargs: Any) -> Tensor:
+    """The float64 exact attention of any q, k, v (a float mask too is promoted), in query chunks of 256 so that it
+    fits in memory at long lengths: the reference every error is measured against."""
     from attn_tune.families.chunked import chunked_attention
 
-    inputs = make_inputs(problem, seed)
-    q, k, v = (t.detach().to(torch.float64) for t in (inputs.q, inputs.k, inputs.v))
+    q, k, v = (t.detach().to(torch.float64) for t in (q, k, v))
+    if attn_mask is not None and attn_mask.dtype != torch.bool:
+        attn_mask = attn_mask.to(torch.float64)
     with torch.no_grad():
-        return chunked_attention(q, k, v, chunk=256, **inputs.call_kwargs(problem))
+        return chunked_attention(q, k, v, chunk=256, attn_mask=attn_mask, **kwargs)
 
 
 @functools.lru_cache(maxsize=4)
@@ -92,12 +101,8 @@ def captured_samples(path: str | os.PathLike, problem: Problem) -> list[Sample]:
 
 @functools.lru_cache(maxsize=16)
 def _sample_reference(path: str, stamp: tuple[int, int], problem: Problem, index: int) -> Tensor:
-    from attn_tune.families.chunked import chunked_attention
-
     sample = captured_samples(path, problem)[index]
-    q, k, v = (t.to(torch.float64) for t in (sample.q, sample.k, sample.v))
-    with torch.no_grad():
-        return chunked_attention(q, k, v, chunk=256, **sample.call_kwargs(problem))
+    return exact_attention(sample.q, sample.k, sample.v, **sample.call_kwargs(problem))
 
 
 def sample_reference(path: str | os.PathLike, problem: Problem, index: int) -> Tensor:

@@ -21,7 +21,7 @@ from attn_tune.registry.catalog import get_variant
 from attn_tune.runtime import dispatch, use_config
 from attn_tune.runtime.capture import Built, call_factory, observe
 from attn_tune.tuned_config import Entry, TunedConfig
-from attn_tune.tuner.inputs import relative_error
+from attn_tune.tuner.inputs import exact_attention, relative_error
 
 __all__ = ["CallReport", "Validation", "Validator", "NoLoss", "fit_loss_budget", "IGNORE_INDEX"]
 
@@ -125,13 +125,8 @@ def _loss(out: Any, targets: Any) -> tuple[float | None, str | None]:
 
 
 def _call_error(call: dispatch.Call) -> float:
-    from attn_tune.families.chunked import chunked_attention
-
-    q, k, v = (t.detach().to(torch.float64) for t in (call.q, call.k, call.v))
-    mask = call.attn_mask if call.attn_mask is None or call.attn_mask.dtype == torch.bool else call.attn_mask.double()
-    with torch.no_grad():
-        ref = chunked_attention(q, k, v, chunk=256, is_causal=call.problem.causal, window=call.problem.window,
-                                attn_mask=mask, scale=call.scale)
+    ref = exact_attention(call.q, call.k, call.v, is_causal=call.problem.causal, window=call.problem.window,
+                          attn_mask=call.attn_mask, scale=call.scale)
     return relative_error(call.out, ref)
 
 
