@@ -7,7 +7,6 @@ __version__ = "0.1.0"
 from attn_tune.errors import (
     AttnTuneError,
     InvalidProblem,
-    PluginError,
     UnavailableDevice,
     UnknownVariant,
     UnsupportedProblem,
@@ -19,7 +18,6 @@ from attn_tune.registry.variant import Variant
 __all__ = [
     "AttnTuneError",
     "InvalidProblem",
-    "PluginError",
     "Problem",
     "UnavailableDevice",
     "UnknownVariant",

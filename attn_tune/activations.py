@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from attn_tune.errors import AttnTuneError, InvalidProblem
-from attn_tune.problem import Problem
+from attn_tune.problem import Inputs, Problem
 from attn_tune.tuned_config import write_atomically
 
-__all__ = ["FORMAT", "VERSION", "ActivationsError", "Sample", "save_activations", "load_activations",
+__all__ = ["FORMAT", "VERSION", "ActivationsError", "save_activations", "load_activations",
            "check_against", "describe_inputs"]
 
 FORMAT, VERSION = "attn-tune/activations", 1
@@ -27,33 +26,13 @@ class ActivationsError(AttnTuneError):
     """An activations file that is missing, not safetensors, of another format, or not matching its problems."""
 
 
-@dataclass(frozen=True)
-class Sample:
-    """One real call: q, k, v in the problem's (batch, heads, len, head_dim) layout, its mask and scale.
-
-    `call` is the call's number among the problem's calls in one forward (0 = the first layer to ask).
-    """
-
-    q: Any
-    k: Any
-    v: Any
-    attn_mask: Any = None
-    scale: float | None = None
-    call: int = 0
-
-    def call_kwargs(self, problem: Problem) -> dict[str, Any]:
-        """The keywords a variant's fn takes for this sample of `problem`."""
-        return {"is_causal": problem.causal, "window": problem.window, "attn_mask": self.attn_mask,
-                "scale": self.scale}
-
-
-def describe_inputs(samples: Iterable[Sample] | None) -> str:
+def describe_inputs(samples: Iterable[Inputs] | None) -> str:
     """What an entry's error was measured on: "captured: N calls" or "random"."""
     count = len(list(samples or ()))
     return f"captured: {count} call{'s' if count != 1 else ''}" if count else "random"
 
 
-def save_activations(path: str | os.PathLike, samples: Mapping[Problem, list[Sample]], source: str = "") -> None:
+def save_activations(path: str | os.PathLike, samples: Mapping[Problem, list[Inputs]], source: str = "") -> None:
     """Write the samples of each problem to `path` (safetensors, contiguous CPU copies), atomically."""
     from safetensors.torch import save
 
@@ -69,7 +48,7 @@ def save_activations(path: str | os.PathLike, samples: Mapping[Problem, list[Sam
     write_atomically(path, save(tensors, metadata=metadata))
 
 
-def load_activations(path: str | os.PathLike) -> dict[Problem, list[Sample]]:
+def load_activations(path: str | os.PathLike) -> dict[Problem, list[Inputs]]:
     """Read an activations file; every sample's tensors are checked against its problem's shapes and dtype.
 
     Raises:
@@ -102,7 +81,7 @@ def load_activations(path: str | os.PathLike) -> dict[Problem, list[Sample]]:
         raise ActivationsError(f"{path}: malformed activations ({type(exc).__name__}: {exc})") from None
 
 
-def _sample(tensors: dict[str, Any], i: int, j: int, problem: Problem, meta: dict[str, Any]) -> Sample:
+def _sample(tensors: dict[str, Any], i: int, j: int, problem: Problem, meta: dict[str, Any]) -> Inputs:
     def get(name: str) -> Any:
         return tensors.get(f"p{i}/s{j}/{name}")
 
@@ -118,10 +97,10 @@ def _sample(tensors: dict[str, Any], i: int, j: int, problem: Problem, meta: dic
                              f"{str(tensor.dtype).removeprefix('torch.')}, not {expected[name]} {problem.dtype}")
     if problem.mask != (mask is not None):
         raise ValueError(f"sample {j} of {problem.describe()}: a mask {'missing' if problem.mask else 'not expected'}")
-    return Sample(q, k, v, mask, meta.get("scale"), int(meta.get("call", j)))
+    return Inputs(q, k, v, mask, meta.get("scale"), int(meta.get("call", j)))
 
 
-def check_against(activations: Mapping[Problem, list[Sample]], problems: Iterable[Problem], path: Any,
+def check_against(activations: Mapping[Problem, list[Inputs]], problems: Iterable[Problem], path: Any,
                   shapes_label: str = "the problems tuned") -> None:
     """Every problem the activations hold must be one of `problems`: else the two files were not captured together.
 

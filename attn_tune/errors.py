@@ -8,7 +8,7 @@ __all__ = [
     "UnsupportedProblem",
     "UnknownVariant",
     "UnavailableDevice",
-    "PluginError",
+    "one_line",
 ]
 
 
@@ -35,5 +35,8 @@ class UnavailableDevice(AttnTuneError):
     """The problem names a device this machine does not have."""
 
 
-class PluginError(AttnTuneError):
-    """A plugin failed to load or returned something malformed."""
+def one_line(exc: BaseException, limit: int = 300) -> str:
+    """An exception as one line, "Type: message" (whitespace folded, at most `limit` characters of message): how a
+    failed plugin, variant or trial is reported wherever attn-tune records a failure instead of raising it."""
+    text = " ".join(str(exc).split())[:limit]
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

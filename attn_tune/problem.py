@@ -1,4 +1,4 @@
-"""`Problem`: *what* attention computes (shapes, dtype, device, masking), never *how*."""
+"""`Problem`: *what* attention computes (shapes, dtype, device, masking), never *how*; `Inputs`: one call's tensors."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from attn_tune.errors import InvalidProblem, UnavailableDevice
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["Problem", "DTYPES", "check_device"]
+__all__ = ["Problem", "Inputs", "DTYPES", "check_device"]
 
 DTYPES: tuple[str, ...] = ("float32", "float16", "bfloat16")
 _DEVICE_RE = re.compile(r"^(cpu|cuda)(:\d+)?$")
@@ -127,6 +127,32 @@ class Problem:
             return cls(**data)
         except TypeError as exc:  # a required field is missing
             raise InvalidProblem(f"incomplete problem: {exc}") from None
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """The tensors of one call of a problem: q, k, v in SDPA layout, its mask (boolean keep-mask or additive float)
+    and scale. Seeded random inputs, captured activations and the calls the runtime shows observers are all this.
+
+    `call` numbers a captured call among its problem's calls in one forward (0 = the first layer to ask).
+    """
+
+    q: Any
+    k: Any
+    v: Any
+    attn_mask: Any = None
+    scale: float | None = None
+    call: int = 0
+
+    def call_kwargs(self, problem: Problem) -> dict[str, Any]:
+        """The keywords a variant's fn takes for this call of `problem`."""
+        return {"is_causal": problem.causal, "window": problem.window, "attn_mask": self.attn_mask, "scale": self.scale}
+
+    def to(self, device: Any) -> Inputs:
+        """The same call with its tensors on `device`."""
+        moved = {name: None if getattr(self, name) is None else getattr(self, name).to(device)
+                 for name in ("q", "k", "v", "attn_mask")}
+        return dataclasses.replace(self, **moved)
 
 
 def check_device(device: str) -> None:

@@ -27,19 +27,20 @@ import itertools
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
 
+import optuna
 import torch
 from torch import Tensor
 
-from attn_tune.errors import InvalidProblem, UnsupportedProblem
-from attn_tune.problem import Problem
+from attn_tune.errors import InvalidProblem, UnsupportedProblem, one_line
+from attn_tune.measurement.inputs import make_inputs, reference_output, relative_error
+from attn_tune.problem import Inputs, Problem
 from attn_tune.registry.catalog import availability
+from attn_tune.registry.space import quiet_optuna, suggest
 from attn_tune.registry.variant import Variant, malformed_reason
-from attn_tune.tuner.inputs import Inputs, make_inputs, reference_output, relative_error
-from attn_tune.tuner.selection import failure_reason
 
 __all__ = [
     "CHECKS", "TOLERANCE", "Finding", "Case", "conformance_problems", "conformance_cases", "check_variant",
-    "assert_conforms", "sample_params",
+    "sample_params",
 ]
 
 CHECKS: tuple[str, ...] = (
@@ -85,10 +86,6 @@ def conformance_problems(device: str = "cpu") -> list[Problem]:
 
 def sample_params(variant: Variant, problem: Problem, count: int = 1, seed: int = 0) -> list[dict[str, Any]]:
     """`count` knob settings drawn from the variant's space exactly as the tuner draws them (seeded)."""
-    import optuna
-
-    from attn_tune.tuner.space import quiet_optuna, suggest
-
     with quiet_optuna():
         study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
         return [suggest(study.ask(), problem, [variant])[1] for _ in range(count)]
@@ -107,7 +104,7 @@ def _check_supported(variant: Variant, problem: Problem, params: dict[str, Any],
         with torch.set_grad_enabled(problem.training):
             out = _call(variant, problem, run, params)
     except Exception as exc:  # noqa: BLE001 - any exception here is the finding
-        return [f"supports-claims|supports() accepts it, but the call raised {failure_reason(exc)}"]
+        return [f"supports-claims|supports() accepts it, but the call raised {one_line(exc)}"]
     if "output" in checks:
         expected = run.q.shape[:-1] + (run.v.shape[-1],)
         if out.shape != expected or out.dtype != run.q.dtype or out.device != run.q.device:
@@ -144,7 +141,7 @@ def _check_backward(variant: Variant, problem: Problem, run: Inputs, out: Tensor
     try:
         grads = torch.autograd.grad(out, (run.q, run.k, run.v), grad_out, allow_unused=True)
     except Exception as exc:  # noqa: BLE001
-        return [f"backward|the backward pass raised {failure_reason(exc)}"]
+        return [f"backward|the backward pass raised {one_line(exc)}"]
     failures = []
     for name, grad in zip("qkv", grads):
         if grad is None or not torch.isfinite(grad).all():
@@ -172,7 +169,7 @@ def _check_refused(variant: Variant, problem: Problem, params: dict[str, Any]) -
     except UnsupportedProblem:
         return []
     except Exception as exc:  # noqa: BLE001
-        return [f"supports-refusals|refused, and the call raised {failure_reason(exc)} instead of UnsupportedProblem"]
+        return [f"supports-refusals|refused, and the call raised {one_line(exc)} instead of UnsupportedProblem"]
     if not variant.exact:
         return ["supports-refusals|refused, yet the call returned a result instead of raising UnsupportedProblem"]
     if out.shape != run.q.shape[:-1] + (run.v.shape[-1],) or out.dtype != run.q.dtype:
@@ -190,7 +187,7 @@ def _check_space(variant: Variant, problem: Problem) -> list[str]:
     try:
         space = variant.space(problem)
     except Exception as exc:  # noqa: BLE001
-        return [f"space|space() raised {failure_reason(exc)}"]
+        return [f"space|space() raised {one_line(exc)}"]
     if not isinstance(space, dict) or not all(isinstance(d, BaseDistribution) for d in space.values()):
         return ["space|space() must return a dict of optuna distributions"]
     failures = []
@@ -200,7 +197,7 @@ def _check_space(variant: Variant, problem: Problem) -> list[str]:
             with torch.no_grad():
                 out = _call(variant, problem, run, params)
         except Exception as exc:  # noqa: BLE001
-            failures.append(f"space|sampled knobs {params} raised {failure_reason(exc)}")
+            failures.append(f"space|sampled knobs {params} raised {one_line(exc)}")
             continue
         if not torch.isfinite(out).all():
             failures.append(f"space|sampled knobs {params} gave non-finite output")
@@ -233,11 +230,11 @@ def _findings(variant: Variant, problem: Problem, checks: set[str]) -> list[Find
     try:
         reason = variant.supports(problem)
     except Exception as exc:  # noqa: BLE001
-        return [Finding(variant.name, "supports-claims", problem, f"supports() raised {failure_reason(exc)}")]
+        return [Finding(variant.name, "supports-claims", problem, f"supports() raised {one_line(exc)}")]
     try:
         params = sample_params(variant, problem)[0]
     except Exception as exc:  # noqa: BLE001
-        return [Finding(variant.name, "space", problem, f"space() is not usable: {failure_reason(exc)}")]
+        return [Finding(variant.name, "space", problem, f"space() is not usable: {one_line(exc)}")]
     if reason is not None:
         messages = _check_refused(variant, problem, params) if "supports-refusals" in checks else []
     else:
@@ -282,10 +279,3 @@ def check_variant(
         if on_case is not None:
             on_case(case)
     return findings
-
-
-def assert_conforms(variant: Variant, **kwargs: Any) -> None:
-    """`check_variant`, raising AssertionError with one line per finding."""
-    found = check_variant(variant, **kwargs)
-    if found:
-        raise AssertionError(f"{len(found)} conformance finding(s):\n" + "\n".join(str(f) for f in found))

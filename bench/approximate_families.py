@@ -20,10 +20,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import sys
 from pathlib import Path
-
-import functools
 
 import torch
 import torch.nn.functional as F
@@ -32,8 +31,8 @@ import attn_tune
 from attn_tune import Problem, Variant
 from attn_tune.families.blocksparse import DEFAULT_PATTERN
 from attn_tune.families.linformer import linformer_projections
+from attn_tune.measurement.bench import BenchResult, bench
 from attn_tune.registry.variant import DEFAULT_VARIANT
-from attn_tune.tuner.bench import BenchResult, bench
 from attn_tune.tuned_config import device_info, write_atomically
 
 FULL = ["sdpa", "local", "blocksparse", "flex-blocksparse", "xformers-blocksparse", "linformer"]

@@ -16,7 +16,7 @@ import torch
 
 import attn_tune
 from attn_tune import Problem
-from attn_tune.tuner.inputs import make_inputs
+from attn_tune.measurement.inputs import make_inputs
 
 CELLS = ((2048, True, 15), (4096, True, 9), (8192, False, 5), (8192, True, 5))  # q_len, causal, pairs
 

@@ -22,7 +22,7 @@ import time
 import optuna
 
 from attn_tune import Problem, get_variant
-from attn_tune.tuner.space import quiet_optuna
+from attn_tune.registry.space import quiet_optuna
 from attn_tune.tuner.storage import open_storage, redact
 from attn_tune.tuner.tune import tune
 from attn_tune.tuner.workers import STORAGE_ENV

@@ -4,7 +4,7 @@
     python bench/exact_variants.py --device cuda --dtype float16,bfloat16 --lengths 1024,4096,16384
 
 Ratios are taken inside one run on the same problem, so machine-wide noise mostly cancels; the absolute
-figures are the median of timed calls after warm-up (see attn_tune.tuner.measure).
+figures are the median of timed calls after warm-up (see attn_tune.measurement.measure).
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ import torch
 
 import attn_tune
 from attn_tune import Problem
+from attn_tune.measurement.bench import bench
 from attn_tune.registry.variant import DEFAULT_VARIANT
-from attn_tune.tuner.bench import bench
 from attn_tune.tuned_config import device_info
 
 

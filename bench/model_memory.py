@@ -7,7 +7,7 @@ Set-ups: `dense` (a config choosing eager matmul-softmax-matmul `dense` for ever
 default policy) and `tuned` (a config from `attn_tune.tune` on the batch-1 problems the model asks for, forward
 and training; batches 2 and 4 reach it through the nearest-entry lookup). Peak memory is what PyTorch allocated
 during the call above what was live before (weights and inputs excluded): the CPU profiler's events, as in
-`attn_tune.tuner.memory`. Time is the median of timed calls after one warm-up.
+`attn_tune.measurement.memory`. Time is the median of timed calls after one warm-up.
 """
 
 from __future__ import annotations
@@ -22,10 +22,10 @@ import time
 import torch
 
 import attn_tune
+from attn_tune.measurement.memory import peak_bytes
 from attn_tune.models import CausalLM, Encoder
 from attn_tune.runtime import record
 from attn_tune.tuned_config import Entry, TunedConfig, device_info
-from attn_tune.tuner.memory import peak_bytes
 
 
 def _ints(text: str) -> list[int]:

@@ -17,11 +17,11 @@ from pathlib import Path
 import torch
 
 from attn_tune.activations import save_activations
+from attn_tune.measurement.inputs import make_inputs, reference_output, relative_error
+from attn_tune.measurement.measure import measure
 from attn_tune.registry import get_variant
 from attn_tune.runtime.capture import capture_activations
 from attn_tune.tuned_config import Entry, TunedConfig, device_info
-from attn_tune.tuner.inputs import make_inputs, reference_output, relative_error
-from attn_tune.tuner.measure import measure
 from attn_tune.tuner.validate import Validator
 
 FACTORIES = {"lm": "attn_tune.models:pretrained_lm", "encoder": "attn_tune.models:pretrained_encoder"}

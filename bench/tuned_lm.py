@@ -20,9 +20,9 @@ import torch
 
 import attn_tune
 from attn_tune.activations import save_activations
+from attn_tune.measurement.inputs import make_inputs
 from attn_tune.registry import get_variant
 from attn_tune.runtime.capture import capture_activations, load_factory
-from attn_tune.tuner.inputs import make_inputs
 from attn_tune.tuner.tune import tune
 from attn_tune.tuner.validate import Validator
 

@@ -18,7 +18,7 @@ import time
 
 import attn_tune
 from attn_tune import Problem
-from attn_tune.tuner.measure import measure
+from attn_tune.measurement.measure import measure
 from attn_tune.tuner.space import eligible_variants, grid_points
 from attn_tune.tuner.tune import tune
 

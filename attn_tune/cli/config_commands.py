@@ -117,8 +117,8 @@ def merge_command(config_paths: tuple[str, ...], out: str) -> None:
 @click.option("--out", type=click.Path(dir_okay=False), required=True, help="The tuned config to write.")
 def export_command(storage: str, out: str) -> None:
     """Write the tuned config a storage holds: every finished study's choice, each with its device."""
+    from attn_tune.registry.space import quiet_optuna
     from attn_tune.tuner.export import export_config
-    from attn_tune.tuner.space import quiet_optuna
 
     if not Path(out).resolve().parent.is_dir():
         raise click.BadParameter(f"folder {Path(out).parent} does not exist", param_hint="'--out'")

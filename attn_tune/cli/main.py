@@ -108,9 +108,9 @@ def plugins_command(as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output only.")
 def bench_command(variant_names: tuple[str, ...], min_time: float, seed: int, as_json: bool, **options: Any) -> None:
     """Measure latency, peak memory and error of each variant on each problem."""
+    from attn_tune.measurement.bench import bench
     from attn_tune.registry import get_variant, variants
     from attn_tune.registry.variant import DEFAULT_VARIANT
-    from attn_tune.tuner.bench import bench
 
     chosen = [get_variant(name) for name in variant_names] if variant_names else variants()
     problems = problems_from_options(options)

@@ -1,4 +1,5 @@
-"""`attn-tune tune | show | merge | plot`: search, then read, join and draw tuned configs."""
+"""`attn-tune tune`: translate the options (problems, a preset, a stale config) into one `tune()` or `retune()` run,
+then report it; every check of the arguments is `tune()`'s."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from attn_tune.cli.group import cli
 from attn_tune.cli.options import options_given, problem_options, problems_from_options
 from attn_tune.cli.render import mib, versus_default
 from attn_tune.errors import AttnTuneError, InvalidProblem
-from attn_tune.problem import Problem, check_device
+from attn_tune.problem import Problem
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -170,12 +171,12 @@ def tune_command(ctx: click.Context, shapes: str | None, preset: str | None, tri
                  stale_only: bool, timeout: float | None, problem_timeout: float | None, activations: str | None,
                  validate_spec: str | None, max_loss_change: float | None, **options: Any) -> None:
     """Search variants and knobs per problem by measuring them; write the tuned config."""
-    from attn_tune.tuner.plot import plot_config
-    from attn_tune.tuner.presets import PRESETS
-    from attn_tune.tuner.storage import StorageError, default_storage_url, redact
     from attn_tune.registry import get_variant
     from attn_tune.tuned_config import load_config
+    from attn_tune.tuner.plot import plot_config
+    from attn_tune.tuner.presets import PRESETS
     from attn_tune.tuner.retune import retune, stale_problems
+    from attn_tune.tuner.storage import StorageError, default_storage_url, redact
     from attn_tune.tuner.tune import tune
 
     if stale_only and not config_path:
@@ -210,10 +211,8 @@ def tune_command(ctx: click.Context, shapes: str | None, preset: str | None, tri
             problems = _capture_for_preset(chosen, activations) + problems
     elif shapes:
         problems = _problems_from_shapes(shapes)
-        for device in sorted({p.device for p in problems}):
-            check_device(device)
     elif not stale_only or options_given(ctx):
-        problems = problems_from_options(options)
+        problems = problems_from_options(options, check_devices=False)
     else:
         problems = []
     if not Path(out).resolve().parent.is_dir():
@@ -233,13 +232,6 @@ def tune_command(ctx: click.Context, shapes: str | None, preset: str | None, tri
         from attn_tune.runtime.capture import load_factory
 
         validator = build_validator(validate_spec, load_factory(validate_spec))
-        if max_loss_change is not None:
-            validator.require_loss()  # before any tuning: nothing is written for a model without a loss
-    if activations is not None:
-        from attn_tune.activations import check_against, load_activations
-
-        check_against(load_activations(activations), problems, activations,
-                      f"the problems of {shapes}" if shapes else "the problems tuned")
     storage = storage or default_storage_url(out)
     progress = _TrialProgress(enabled=True)
     results: list[tuple[Problem, Any, str]] = []
@@ -254,7 +246,8 @@ def tune_command(ctx: click.Context, shapes: str | None, preset: str | None, tri
 
     kwargs = dict(trials=trials or 20, max_error=max_error, memory_budget=memory_budget, objective=objective,
                   storage=storage, seed=seed, variants=chosen_variants, on_trial=progress, workers=workers,
-                  on_result=on_result, timeout=timeout, problem_timeout=problem_timeout, **settings)
+                  on_result=on_result, timeout=timeout, problem_timeout=problem_timeout,
+                  problems_label=f"the problems of {shapes}" if shapes else "the problems tuned", **settings)
     drops: list[str] = []
     if activations is not None:
         kwargs["activations"] = activations

@@ -8,8 +8,8 @@ import logging
 import warnings
 from dataclasses import dataclass, field
 
-from attn_tune.errors import UnknownVariant
-from attn_tune.registry.plugins import _one_line, load_plugins, pm
+from attn_tune.errors import UnknownVariant, one_line
+from attn_tune.registry.plugins import load_plugins, pm
 from attn_tune.registry.variant import Variant, malformed_reason
 
 __all__ = ["Catalog", "catalog", "variants", "get_variant", "availability"]
@@ -37,7 +37,7 @@ def _collect() -> Catalog:
         try:
             contributed = list(impl.function())
         except Exception as exc:  # a plugin's hook that raises is reported, the others still load
-            result.errors[plugin_name] = f"attn_tune_variants() raised {_one_line(exc)}"
+            result.errors[plugin_name] = f"attn_tune_variants() raised {one_line(exc)}"
             continue
         problems = [reason for reason in map(malformed_reason, contributed) if reason]
         if problems:
@@ -99,20 +99,11 @@ def get_variant(name: str) -> Variant:
 _availability: dict[Variant, str | None] = {}  # keyed by value: equal variants are equally available
 
 
-class _Capture(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.WARNING)
-        self.messages: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append(record.getMessage())
-
-
 def _import_quietly(module: str) -> None:
     """Import `module` with its package's log warnings and Python warnings kept off the user's terminal."""
     logger = logging.getLogger(module.split(".")[0])
     saved = (logger.handlers[:], logger.propagate)
-    logger.handlers, logger.propagate = [_Capture()], False
+    logger.handlers, logger.propagate = [logging.NullHandler()], False
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -140,10 +131,10 @@ def _probe(variant: Variant) -> str | None:
         try:
             _import_quietly(module)
         except Exception as exc:  # ImportError, and OSError/RuntimeError from binary extensions
-            return f"cannot import {module}: {_one_line(exc)}"
+            return f"cannot import {module}: {one_line(exc)}"
     if variant.probe is not None:
         try:
             return variant.probe()
         except Exception as exc:
-            return f"probe failed: {_one_line(exc)}"
+            return f"probe failed: {one_line(exc)}"
     return None

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import pluggy
 
+from attn_tune.errors import one_line
 from attn_tune.registry import hookspecs
 
 __all__ = ["pm", "BUILTIN_PLUGINS", "ENTRY_POINT_GROUP", "PluginRecord", "load_plugins", "plugin_records"]
@@ -53,11 +54,6 @@ _loaded = False
 _lock = threading.Lock()
 
 
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
 def _disabled_names() -> set[str]:
     raw = os.environ.get(DISABLE_ENV, "")
     return {part.strip() for part in raw.split(",") if part.strip()}
@@ -71,7 +67,7 @@ def _register(module: object, record: PluginRecord) -> None:
     except Exception as exc:  # pluggy raises ValueError / PluginValidationError
         if pm.is_registered(module):
             pm.unregister(module)
-        record.error = _one_line(exc)
+        record.error = one_line(exc)
 
 
 def own_version() -> str:
@@ -119,7 +115,7 @@ def load_plugins() -> None:
             except BaseException as exc:  # a broken plugin must not stop the others (SystemExit included)
                 if isinstance(exc, KeyboardInterrupt):
                     raise
-                record.error = f"import failed: {_one_line(exc)}"
+                record.error = f"import failed: {one_line(exc)}"
                 continue
             _register(module, record)
         _loaded = True

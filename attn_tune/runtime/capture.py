@@ -10,14 +10,13 @@ import os
 import sys
 from typing import Any, Callable, Iterator
 
-from attn_tune.activations import Sample
 from attn_tune.errors import AttnTuneError
-from attn_tune.problem import Problem
+from attn_tune.problem import Inputs, Problem
 from attn_tune.runtime import dispatch
 from attn_tune.tuned_config import write_atomically
 
 __all__ = ["record", "observe", "capture_factory", "capture_activations", "load_factory", "call_factory",
-           "save_shapes", "CaptureError", "Built"]
+           "save_shapes", "CaptureError", "ModelRun"]
 
 
 class CaptureError(AttnTuneError):
@@ -63,8 +62,8 @@ def load_factory(spec: str) -> Callable[[], Any]:
     return factory
 
 
-class Built:
-    """What a factory returned: the model, its call arguments, and the targets its loss is computed against."""
+class ModelRun:
+    """A factory's model ready to run on its example inputs (call it), and the targets its loss is computed against."""
 
     def __init__(self, model: Any, inputs: Any, targets: Any = None) -> None:
         import torch
@@ -81,7 +80,7 @@ class Built:
         return self.model(*self.args, **self.kwargs)
 
 
-def call_factory(factory: Callable[[], Any]) -> Built:
+def call_factory(factory: Callable[[], Any]) -> ModelRun:
     """Call `factory()`: it returns (model, example_inputs) or (model, example_inputs, targets).
 
     `example_inputs` is a tuple of positional arguments, a dict of keyword arguments, or a single tensor.
@@ -92,10 +91,10 @@ def call_factory(factory: Callable[[], Any]) -> Built:
                            f"got {type(result).__name__}")
     if not callable(result[0]):
         raise CaptureError(f"the factory's model is a {type(result[0]).__name__}, not something to call")
-    return Built(*result)
+    return ModelRun(*result)
 
 
-def _run(built: Built, training: bool) -> None:
+def _run(built: ModelRun, training: bool) -> None:
     import torch
 
     built.model.train(training)
@@ -123,7 +122,7 @@ def spread(count: int, samples: int) -> list[int]:
 
 
 def capture_activations(factory: Callable[[], Any], samples: int, training: bool = False
-                        ) -> tuple[list[Problem], dict[Problem, list[Sample]]]:
+                        ) -> tuple[list[Problem], dict[Problem, list[Inputs]]]:
     """The problems, and for each the q, k, v (and mask) of `samples` of its calls spread across the model's layers.
 
     Runs the model twice (the same inputs): once to count each problem's calls, once to copy the chosen ones,
@@ -141,14 +140,15 @@ def capture_activations(factory: Callable[[], Any], samples: int, training: bool
         _run(built, training)
     wanted = {problem: set(spread(n, samples)) for problem, n in calls.items()}
     seen: dict[Problem, int] = {}
-    kept: dict[Problem, list[Sample]] = {problem: [] for problem in calls}
+    kept: dict[Problem, list[Inputs]] = {problem: [] for problem in calls}
 
     def keep(call: dispatch.Call) -> None:
         number = seen.get(call.problem, 0)
         seen[call.problem] = number + 1
         if number in wanted.get(call.problem, ()):
-            copy = [None if t is None else t.detach().to("cpu", copy=True) for t in (call.q, call.k, call.v, call.attn_mask)]
-            kept[call.problem].append(Sample(*copy, scale=call.scale, call=number))
+            shown = call.inputs
+            copy = [None if t is None else t.detach().to("cpu", copy=True) for t in (shown.q, shown.k, shown.v, shown.attn_mask)]
+            kept[call.problem].append(Inputs(*copy, scale=shown.scale, call=number))
 
     with observe(keep):
         _run(built, training)

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from attn_tune.errors import InvalidProblem, UnsupportedProblem
 from attn_tune.families.masks import fold_for_sdpa
-from attn_tune.problem import DTYPES, Problem
+from attn_tune.problem import DTYPES, Inputs, Problem
 from attn_tune.registry import availability, get_variant, variants
 from attn_tune.registry.variant import DEFAULT_VARIANT, Variant
 from attn_tune.runtime import active
@@ -94,11 +94,7 @@ class Call:
 
     problem: Problem
     decision: Decision
-    q: Tensor
-    k: Tensor
-    v: Tensor
-    attn_mask: Tensor | None
-    scale: float | None
+    inputs: Inputs
     out: Tensor
 
 
@@ -248,16 +244,16 @@ def attention(
     route = _route(query, key, value, attn_mask, is_causal, window, enable_gqa)
     out = route(query, key, value, attn_mask, is_causal, window, scale)
     if _observers and route.decision.problem is not None:
-        _show(route.decision, query, key, value, attn_mask, scale, out)
+        _notify_observers(route.decision, query, key, value, attn_mask, scale, out)
     return out
 
 
-def _show(decision: Decision, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float | None,
+def _notify_observers(decision: Decision, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float | None,
           out: Tensor) -> None:
     if q.dim() == 3:  # the problem's layout has a heads axis
         q, k, v, out = q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1), out.unsqueeze(1)
         mask = mask.unsqueeze(1) if mask is not None and mask.dim() == 3 else mask
-    call = Call(decision.problem, decision, q, k, v, mask, scale, out)
+    call = Call(decision.problem, decision, Inputs(q, k, v, mask, scale), out)
     for observe in list(_observers):
         observe(call)
 

@@ -50,13 +50,13 @@ class ConfigIndex:
         self._retired = {id(config.entries[i]) for i in report.retired}
         for entry in config.entries:
             device = entry.device or config.device
-            dtype = device.get("type")
-            if dtype != entry.problem.device_type:
+            device_type = device.get("type")
+            if device_type != entry.problem.device_type:
                 continue  # an entry is only used on the device type it was measured on
             bucket = self._classes.setdefault(shape_class(entry.problem), {})
             size = (entry.problem.batch, entry.problem.q_len, entry.problem.n_kv_len)
             held = bucket.get(size)
-            if held is None or (device.get("name") == local_names.get(dtype) != (held.device or config.device).get("name")):
+            if held is None or (device.get("name") == local_names.get(device_type) != (held.device or config.device).get("name")):
                 bucket[size] = entry
 
     def changes(self, entry: Entry) -> list[Change]:

@@ -15,19 +15,16 @@ import statistics
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from attn_tune.errors import one_line
+from attn_tune.measurement.measure import Measurement
 from attn_tune.problem import Problem
 from attn_tune.registry.variant import Variant
-from attn_tune.tuner.measure import Measurement
 
-__all__ = ["CONFIDENCE", "TIE_MARGIN", "FAILURES", "Ratio", "failure_reason", "t_quantile", "ratio_interval",
+__all__ = ["CONFIDENCE", "TIE_MARGIN", "FAILURES", "Ratio", "t_quantile", "ratio_interval",
            "head_to_head"]
 
 FAILURES = (Exception,)  # anything a variant raises is a recorded failure, never the end of the study
 
-
-def failure_reason(exc: BaseException) -> str:
-    """One line naming the exception."""
-    return f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
 
 # The default stays unless a candidate's whole interval is faster than it by more than this: two dispatch paths
 # to one kernel differ by noise alone, and a config should not flip between them.
@@ -99,7 +96,7 @@ def head_to_head(
             try:
                 runs.setdefault(key, []).append(measure_fn(variant, problem, params, **final_kwargs))
             except FAILURES as exc:
-                failed[key] = failure_reason(exc)
+                failed[key] = one_line(exc)
         ratios = _ratios(runs, failed, baseline)
         if done >= min_rounds and all(r.decided(margin) for r in ratios.values()):
             break

@@ -10,13 +10,13 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from attn_tune.measurement.measure import Measurement
 from attn_tune.problem import Problem
 from attn_tune.registry.variant import DEFAULT_VARIANT, Variant
 from attn_tune.tuned_config import Entry
-from attn_tune.tuner.headtohead import FAILURES, TIE_MARGIN, Ratio, failure_reason, head_to_head
-from attn_tune.tuner.measure import Measurement
+from attn_tune.tuner.headtohead import FAILURES, TIE_MARGIN, Ratio, head_to_head
 
-__all__ = ["Point", "TIE_MARGIN", "EXACT_TOLERANCE", "FAILURES", "constraint_violation", "choose", "failure_reason"]
+__all__ = ["Point", "TIE_MARGIN", "EXACT_TOLERANCE", "FAILURES", "constraint_violation", "choose"]
 
 # An exact variant further than this from float64 attention has a bug, whatever its speed: it is never chosen.
 EXACT_TOLERANCE = {"float32": 1e-4, "float16": 1e-2, "bfloat16": 5e-2}

@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import math
-import warnings
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
-import optuna
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 
 from attn_tune.problem import Problem
 from attn_tune.registry.catalog import availability
+from attn_tune.registry.space import knob_name
 from attn_tune.registry.variant import Variant
 
-__all__ = ["eligible_variants", "space_size", "grid_points", "suggest", "knob_name", "quiet_optuna"]
+__all__ = ["eligible_variants", "space_size", "grid_points"]
 
 
 def eligible_variants(
@@ -32,11 +30,6 @@ def eligible_variants(
         else:
             excluded[variant.name] = reason
     return chosen, excluded
-
-
-def knob_name(variant: str, knob: str) -> str:
-    """Optuna parameter name of a variant's knob: namespaced, so each knob keeps one distribution."""
-    return f"{variant}:{knob}"
 
 
 def _size(dist: BaseDistribution) -> float:
@@ -73,34 +66,3 @@ def grid_points(problem: Problem, variants: Sequence[Variant]) -> list[dict[str,
         for combo in itertools.product(*(_values(d) for d in knobs.values())):
             points.append({"variant": variant.name, **dict(zip(names, combo))})
     return points
-
-
-def _suggest(trial: optuna.Trial, name: str, dist: BaseDistribution) -> Any:
-    if isinstance(dist, CategoricalDistribution):
-        return trial.suggest_categorical(name, dist.choices)
-    if isinstance(dist, IntDistribution):
-        return trial.suggest_int(name, dist.low, dist.high, step=dist.step, log=dist.log)
-    if isinstance(dist, FloatDistribution):
-        return trial.suggest_float(name, dist.low, dist.high, step=dist.step, log=dist.log)
-    raise TypeError(f"unsupported distribution {type(dist).__name__} for {name}")
-
-
-def suggest(trial: optuna.Trial, problem: Problem, variants: Sequence[Variant]) -> tuple[Variant, dict[str, Any]]:
-    """Define-by-run: the variant first, then that variant's own knobs."""
-    by_name = {v.name: v for v in variants}
-    variant = by_name[trial.suggest_categorical("variant", list(by_name))]
-    params = {knob: _suggest(trial, knob_name(variant.name, knob), dist) for knob, dist in variant.space(problem).items()}
-    return variant, params
-
-
-@contextlib.contextmanager
-def quiet_optuna() -> Iterator[None]:
-    """Optuna logs every trial (and an interrupted one as a warning); the progress bar and summary say what matters."""
-    level = optuna.logging.get_verbosity()
-    optuna.logging.set_verbosity(optuna.logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            yield
-    finally:
-        optuna.logging.set_verbosity(level)

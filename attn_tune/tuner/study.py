@@ -15,12 +15,14 @@ from typing import Any, Callable, Sequence
 import optuna
 import torch
 
+from attn_tune.errors import one_line
+from attn_tune.measurement.measure import Measurement
 from attn_tune.problem import Problem
+from attn_tune.registry.space import knob_name, suggest
 from attn_tune.registry.variant import Variant
 from attn_tune.tuned_config import Entry
-from attn_tune.tuner.measure import Measurement
-from attn_tune.tuner.selection import FAILURES, MeasureFn, Point, choose, constraint_violation, failure_reason
-from attn_tune.tuner.space import eligible_variants, grid_points, knob_name, space_size, suggest
+from attn_tune.tuner.selection import FAILURES, MeasureFn, Point, choose, constraint_violation
+from attn_tune.tuner.space import eligible_variants, grid_points, space_size
 from attn_tune.tuner.storage import fail_dead_trials, mark_started
 
 __all__ = ["PreparedStudy", "study_name", "inputs_key", "prepare_study", "run_trials", "finish_study", "finished_trials",
@@ -207,7 +209,7 @@ def run_trials(
         try:
             m = measure_fn(variant, problem, params, **measure_kwargs)
         except FAILURES as exc:
-            reason = failure_reason(exc)
+            reason = one_line(exc)
             if isinstance(exc, torch.OutOfMemoryError):
                 torch.cuda.empty_cache()
             trial.set_user_attr("status", "failed")

@@ -4,25 +4,34 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from attn_tune.activations import check_against, describe_inputs, load_activations
+from attn_tune.activations import check_against, describe_inputs
 from attn_tune.errors import AttnTuneError
-from attn_tune.problem import Problem, check_device
+from attn_tune.measurement.inputs import load_captured
+from attn_tune.measurement.measure import measure
+from attn_tune.problem import Inputs, Problem, check_device
 from attn_tune.registry.catalog import variants as registered_variants
-from attn_tune.registry.variant import Variant
 from attn_tune.registry.plugins import own_version
+from attn_tune.registry.space import quiet_optuna
+from attn_tune.registry.variant import Variant
 from attn_tune.staleness import measured_with
 from attn_tune.tuned_config import Entry, TunedConfig, device_info
-from attn_tune.tuner.measure import measure
 from attn_tune.tuner.selection import MeasureFn
-from attn_tune.tuner.space import quiet_optuna
 from attn_tune.tuner.storage import open_storage
-from attn_tune.tuner.study import (PreparedStudy, finish_study, first_calls_s, inputs_key, prepare_study, queue_point,
-                                   run_trials)
+from attn_tune.tuner.study import (
+    PreparedStudy,
+    finish_study,
+    first_calls_s,
+    inputs_key,
+    prepare_study,
+    queue_point,
+    run_trials,
+)
 from attn_tune.tuner.validate import Validator, fit_loss_budget
 from attn_tune.tuner.workers import run_workers
 
@@ -57,6 +66,7 @@ def tune(
     validator: Validator | None = None,
     max_loss_change: float | None = None,
     on_drop: Callable[[dict[str, Any]], None] | None = None,
+    problems_label: str = "the problems tuned",
 ) -> TunedConfig:
     """Find, by measuring, the best variant and knobs for each problem on this machine.
 
@@ -89,33 +99,20 @@ def tune(
             outcome goes to the config's `validation`); within a loss budget, the approximate entry with the worst
             call is chosen again from its study with errors below that call's (a safer knob, or exact), or
             dropped, until the loss rises by at most `max_loss_change`; `on_drop` hears of each.
+        problems_label: how messages name the problems ("the problems of shapes.json").
 
     Returns:
         A `TunedConfig` with one entry per problem that some candidate could serve within the constraints.
 
     Raises:
-        AttnTuneError: a bad objective or trial count, a loss budget for a model with no loss, an unreachable storage, a device this machine lacks, an
-            activations file that is missing, malformed or not of these problems.
+        AttnTuneError: a bad objective or trial count, a loss budget for a model with no loss, an unreachable
+            storage, a device this machine lacks, an activations file that is missing, malformed or not of these
+            problems. Every check is made here, before anything is measured.
     """
-    if objective not in OBJECTIVES:
-        raise AttnTuneError(f"unknown objective {objective!r}; choose one of {', '.join(OBJECTIVES)}")
-    if trials < 1:
-        raise AttnTuneError(f"trials must be positive, got {trials}")
-    for device in sorted({p.device for p in problems}):
-        check_device(device)
-    if workers < 1:
-        raise AttnTuneError(f"workers must be positive, got {workers}")
-    if workers > 1 and storage is None:
-        raise AttnTuneError("several workers share a study through a storage: give one (an SQLite file or a server URL)")
-    for name, limit in (("timeout", timeout), ("problem_timeout", problem_timeout)):
-        if limit is not None and not limit > 0:
-            raise AttnTuneError(f"{name} must be a positive number of seconds, got {limit}")
-    if max_loss_change is not None and validator is None:
-        raise AttnTuneError("a loss budget is checked by running a model: give a validator")
-    if max_loss_change is not None:
-        validator.require_loss()
-    if workers > 1 and (timeout or problem_timeout):
-        raise AttnTuneError("time limits apply to one process; with --workers, bound the run by --trials")
+    captured = _checked_arguments(problems, objective=objective, trials=trials, workers=workers, storage=storage,
+                                  timeout=timeout, problem_timeout=problem_timeout, validator=validator,
+                                  max_loss_change=max_loss_change, activations=activations,
+                                  problems_label=problems_label)
     started = time.monotonic()
     run_deadline = None if timeout is None else started + timeout
     pool = list(variants) if variants is not None else registered_variants()
@@ -123,10 +120,7 @@ def tune(
     top = devices[problems[0].device] if problems else device_info("cpu")
     measure_kwargs = dict(measure_kwargs or {})
     final_kwargs = dict(final_kwargs or {"min_repeats": 10, "min_time_s": 0.3})
-    captured: dict[Problem, list[Any]] = {}
     if activations is not None:
-        captured = load_activations(activations)
-        check_against(captured, problems, activations)
         measure_kwargs["activations"] = final_kwargs["activations"] = str(Path(activations).resolve())
     key = inputs_key(measure_kwargs)
     limits = dict(objective=objective, max_error=max_error, memory_budget=memory_budget)
@@ -150,26 +144,16 @@ def tune(
             run_workers(workers, storage, problems, pool=pool, trials=trials, seed=seed, measure_fn=measure_fn,
                         measure_kwargs=measure_kwargs, studies=[p for p in prepared if not isinstance(p, str)],
                         on_trial=on_trial, **limits)
+        choosing = _Choosing(measure_fn, finalists, rounds, max_rounds, final_kwargs, limits)
         for problem, study in zip(problems, prepared):
             problem_started = time.monotonic()
             if isinstance(study, str):
                 entry, note = None, study
             else:  # alone, every trial; after workers, only what a dead worker left
                 deadline = _deadline(run_deadline, problem_started, problem_timeout)
-                kwargs = measure_kwargs if deadline is None else {
-                    **measure_kwargs, "first_call_limit_s": max(deadline - time.monotonic(), 0.0)}
                 if queue_first and problem in queue_first:
                     queue_point(study, queue_first[problem])
-                run_trials(study, measure_fn=measure_fn, measure_kwargs=kwargs, on_trial=on_trial, deadline=deadline,
-                           **limits)
-                if deadline is not None and not study.cut_short and time.monotonic() >= deadline:
-                    study.cut_short = "the time limit came before the head-to-head"
-                entry, note = finish_study(
-                    study, measure_fn=measure_fn, finalists=finalists, rounds=rounds, max_rounds=max_rounds,
-                    final_kwargs=final_kwargs, **limits,
-                )
-                if study.cut_short:
-                    note = f"cut short ({study.cut_short}): {note}"
+                entry, note = _search(study, choosing, measure_kwargs, deadline, on_trial)
                 if entry is not None:
                     entry.tuning = _tuning_record(study, time.monotonic() - problem_started)
             if entry is not None:
@@ -181,9 +165,7 @@ def tune(
             study = dict(zip(problems, prepared)).get(problem)
             if study is None or isinstance(study, str):
                 return None
-            entry, _ = finish_study(study, measure_fn=measure_fn, finalists=finalists, rounds=rounds,
-                                    max_rounds=max_rounds, final_kwargs=final_kwargs, objective=objective,
-                                    max_error=min(max_error or 0.0, below), memory_budget=memory_budget)
+            entry, _ = choosing.choose(study, max_error=min(max_error or 0.0, below))
             if entry is None:
                 return None
             entry.tuning = next((e.tuning for e in entries if e.problem == problem), None)
@@ -196,6 +178,68 @@ def tune(
             else:
                 config, _ = fit_loss_budget(config, validator, max_loss_change, on_drop=on_drop, rechoose=rechoose)
     return config
+
+
+def _checked_arguments(problems: Sequence[Problem], *, objective: str, trials: int, workers: int, storage: str | None,
+                       timeout: float | None, problem_timeout: float | None, validator: Validator | None,
+                       max_loss_change: float | None, activations: str | os.PathLike | None,
+                       problems_label: str) -> dict[Problem, list[Inputs]]:
+    """Every check of `tune`'s arguments, before anything is measured (the CLI only translates options); returns
+    the captured calls of the activations file, read once."""
+    if objective not in OBJECTIVES:
+        raise AttnTuneError(f"unknown objective {objective!r}; choose one of {', '.join(OBJECTIVES)}")
+    if trials < 1:
+        raise AttnTuneError(f"trials must be positive, got {trials}")
+    for device in sorted({p.device for p in problems}):
+        check_device(device)
+    if workers < 1:
+        raise AttnTuneError(f"workers must be positive, got {workers}")
+    if workers > 1 and storage is None:
+        raise AttnTuneError("several workers share a study through a storage: give one (an SQLite file or a server URL)")
+    for name, limit in (("timeout", timeout), ("problem_timeout", problem_timeout)):
+        if limit is not None and not limit > 0:
+            raise AttnTuneError(f"{name} must be a positive number of seconds, got {limit}")
+    if workers > 1 and (timeout or problem_timeout):
+        raise AttnTuneError("time limits apply to one process; with --workers, bound the run by --trials")
+    if max_loss_change is not None:
+        if validator is None:
+            raise AttnTuneError("a loss budget is checked by running a model: give a validator")
+        validator.require_loss()
+    if activations is None:
+        return {}
+    captured = load_captured(activations)
+    check_against(captured, problems, activations, problems_label)
+    return captured
+
+
+@dataclass(frozen=True)
+class _Choosing:
+    """How a study's choice is made (the head-to-head's measurement and rounds, the limits), shared by the first
+    choice and a loss budget's choosing again."""
+
+    measure_fn: MeasureFn
+    finalists: int
+    rounds: int
+    max_rounds: int | None
+    final_kwargs: dict[str, Any]
+    limits: dict[str, Any]
+
+    def choose(self, study: PreparedStudy, **limits: Any) -> tuple[Entry | None, str]:
+        return finish_study(study, measure_fn=self.measure_fn, finalists=self.finalists, rounds=self.rounds,
+                            max_rounds=self.max_rounds, final_kwargs=self.final_kwargs, **{**self.limits, **limits})
+
+
+def _search(study: PreparedStudy, choosing: _Choosing, measure_kwargs: dict[str, Any], deadline: float | None,
+            on_trial: Callable[[Problem, int, int], None] | None) -> tuple[Entry | None, str]:
+    """One problem's trials until its budget or deadline, then its choice; a note says how it went."""
+    if deadline is not None:  # a first call past the time left ends the problem (measure raises TimeoutError)
+        measure_kwargs = {**measure_kwargs, "first_call_limit_s": max(deadline - time.monotonic(), 0.0)}
+    run_trials(study, measure_fn=choosing.measure_fn, measure_kwargs=measure_kwargs, on_trial=on_trial,
+               deadline=deadline, **choosing.limits)
+    if deadline is not None and not study.cut_short and time.monotonic() >= deadline:
+        study.cut_short = "the time limit came before the head-to-head"
+    entry, note = choosing.choose(study)
+    return entry, f"cut short ({study.cut_short}): {note}" if study.cut_short else note
 
 
 def _deadline(run_deadline: float | None, started: float, problem_timeout: float | None) -> float | None:

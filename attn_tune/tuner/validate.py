@@ -16,12 +16,12 @@ import torch
 from torch import Tensor
 
 from attn_tune.errors import AttnTuneError
+from attn_tune.measurement.inputs import exact_attention, relative_error
 from attn_tune.problem import Problem
 from attn_tune.registry.catalog import get_variant
 from attn_tune.runtime import dispatch, use_config
-from attn_tune.runtime.capture import Built, call_factory, observe
+from attn_tune.runtime.capture import ModelRun, call_factory, observe
 from attn_tune.tuned_config import Entry, TunedConfig
-from attn_tune.tuner.inputs import exact_attention, relative_error
 
 __all__ = ["CallReport", "Validation", "Validator", "NoLoss", "fit_loss_budget", "IGNORE_INDEX"]
 
@@ -125,8 +125,8 @@ def _loss(out: Any, targets: Any) -> tuple[float | None, str | None]:
 
 
 def _call_error(call: dispatch.Call) -> float:
-    ref = exact_attention(call.q, call.k, call.v, is_causal=call.problem.causal, window=call.problem.window,
-                          attn_mask=call.attn_mask, scale=call.scale)
+    inputs = call.inputs
+    ref = exact_attention(inputs.q, inputs.k, inputs.v, **inputs.call_kwargs(call.problem))
     return relative_error(call.out, ref)
 
 
@@ -135,7 +135,7 @@ class Validator:
 
     def __init__(self, factory: Callable[[], Any], label: str = "") -> None:
         self.label = label or getattr(factory, "__name__", "factory")
-        self.built: Built = call_factory(factory)
+        self.built: ModelRun = call_factory(factory)
         self.built.model.eval()
         with use_config(None), torch.no_grad():
             out = self.built()
@@ -174,9 +174,9 @@ def fit_loss_budget(config: TunedConfig, validator: Validator, max_loss_change: 
     entries = list(config.entries)
     dropped: list[dict[str, Any]] = []
     while True:
-        trial = TunedConfig(entries=entries, device=config.device, created=config.created, attn_tune=config.attn_tune,
-                            torch=config.torch)
-        validation = validator.validate(trial)
+        candidate = TunedConfig(entries=entries, device=config.device, created=config.created,
+                                attn_tune=config.attn_tune, torch=config.torch)
+        validation = validator.validate(candidate)
         change = validation.loss_change
         worst: dict[Problem, float] = {}
         for call in validation.calls:
@@ -184,8 +184,8 @@ def fit_loss_budget(config: TunedConfig, validator: Validator, max_loss_change: 
                 worst[call.entry] = max(worst.get(call.entry, 0.0), call.rel_error)
         if change is None or change <= max_loss_change or not worst:
             validation.dropped = dropped
-            trial.validation = {**validation.summary(), "max_loss_change": max_loss_change}
-            return trial, validation
+            candidate.validation = {**validation.summary(), "max_loss_change": max_loss_change}
+            return candidate, validation
         target = max(worst, key=worst.get)
         old = next(e for e in entries if e.problem == target)
         limit = min(worst[target], old.measured.get("rel_error", worst[target])) * (1 - 1e-6)

@@ -19,9 +19,9 @@ from typing import Any, Callable, Sequence
 from attn_tune.errors import AttnTuneError
 from attn_tune.problem import Problem
 from attn_tune.registry import get_variant
+from attn_tune.registry.space import quiet_optuna
 from attn_tune.registry.variant import Variant
 from attn_tune.tuned_config import device_info
-from attn_tune.tuner.space import quiet_optuna
 from attn_tune.tuner.storage import open_storage, redact
 from attn_tune.tuner.study import finished_trials, inputs_key, prepare_study, run_trials
 

@@ -7,10 +7,10 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
 
 from attn_tune.errors import UnsupportedProblem
+from attn_tune.measurement.measure import Measurement, measure
 from attn_tune.problem import Problem
 from attn_tune.registry.catalog import availability
 from attn_tune.registry.variant import DEFAULT_VARIANT, Variant
-from attn_tune.tuner.measure import Measurement, measure
 
 __all__ = ["BenchResult", "bench"]
 

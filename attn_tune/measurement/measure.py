@@ -13,12 +13,17 @@ from typing import Any, Callable
 import torch
 
 from attn_tune.errors import UnsupportedProblem
-from attn_tune.problem import Problem, check_device
+from attn_tune.measurement.inputs import (
+    captured_samples,
+    make_inputs,
+    reference_output,
+    relative_error,
+    sample_reference,
+)
+from attn_tune.measurement.memory import peak_bytes
+from attn_tune.problem import Inputs, Problem, check_device
 from attn_tune.registry.catalog import availability
 from attn_tune.registry.variant import Variant
-from attn_tune.tuner.inputs import (Inputs, captured_samples, make_inputs, reference_output, relative_error,
-                                    sample_reference)
-from attn_tune.tuner.memory import peak_bytes
 
 __all__ = ["Measurement", "measure", "make_step"]
 
@@ -69,7 +74,7 @@ def make_step(
 
 
 def _sample_error(variant: Variant, problem: Problem, params: dict[str, Any], path: str | os.PathLike, index: int,
-                  sample: Any) -> float:
+                  sample: Inputs) -> float:
     with torch.no_grad():
         out = variant.fn(sample.q, sample.k, sample.v, **sample.call_kwargs(problem), **params)
     return relative_error(out, sample_reference(path, problem, index))

@@ -2,34 +2,19 @@
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import os
-from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from attn_tune.activations import ActivationsError, Sample, load_activations
-from attn_tune.problem import Problem
+from attn_tune.activations import ActivationsError, load_activations
+from attn_tune.problem import Inputs, Problem
 
-__all__ = ["Inputs", "make_inputs", "reference_output", "exact_attention", "relative_error", "captured_samples",
+__all__ = ["load_captured", "make_inputs", "reference_output", "exact_attention", "relative_error", "captured_samples",
            "sample_reference"]
-
-
-@dataclass(frozen=True)
-class Inputs:
-    """q, k, v in SDPA layout and, for problems with `mask`, a boolean keep-mask of shape (q_len, kv_len)."""
-
-    q: Tensor
-    k: Tensor
-    v: Tensor
-    attn_mask: Tensor | None
-
-    def call_kwargs(self, problem: Problem) -> dict[str, Any]:
-        """The masking keywords a variant's fn takes for this problem."""
-        return {"is_causal": problem.causal, "window": problem.window, "attn_mask": self.attn_mask, "scale": None}
 
 
 def make_inputs(problem: Problem, seed: int = 0) -> Inputs:
@@ -80,23 +65,31 @@ def exact_attention(q: Tensor, k: Tensor, v: Tensor, *, attn_mask: Tensor | None
 
 
 @functools.lru_cache(maxsize=4)
-def _activations(path: str, stamp: tuple[int, int]) -> dict[Problem, list[Sample]]:
+def _activations(path: str, stamp: tuple[int, int]) -> dict[Problem, list[Inputs]]:
     return load_activations(path)
 
 
-def captured_samples(path: str | os.PathLike, problem: Problem) -> list[Sample]:
-    """The captured calls of `problem` in the activations file at `path`, on the problem's device ([] if none).
+def load_captured(path: str | os.PathLike) -> dict[Problem, list[Inputs]]:
+    """The activations file at `path`, read once while it is unchanged (the tuner and every measurement share it).
 
     Raises:
-        ActivationsError: the file is missing or not an activations file.
+        ActivationsError: the file is missing, not an activations file, or malformed.
     """
     try:
         stat = os.stat(path)
     except OSError:
         raise ActivationsError(f"activations file {path} does not exist") from None
-    samples = _activations(str(path), (stat.st_mtime_ns, stat.st_size)).get(problem, [])
-    return [dataclasses.replace(s, **{name: None if getattr(s, name) is None else getattr(s, name).to(problem.device)
-                                      for name in ("q", "k", "v", "attn_mask")}) for s in samples]
+    return _activations(str(Path(path).resolve()), (stat.st_mtime_ns, stat.st_size))  # one key per file
+
+
+def captured_samples(path: str | os.PathLike, problem: Problem) -> list[Inputs]:
+    """The captured calls of `problem` in the activations file at `path`, on the problem's device ([] if none).
+
+    Raises:
+        ActivationsError: the file is missing or not an activations file.
+    """
+    samples = load_captured(path).get(problem, [])
+    return [sample.to(problem.device) for sample in samples]
 
 
 @functools.lru_cache(maxsize=16)
