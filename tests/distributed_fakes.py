@@ -10,7 +10,7 @@ import os
 import time
 from typing import Any
 
-from attn_tune.tuner.measure import Measurement
+from attn_tune.measurement.measure import Measurement
 
 LOG_ENV = "ATTN_TUNE_TEST_MEASURE_LOG"
 SECONDS_ENV = "ATTN_TUNE_TEST_MEASURE_SECONDS"

@@ -11,14 +11,16 @@ from click.testing import CliRunner
 
 import attn_tune
 from attn_tune import Problem
-from attn_tune.activations import ActivationsError, Sample, load_activations, save_activations
+from attn_tune.activations import ActivationsError, load_activations, save_activations
 from attn_tune.cli.main import cli
+from attn_tune.measurement.measure import measure
+from attn_tune.problem import Inputs
 from attn_tune.registry.variant import Variant
-from attn_tune.runtime.capture import capture_activations, load_factory, spread
+from attn_tune.runtime.capture import capture_activations, load_factory, observe, spread
 from attn_tune.tuned_config import load_config
-from attn_tune.tuner.measure import measure
 from attn_tune.tuner.tune import tune
 from attn_tune.tuner.validate import NoLoss, Validator, fit_loss_budget
+from tests.oracle import oracle
 from tests.runtime_helpers import config, entry, registered
 
 FACTORIES = '''
@@ -70,10 +72,7 @@ CLAMPED = Variant(name="clamped", family="test", fn=_clamped, exact=False,
                   supports=lambda p: None if p.window is None and not p.mask and p.kv_heads is None else "plain only")
 
 
-@pytest.fixture(autouse=True)
-def _no_config():
-    with attn_tune.use_config(None):
-        yield
+pytestmark = pytest.mark.usefixtures("no_config")
 
 
 @pytest.fixture
@@ -120,7 +119,7 @@ def test_capture_cli_writes_shapes_and_activations(user_module: Path) -> None:
 
 def test_a_mask_is_kept_with_its_call(tmp_path: Path) -> None:
     problem = Problem(batch=1, heads=2, q_len=8, head_dim=4, mask=True)
-    sample = Sample(torch.randn(1, 2, 8, 4), torch.randn(1, 2, 8, 4), torch.randn(1, 2, 8, 4),
+    sample = Inputs(torch.randn(1, 2, 8, 4), torch.randn(1, 2, 8, 4), torch.randn(1, 2, 8, 4),
                     torch.rand(1, 1, 8, 8) > 0.3, scale=0.5, call=3)
     save_activations(tmp_path / "m.safetensors", {problem: [sample]})
     back = load_activations(tmp_path / "m.safetensors")[problem][0]
@@ -276,8 +275,80 @@ def test_a_captured_additive_float_mask_is_measured_against_its_own_reference(tm
     keep = torch.rand(1, 1, 8, 8, generator=torch.Generator().manual_seed(0)) > 0.3
     keep[..., torch.arange(8), torch.arange(8)] = True
     additive = torch.zeros(1, 1, 8, 8).masked_fill(~keep, float("-inf"))
-    sample = Sample(torch.randn(1, 2, 8, 4), torch.randn(1, 2, 8, 4), torch.randn(1, 2, 8, 4), additive)
+    sample = Inputs(torch.randn(1, 2, 8, 4), torch.randn(1, 2, 8, 4), torch.randn(1, 2, 8, 4), additive)
     save_activations(tmp_path / "f.safetensors", {problem: [sample]})
     m = measure(attn_tune.registry.get_variant("sdpa"), problem, min_repeats=1, min_time_s=0,
                 activations=str(tmp_path / "f.safetensors"))
     assert m.rel_error < 1e-5
+
+
+LIGHT = {"min_repeats": 1, "min_time_s": 0}
+
+
+def test_a_second_tune_with_activations_does_not_reuse_the_random_input_studies(user_module: Path) -> None:
+    """The activations' digest is part of each study's name: errors measured on random inputs are never taken for
+    errors on the model's own calls (with a storage that keeps studies, the second run would find the first's)."""
+    _, kept = capture_activations(load_factory("act_models:sharp"), samples=2)
+    save_activations("sharp.safetensors", kept)
+    storage = "sqlite:///studies.db"
+    settings = dict(trials=2, max_error=0.05, variants=[attn_tune.registry.get_variant("sdpa"), CLAMPED], seed=0,
+                    rounds=1, storage=storage, measure_kwargs=LIGHT, final_kwargs=LIGHT)
+    with registered(CLAMPED):
+        blind = tune([SHARP_PROBLEM], **settings).entries[0]
+        seeing = tune([SHARP_PROBLEM], activations="sharp.safetensors", **settings).entries[0]
+    assert {c["variant"]: c["status"] for c in blind.candidates}["clamped"] == "ok"
+    assert {c["variant"]: c["status"] for c in seeing.candidates}["clamped"] == "excluded"
+    import optuna
+
+    assert len(optuna.get_all_study_names(storage)) == 2
+
+
+def test_the_error_over_captured_calls_is_the_worst_call(user_module: Path) -> None:
+    """Three layers' calls, each with its own error: `measure` reports the largest, not the mean or the first."""
+    _, kept = capture_activations(load_factory("act_models:sharp"), samples=3)
+    calls = kept[SHARP_PROBLEM][::-1]  # the first layer's call (the worst here) last
+    save_activations("sharp.safetensors", {SHARP_PROBLEM: calls})
+    errors = []
+    for sample in calls:
+        out = _clamped(sample.q, sample.k, sample.v, **sample.call_kwargs(SHARP_PROBLEM))
+        ref = oracle(sample.q, sample.k, sample.v, causal=True, scale=sample.scale)
+        errors.append(float((out.double() - ref).norm() / ref.norm()))
+    worst = max(errors)
+    assert worst > 1.05 * errors[0] and worst > 1.05 * sum(errors) / len(errors), errors  # the test can tell them apart
+    measured = measure(CLAMPED, SHARP_PROBLEM, activations="sharp.safetensors", **LIGHT)
+    assert measured.rel_error == pytest.approx(worst, rel=1e-6)
+
+
+def test_validate_measures_each_calls_error_against_the_oracle(user_module: Path) -> None:
+    validator = Validator(load_factory("act_models:lm"), "act_models:lm")
+    seen = []
+    with observe(lambda call: seen.append((call.inputs, call.out.detach().clone()))):
+        report = validator.validate(config([entry(LM_PROBLEM, "local", {"local_window": 4}, max_error=1.0)]))
+    assert len(seen) == len(report.calls) == 3
+    for (inputs, out), call in zip(seen, report.calls):
+        ref = oracle(inputs.q, inputs.k, inputs.v, causal=True, scale=inputs.scale)
+        assert call.rel_error == pytest.approx(float((out.double() - ref).norm() / ref.norm()), rel=1e-6)
+
+
+def test_validate_max_loss_change_passes_above_the_change_and_fails_below_it(user_module: Path) -> None:
+    config([entry(LM_PROBLEM, "local", {"local_window": 2}, max_error=1.0)]).save("bad.json")
+    measured = run("validate", "act_models:lm", "--config", "bad.json", "--json")
+    assert measured.exit_code == 0, measured.output
+    change = json.loads(measured.stdout)["loss_change"]
+    assert change > 0
+    within = run("validate", "act_models:lm", "--config", "bad.json", "--max-loss-change", f"{2 * change}")
+    assert within.exit_code == 0 and "within the loss budget" in within.stdout, within.output
+    over = run("validate", "act_models:lm", "--config", "bad.json", "--max-loss-change", f"{change / 2}")
+    assert over.exit_code == 1 and "over the loss budget" in over.stdout, over.output
+
+
+def test_the_real_quick_preset_names_a_factory_and_variants_that_exist() -> None:
+    """`make run` is `tune --preset quick`: its model loads and gives a loss, and every variant name resolves."""
+    from attn_tune.tuner import presets
+
+    quick = presets.PRESETS["quick"]
+    assert quick.variants and all(attn_tune.get_variant(name).name == name for name in quick.variants)
+    model, inputs, targets = load_factory(quick.factory)()
+    assert isinstance(model, torch.nn.Module) and targets is not None
+    assert all(isinstance(p, Problem) and p.causal for p in quick.problems)
+    assert 0 < quick.max_error < 1 and 0 < quick.max_loss_change < 0.05

@@ -21,11 +21,14 @@ TOLERANCE = {"float32": 1e-5, "bfloat16": 2e-2}
 
 
 def _variant(name: str, problem: Problem | None = None) -> attn_tune.Variant:
-    """The variant, or a skip saying why it cannot run here (only for kernels this install lacks)."""
+    """The variant, or a skip saying why it cannot run here (only for kernels this install lacks). Every problem a
+    test gives is one the variant claims: refusing it is a failure, never a skip."""
     variant = attn_tune.get_variant(name)
-    reason = attn_tune.availability(variant) or (problem is not None and variant.supports(problem))
+    reason = attn_tune.availability(variant)
     if reason:
         pytest.skip(f"{name} cannot run here: {reason}")
+    refusal = problem is not None and variant.supports(problem)
+    assert not refusal, f"{name} refuses {problem.describe()}, a problem of its family it is tested on: {refusal}"
     return variant
 
 

@@ -9,17 +9,13 @@ import torch.nn.functional as F
 import attn_tune
 from attn_tune import AutoAttention, InvalidProblem
 from attn_tune.families.masks import shared_visible_keys
+from attn_tune.measurement.inputs import relative_error
 from attn_tune.models import CausalLM, Encoder
 from attn_tune.modules.rotary import rotary_tables
 from attn_tune.runtime import record
-from attn_tune.tuner.inputs import relative_error
 from tests.runtime_helpers import config, entry
 
-
-@pytest.fixture(autouse=True)
-def _no_config():
-    with attn_tune.use_config(None):
-        yield
+pytestmark = pytest.mark.usefixtures("no_config")
 
 
 def _rope_complex(x: torch.Tensor) -> torch.Tensor:

@@ -37,10 +37,7 @@ def broken():
 '''
 
 
-@pytest.fixture(autouse=True)
-def _no_config():
-    with attn_tune.use_config(None):
-        yield
+pytestmark = pytest.mark.usefixtures("no_config")
 
 
 @pytest.fixture

@@ -1,7 +1,8 @@
-"""Tuning beyond one process: workers sharing studies on PostgreSQL, a killed worker, export, passwords.
+"""Tuning beyond one process: workers sharing studies, a killed worker, export, passwords.
 
-The tests that need a server read its URL from ATTN_TUNE_TEST_POSTGRES_URL (`.ci/run` starts one) and skip with
-that reason otherwise; the URL's password must never show.
+The worker tests run on an SQLite file (the default storage, nothing to start) and again on PostgreSQL, whose URL
+they read from ATTN_TUNE_TEST_POSTGRES_URL (`.ci/run` starts a server); without one only the PostgreSQL runs skip,
+saying so. The URL's password must never show.
 """
 
 from __future__ import annotations
@@ -41,6 +42,15 @@ def clean_db():
     for name in optuna.get_all_study_names(storage):
         optuna.delete_study(study_name=name, storage=storage)
     return storage
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=needs_server)])
+def shared(request, tmp_path):
+    """(URL, opened storage) of an empty storage that several processes share: an SQLite file, or the server."""
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'shared.db'}"
+        return url, open_storage(url)
+    return URL, request.getfixturevalue("clean_db")
 
 
 def _password(url: str) -> str:
@@ -87,14 +97,14 @@ def _assert_every_trial_accounted_for(study: optuna.Study) -> None:
             assert study.user_attrs[f"failure:{t.number}"]["reason"], t.number
 
 
-@needs_server
-def test_three_workers_share_one_study_without_measuring_twice(clean_db, tmp_path) -> None:
+def test_three_workers_share_one_study_without_measuring_twice(shared, tmp_path) -> None:
+    url, storage = shared
     log = tmp_path / "measure.log"
-    env = {**os.environ, STORAGE_ENV: URL, LOG_ENV: str(log), SECONDS_ENV: "0.3"}
+    env = {**os.environ, STORAGE_ENV: url, LOG_ENV: str(log), SECONDS_ENV: "0.3"}
     workers = [_start_worker(i, env) for i in range(3)]
     for w in workers:
         assert w.wait(timeout=120) == 0, w.stderr.read()
-    study = _study(clean_db)
+    study = _study(storage)
     _assert_every_trial_accounted_for(study)
     calls = _log_lines(log)
     done = Counter(_point(c) for c in calls if c["event"] == "done")
@@ -102,10 +112,10 @@ def test_three_workers_share_one_study_without_measuring_twice(clean_db, tmp_pat
     assert len({c["pid"] for c in calls}) >= 2  # the work was really shared
 
 
-@needs_server
-def test_a_worker_killed_mid_trial_is_retried_and_the_study_finishes(clean_db, tmp_path) -> None:
+def test_a_worker_killed_mid_trial_is_retried_and_the_study_finishes(shared, tmp_path) -> None:
+    url, storage = shared
     log = tmp_path / "measure.log"
-    env = {**os.environ, STORAGE_ENV: URL, LOG_ENV: str(log), SECONDS_ENV: "1.0", HEARTBEAT_ENV: "1"}
+    env = {**os.environ, STORAGE_ENV: url, LOG_ENV: str(log), SECONDS_ENV: "1.0", HEARTBEAT_ENV: "1"}
     workers = [_start_worker(i, env) for i in range(3)]
     victim = None
     deadline = time.time() + 60
@@ -123,7 +133,7 @@ def test_a_worker_killed_mid_trial_is_retried_and_the_study_finishes(clean_db, t
     assert victim.returncode == -signal.SIGKILL
     assert all(w.returncode == 0 for w in workers if w is not victim)
 
-    study = _study(clean_db)
+    study = _study(storage)
     _assert_every_trial_accounted_for(study)
     failed = [t for t in study.trials if t.state == optuna.trial.TrialState.FAIL
               and "heartbeats" in study.user_attrs[f"failure:{t.number}"]["reason"]]
@@ -136,22 +146,22 @@ def test_a_worker_killed_mid_trial_is_retried_and_the_study_finishes(clean_db, t
     assert len(done) == 9 and set(done.values()) == {1}
 
 
-@needs_server
-def test_workers_option_tunes_and_export_writes_the_config(clean_db, tmp_path) -> None:
+def test_workers_option_tunes_and_export_writes_the_config(shared, tmp_path) -> None:
+    url, storage = shared
     runner = CliRunner()
     result = runner.invoke(cli, ["tune", "--seq-len", "128", "--heads", "2", "--head-dim", "16", "--variant", "sdpa",
-                                 "--variant", "chunked", "--variant", "dense", "--storage", URL, "--workers", "3",
+                                 "--variant", "chunked", "--variant", "dense", "--storage", url, "--workers", "3",
                                  "--out", str(tmp_path / "tuned.json")])
     assert result.exit_code == 0, result.output
-    study = _study(clean_db)
+    study = _study(storage)
     assert sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials) == 4  # sdpa, dense, chunk 32, 64
-    exported = runner.invoke(cli, ["export", "--storage", URL, "--out", str(tmp_path / "exported.json")])
+    exported = runner.invoke(cli, ["export", "--storage", url, "--out", str(tmp_path / "exported.json")])
     assert exported.exit_code == 0, exported.output
     tuned = attn_tune.load_config(tmp_path / "tuned.json")
     again = attn_tune.load_config(tmp_path / "exported.json")
     assert [e.problem for e in again.entries] == [e.problem for e in tuned.entries]
     assert again.entries[0].choice == tuned.entries[0].choice
-    password = _password(URL)
+    password = _password(url) if url == URL else "no password in an SQLite URL"
     for text in (result.output, exported.output, (tmp_path / "tuned.json").read_text(),
                  (tmp_path / "exported.json").read_text(), json.dumps(study.user_attrs), study.study_name,
                  json.dumps([t.user_attrs | t.system_attrs for t in study.trials], default=str)):

@@ -4,16 +4,18 @@ and one kernel reached under two names never contends."""
 
 from __future__ import annotations
 
+import json
 import math
 import random
+import statistics
 
 import pytest
 from click.testing import CliRunner
 
 from attn_tune import Problem
 from attn_tune.cli.main import cli
-from attn_tune.tuner.headtohead import ratio_interval, t_quantile
-from attn_tune.tuner.measure import Measurement
+from attn_tune.measurement.measure import Measurement
+from attn_tune.tuner.headtohead import head_to_head, ratio_interval, t_quantile
 from attn_tune.tuner.tune import tune
 from tests.test_tune import MiB, _variant
 
@@ -98,3 +100,36 @@ def test_show_prints_the_ratio_with_its_interval(tmp_path) -> None:
     line = next(line for line in CliRunner().invoke(cli, ["show", str(path)]).stdout.splitlines() if "fast" in line)
     row = entry.head_to_head["ratios"][0]
     assert f"{row['ratio']:.2f}x [{row['low']:.2f}-{row['high']:.2f}]" in line
+
+
+def _student_t_quantile(p: float, df: int) -> float:
+    """The exact Student's t quantile, by root-finding on its CDF (mpmath's regularized incomplete beta)."""
+    import mpmath
+
+    cdf = lambda t: 1 - mpmath.betainc(df / 2, 0.5, 0, df / (df + t * t), regularized=True) / 2  # noqa: E731
+    return float(mpmath.findroot(lambda t: cdf(t) - p, 2.0))
+
+
+def test_the_head_to_head_splits_its_level_over_the_candidates_with_students_t() -> None:
+    """Three candidates over five scripted rounds: each interval's half-width (in log ratio) is Student's t at
+    1 - 0.05 / (2 x 3), df 4, times the standard error; neither the unsplit level nor the normal quantile."""
+    script = {"sdpa": [10.0] * 5, "a": [9.0, 9.6, 8.5, 9.3, 8.8], "b": [10.4, 9.1, 10.9, 9.8, 10.2],
+              "c": [7.0, 7.9, 7.2, 6.6, 7.5]}
+    calls = {name: iter(values) for name, values in script.items()}
+
+    def scripted(variant, problem, params, **kwargs):
+        return Measurement(latency_ms=next(calls[variant.name]), latency_iqr_ms=0.0, peak_bytes=MiB, rel_error=1e-7,
+                           repeats=5)
+
+    pool = [(_variant(name), {}) for name in script]
+    keys = {name: json.dumps([name, {}], sort_keys=True) for name in script}
+    _, ratios = head_to_head(pool, PROBLEM, scripted, baseline=keys["sdpa"], min_rounds=5, max_rounds=5,
+                             final_kwargs={})
+    t_split = _student_t_quantile(1 - 0.05 / 6, 4)
+    assert t_split / _student_t_quantile(0.975, 4) > 1.3 and t_split / statistics.NormalDist().inv_cdf(1 - 0.05 / 6) > 1.5
+    for name in "abc":
+        logs = [math.log(x / 10.0) for x in script[name]]
+        half = t_split * statistics.stdev(logs) / math.sqrt(5)
+        got = ratios[keys[name]]
+        assert got.rounds == 5 and got.ratio == pytest.approx(math.exp(statistics.fmean(logs)), rel=1e-9)
+        assert math.log(got.high / got.low) / 2 == pytest.approx(half, rel=0.05)  # the quantile's approximation

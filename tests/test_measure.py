@@ -10,8 +10,9 @@ import torch
 import attn_tune
 from attn_tune import Problem, UnsupportedProblem
 from attn_tune.families.dense import dense_attention
-from attn_tune.tuner import measure, peak_bytes
+from attn_tune.measurement import exact_attention, make_inputs, measure, peak_bytes, reference_output, relative_error
 from tests.conftest import DEVICES
+from tests.oracle import oracle
 
 FAST = dict(warmup=1, min_repeats=3, max_repeats=5, min_time_s=0.0)
 
@@ -119,3 +120,48 @@ def test_flash_kernel_holds_no_score_matrix(device: str) -> None:
     scores = 8 * 2048 * 2048 * 4  # dense's float32 scores (CUDA flash may add split-KV accumulators, far less)
     assert dense.peak_bytes >= scores
     assert flash.peak_bytes < scores / 4
+
+
+REFERENCE_CASES = [
+    dict(q_len=40),
+    dict(q_len=40, causal=True, kv_heads=2),
+    dict(q_len=33, kv_len=57, causal=True, window=9),
+    dict(q_len=57, kv_len=33, window=30),
+    dict(q_len=48, mask=True, kv_heads=1),
+    dict(q_len=300, causal=True),  # longer than one 256-query chunk of the reference
+]
+
+
+@pytest.mark.parametrize("fields", REFERENCE_CASES, ids=lambda f: Problem(batch=2, heads=4, head_dim=16, **f).describe())
+def test_the_float64_reference_is_the_independent_oracle(fields: dict) -> None:
+    """measure, the conformance kit and validate all measure error against `exact_attention` (through
+    `reference_output` for seeded inputs): it must be the oracle's attention, written without attn_tune's code."""
+    problem = Problem(batch=2, heads=4, head_dim=16, **fields)
+    inputs = make_inputs(problem, seed=7)
+    want = oracle(inputs.q, inputs.k, inputs.v, causal=problem.causal, window=problem.window, mask=inputs.attn_mask)
+    assert torch.allclose(reference_output(problem, 7), want, rtol=0, atol=1e-12)
+    bias = torch.randn(problem.q_len, problem.n_kv_len, dtype=torch.float64)  # an additive float mask, and a scale
+    got = exact_attention(inputs.q, inputs.k, inputs.v, is_causal=problem.causal, window=problem.window,
+                          attn_mask=bias.float(), scale=0.3)
+    want = oracle(inputs.q, inputs.k, inputs.v, causal=problem.causal, window=problem.window, bias=bias.float(),
+                  scale=0.3)
+    assert torch.allclose(got, want, rtol=0, atol=1e-12)
+
+
+def test_relative_error_divides_by_the_references_norm() -> None:
+    ref = torch.randn(2, 4, 16, 8, dtype=torch.float64)
+    assert relative_error(3 * ref, ref) == pytest.approx(2.0, rel=1e-12)  # by the output's norm it would be 2/3
+    assert relative_error(ref.float(), ref) < 1e-7
+    assert relative_error(torch.full_like(ref, float("nan")), ref) == float("inf")
+
+
+def test_measure_reports_the_error_against_the_oracle() -> None:
+    """An approximate variant's measured error is ||out - oracle|| / ||oracle|| on the seeded inputs."""
+    problem = Problem(batch=1, heads=2, q_len=96, head_dim=16, causal=True)
+    local = attn_tune.get_variant("local")
+    measured = measure(local, problem, {"local_window": 8}, **FAST)
+    inputs = make_inputs(problem, seed=0)
+    out = local.fn(inputs.q, inputs.k, inputs.v, **inputs.call_kwargs(problem), local_window=8)
+    want = oracle(inputs.q, inputs.k, inputs.v, causal=True)
+    assert measured.rel_error == pytest.approx(float((out.double() - want).norm() / want.norm()), rel=1e-6)
+    assert measured.rel_error > 0.01

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from attn_tune.models import pretrained_encoder, pretrained_lm
@@ -56,3 +58,27 @@ def test_the_training_script_writes_weights_the_models_load(tmp_path: Path) -> N
     state = load_file(str(tmp_path / "causal_lm.safetensors"))
     build_lm().load_state_dict({k: v.float() for k, v in state.items()})
     assert (tmp_path / "encoder.safetensors").stat().st_size > 1_000_000
+
+
+def _readme_losses() -> tuple[float, float]:
+    """The held-out losses the README states for the LM and the encoder."""
+    text = " ".join((ROOT / "README.md").read_text().split())
+    found = re.search(r"the loss is ([0-9.]+) nats per character for the LM and ([0-9.]+) for the encoder", text)
+    assert found, "the README no longer states the reference models' held-out losses"
+    return float(found.group(1)), float(found.group(2))
+
+
+def test_the_factories_give_held_out_text_and_the_losses_the_readme_states() -> None:
+    """Each factory's inputs are the start of the held-out text (never training text), and the shipped weights give
+    the README's losses on them (undertrained or wrong weights would not)."""
+    lm_loss, encoder_loss = _readme_losses()
+    heldout = reference_text("heldout")
+    model, (ids,), targets = pretrained_lm()
+    assert torch.equal(ids[0], heldout[:CONTEXT]) and torch.equal(targets[0], heldout[1:CONTEXT + 1])
+    with torch.no_grad():
+        assert loss_of(model(ids), targets).item() == pytest.approx(lm_loss, abs=5e-4)
+    model, (ids,), targets = pretrained_encoder()
+    kept = ids[0] != MASK
+    assert torch.equal(ids[0][kept], heldout[:CONTEXT][kept]) and torch.equal(targets[0][~kept], heldout[:CONTEXT][~kept])
+    with torch.no_grad():
+        assert loss_of(model(ids), targets).item() == pytest.approx(encoder_loss, abs=5e-4)

@@ -14,17 +14,14 @@ import torch.nn.functional as F
 
 import attn_tune
 from attn_tune import InvalidProblem
-from attn_tune.tuner.inputs import relative_error
+from attn_tune.measurement.inputs import relative_error
 from tests.oracle import oracle, rel_error
 from tests.runtime_helpers import config, entry
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 
 
-@pytest.fixture(autouse=True)
-def _no_config():
-    with attn_tune.use_config(None):
-        yield
+pytestmark = pytest.mark.usefixtures("no_config")
 
 
 def _inputs(batch=2, heads=4, kv_heads=4, q_len=24, kv_len=24, dim=16, dtype=torch.float32, seed=0):

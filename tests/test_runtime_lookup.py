@@ -15,11 +15,7 @@ from attn_tune import Problem
 from attn_tune.tuned_config import ConfigError, device_info, merge_configs
 from tests.runtime_helpers import config, entry, registered
 
-
-@pytest.fixture(autouse=True)
-def _no_config():
-    with attn_tune.use_config(None):
-        yield
+pytestmark = pytest.mark.usefixtures("no_config")
 
 
 def _qkv(batch=1, heads=2, q_len=64, kv_len=None, dim=16, requires_grad=False):

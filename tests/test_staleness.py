@@ -15,9 +15,9 @@ from click.testing import CliRunner
 import attn_tune
 from attn_tune import Problem
 from attn_tune.cli.main import cli
+from attn_tune.measurement.measure import measure
 from attn_tune.staleness import local_devices, measured_with
 from attn_tune.tuned_config import load_config
-from attn_tune.tuner.measure import measure
 from attn_tune.tuner.retune import retune, stale_problems
 from attn_tune.tuner.tune import tune
 from tests.runtime_helpers import config, entry, registered
@@ -47,10 +47,7 @@ def _stale_config():
     return config(entries, device=here)
 
 
-@pytest.fixture(autouse=True)
-def _no_config():
-    with attn_tune.use_config(None):
-        yield
+pytestmark = pytest.mark.usefixtures("no_config")
 
 
 def _decision(problem: Problem):
@@ -245,3 +242,30 @@ def test_timeout_from_the_command_line_bounds_a_run_that_would_take_minutes(tmp_
     lines = result.stdout.splitlines()
     assert sum("cut short" in line for line in lines[:3]) >= 2  # the problems the limit reached say so
     assert lines[-2].startswith("time: ") and "cut short by the time limit" in lines[-2]
+
+
+def test_the_problem_timeout_counts_for_each_problem_from_the_api() -> None:
+    """Two problems of 9 trials x 0.3 s each, 1 s per problem: each gets its own second (the second problem is not
+    starved by the first's time), each is cut short, and the run takes about two limits."""
+    wide = {("sdpa", ()): (5.0, MiB, 1e-7), **{("knobby", (("k", k),)): (2.0 + abs(k - 5), MiB, 1e-7) for k in range(1, 9)}}
+    problems = [Problem(batch=1, heads=2, q_len=n, head_dim=16) for n in (64, 128)]
+    notes = []
+    started = time.monotonic()
+    tuned = tune(problems, trials=50, variants=[POOL[0], POOL[2]], measure_fn=SlowMeasure(wide, 0.3),
+                 problem_timeout=1.0, seed=0, on_result=lambda p, e, n: notes.append(n))
+    took = time.monotonic() - started
+    assert [e.problem for e in tuned.entries] == problems, notes
+    for tuned_entry in tuned.entries:
+        assert tuned_entry.tuning["cut_short"].startswith("stopped by the time limit after"), tuned_entry.tuning
+        assert 2 <= tuned_entry.trials < 9
+    assert took < 2 * (1.0 + 0.3) + 1.0, took
+
+
+def test_the_problem_timeout_counts_for_each_problem_from_the_command_line(tmp_path: Path) -> None:
+    out = tmp_path / "t.json"
+    result = CliRunner().invoke(cli, ["tune", "--seq-len", "256,512", "--heads", "2", "--head-dim", "32",
+                                      "--trials", "50", "--problem-timeout", "1.5", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert len(load_config(out).entries) == 2, result.stdout  # the second problem had its own time
+    assert all("cut short" in line for line in lines[:2]), lines[:2]

@@ -12,11 +12,7 @@ from tests.runtime_helpers import config, entry, registered
 transformers = pytest.importorskip("transformers", reason="transformers is the optional extra 'transformers'")
 import attn_tune.integrations.transformers  # noqa: E402,F401  (registers "attn_tune")
 
-
-@pytest.fixture(autouse=True)
-def _no_config():
-    with attn_tune.use_config(None):
-        yield
+pytestmark = pytest.mark.usefixtures("no_config")
 
 
 def _llama(attn: str):

@@ -50,10 +50,7 @@ MODELS = [_mistral, _qwen2, _gemma3]
 SLIDING_LAYERS = {_mistral: [True, True], _qwen2: [False, False, True, True], _gemma3: [True, False, True, False]}
 
 
-@pytest.fixture(autouse=True)
-def _no_config():
-    with attn_tune.use_config(None):
-        yield
+pytestmark = pytest.mark.usefixtures("no_config")
 
 
 def _inputs(length: int, left_padding: bool, batch: int = 3):

@@ -18,8 +18,8 @@ from optuna.distributions import CategoricalDistribution, IntDistribution
 import attn_tune
 from attn_tune import Problem, Variant
 from attn_tune.families.dense import dense_attention
+from attn_tune.measurement.measure import Measurement
 from attn_tune.tuned_config import load_config
-from attn_tune.tuner.measure import Measurement
 from attn_tune.tuner.space import eligible_variants, space_size
 from attn_tune.tuner.storage import HEARTBEAT_ENV
 from attn_tune.tuner.tune import tune
@@ -178,7 +178,7 @@ KILLABLE = textwrap.dedent(
     from optuna.distributions import CategoricalDistribution
     from attn_tune import Problem, Variant
     from attn_tune.families.dense import dense_attention
-    from attn_tune.tuner.measure import Measurement
+    from attn_tune.measurement.measure import Measurement
     from attn_tune.tuner.tune import tune
 
     storage, log = sys.argv[1], sys.argv[2]
