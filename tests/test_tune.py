@@ -104,6 +104,8 @@ def test_memory_budget_excludes_what_does_not_fit() -> None:
     entry = tune([PROBLEM], trials=50, memory_budget=2 * MiB, variants=POOL, measure_fn=FakeMeasure(TABLE), **FINAL).entries[0]
     assert entry.choice["variant"] == "sdpa"  # knobby is faster but needs 4 MiB
     assert all(c["status"] == "excluded" for c in entry.candidates if c["variant"] == "knobby")
+    assert {c["reason"] for c in entry.candidates if c["variant"] == "knobby"} == {
+        "peak memory 4.0 MiB above the budget 2.0 MiB"}
 
 
 def test_failures_are_recorded_and_the_study_goes_on(tmp_path) -> None:
@@ -336,3 +338,13 @@ def test_the_seed_makes_the_search_reproducible() -> None:
     first = points(7)
     assert points(7) == first and len(set(first)) > 5  # (a point proposed twice is measured once)
     assert points(8) != first
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_a_budget_smaller_than_the_space_tries_every_variant_first_and_no_point_twice(seed: int) -> None:
+    """10 points, 5 trials: sdpa, then every other variant at its default knobs, then refined knobs; no repeats."""
+    fake = FakeMeasure(TABLE)
+    entry = tune([PROBLEM], trials=5, variants=POOL, measure_fn=fake, seed=seed, **FINAL).entries[0]
+    points = fake.trial_points()
+    assert points[:3] == [("sdpa", ()), ("slow", ()), ("knobby", (("k", 1),))]
+    assert len(points) == len(set(points)) == 5 and entry.trials == 5

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import os
+import random
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -22,11 +25,11 @@ from attn_tune.registry.space import knob_name, suggest
 from attn_tune.registry.variant import Variant
 from attn_tune.tuned_config import Entry
 from attn_tune.tuner.selection import FAILURES, MeasureFn, Point, choose, constraint_violation
-from attn_tune.tuner.space import eligible_variants, grid_points, space_size
+from attn_tune.tuner.space import eligible_variants, first_points, grid_points, space_size
 from attn_tune.tuner.storage import fail_dead_trials, mark_started
 
-__all__ = ["PreparedStudy", "study_name", "inputs_key", "prepare_study", "run_trials", "finish_study", "finished_trials",
-           "first_calls_s", "queue_point"]
+__all__ = ["PreparedStudy", "study_name", "file_digest", "inputs_key", "prepare_study", "run_trials", "finish_study",
+           "finished_trials", "first_calls_s"]
 
 
 def study_name(problem: Problem, device: dict[str, Any], variant_names: Sequence[str], objective: str,
@@ -37,16 +40,19 @@ def study_name(problem: Problem, device: dict[str, Any], variant_names: Sequence
     return f"attn-tune/{objective}/{device['type']}:{device.get('name', '')}/{problem.describe().replace(' ', '_')}/{digest}"
 
 
-def inputs_key(measure_kwargs: dict[str, Any]) -> str:
-    """What errors are measured on, for the study's name: "" for random inputs, else the activations' digest."""
-    path = measure_kwargs.get("activations")
-    if path is None:
-        return ""
+def file_digest(path: str | os.PathLike) -> str:
+    """SHA-1 of a file's bytes (an activations file: what errors were measured on)."""
     digest = hashlib.sha1()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
-    return "|captured:" + digest.hexdigest()
+    return digest.hexdigest()
+
+
+def inputs_key(measure_kwargs: dict[str, Any]) -> str:
+    """What errors are measured on, for the study's name: "" for random inputs, else the activations' digest."""
+    path = measure_kwargs.get("activations")
+    return "" if path is None else "|captured:" + file_digest(path)
 
 
 def _values(m: Measurement, objective: str) -> tuple[float, ...]:
@@ -73,8 +79,8 @@ _DONE = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)  # me
 
 
 def finished_trials(study: optuna.Study) -> int:
-    """Trials measured, or failed with a reason (a twin or a crash is not counted)."""
-    return sum(t.state in _DONE for t in study.trials)
+    """Distinct points measured, or failed with a reason (a twin, a repeat or a crash is not counted)."""
+    return len({_point_key(t) for t in study.trials if t.state in _DONE})
 
 
 def _point_key(trial: optuna.trial.FrozenTrial) -> str:
@@ -97,15 +103,14 @@ def _queue_missing(study: optuna.Study, points: list[dict[str, Any]]) -> None:
             study.enqueue_trial(point)
 
 
-def queue_point(prepared: PreparedStudy, choice: dict[str, Any]) -> None:
-    """Queue an earlier choice ({"variant", "params"}) to be measured first, unless the study already has trials
-    or the choice is not a point of its space (a variant no longer taking part)."""
-    study = prepared.study
-    if study.trials or choice.get("variant") not in {v.name for v in prepared.chosen}:
-        return
-    point = {"variant": choice["variant"]}
-    point.update({knob_name(choice["variant"], k): v for k, v in (choice.get("params") or {}).items()})
-    study.enqueue_trial(point)
+def _queue_unmeasured(prepared: PreparedStudy, seed: int) -> None:
+    """Queue one point of a finite space that no trial has measured yet (picked at random, seeded)."""
+    if math.isinf(space_size(prepared.problem, prepared.chosen)):
+        return  # a continuous knob: the sampler's next proposal is new
+    taken = {_point_key(t) for t in prepared.study.trials}
+    fresh = [p for p in grid_points(prepared.problem, prepared.chosen) if json.dumps(p, sort_keys=True) not in taken]
+    if fresh:
+        prepared.study.enqueue_trial(random.Random(seed).choice(fresh))
 
 
 class _NotMeasured(Exception):
@@ -127,9 +132,13 @@ class PreparedStudy:
 
 def prepare_study(
     problem: Problem, *, pool: Sequence[Variant], trials: int, max_error: float | None, objective: str, storage: Any,
-    seed: int | None, device: dict[str, Any], inputs_key: str = "",
+    seed: int | None, device: dict[str, Any], inputs_key: str = "", earlier: dict[str, Any] | None = None,
 ) -> PreparedStudy | str:
-    """Create (or load) the problem's study and queue its points when the space is enumerated; else why not."""
+    """Create (or load) the problem's study and queue what it measures first; else why it cannot be tuned.
+
+    An enumerated space queues every point; a sampled one queues `earlier` (a re-tune's choice), the default and
+    every other variant at its default knobs (as many as the budget holds) before the sampler refines knobs.
+    """
     chosen, excluded = eligible_variants(problem, pool, approximate=max_error is not None)
     if not chosen:
         return "no variant can serve this problem here: " + "; ".join(f"{k}: {v}" for k, v in excluded.items())
@@ -152,8 +161,12 @@ def prepare_study(
     study.set_user_attr("device", device)
     study.set_user_attr("excluded_variants", excluded)
     study.set_user_attr("budget", budget)
+    first = first_points(problem, chosen, earlier)
     if enumerate_all:
-        _queue_missing(study, grid_points(problem, chosen))
+        grid = grid_points(problem, chosen)
+        _queue_missing(study, [p for p in first if p in grid] + [p for p in grid if p not in first])
+    elif not any(t.state in _DONE for t in study.trials):  # a resumed study has queued them already
+        _queue_missing(study, first[:budget])
     return PreparedStudy(problem, study, chosen, excluded, budget, enumerate_all)
 
 
@@ -229,7 +242,7 @@ def run_trials(
     asked = 0
     while True:
         trials = study.get_trials(deepcopy=False)
-        finished = sum(t.state in _DONE for t in trials)
+        finished = len({_point_key(t) for t in trials if t.state in _DONE})  # a repeat is not a new point
         if on_trial is not None:
             on_trial(problem, finished, budget)
         waiting = any(t.state == optuna.trial.TrialState.WAITING for t in trials)
@@ -252,6 +265,8 @@ def run_trials(
             return  # a sampler that keeps proposing points already measured
         asked += 1
         study.optimize(objective_fn, n_trials=1, catch=(_NotMeasured,))
+        if "copy_of" in study.get_trials(deepcopy=False)[-1].user_attrs:
+            _queue_unmeasured(prepared, seed=asked)  # the sampler repeated itself: give the next trial a new point
 
 
 def first_calls_s(study: optuna.Study) -> float:
