@@ -9,14 +9,15 @@ import platform
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from attn_tune.errors import AttnTuneError, InvalidProblem
 from attn_tune.problem import Problem
 from attn_tune.registry.plugins import own_version
 from attn_tune.registry.variant import DEFAULT_VARIANT
 
-__all__ = ["FORMAT", "VERSION", "ConfigError", "Entry", "TunedConfig", "device_info", "load_config", "merge_configs"]
+__all__ = ["FORMAT", "VERSION", "ConfigError", "Entry", "TunedConfig", "device_info", "load_config", "merge_configs",
+           "choice_label"]
 
 FORMAT = "attn-tune/config"
 VERSION = 1
@@ -60,6 +61,8 @@ class Entry:
     tuning: dict[str, Any] | None = None  # wall_s, first_calls_s, and cut_short (why) when a timeout stopped it
     head_to_head: dict[str, Any] | None = None  # each finalist's latency ratio to sdpa, its interval, the decision
     error_inputs: str | None = None  # what rel_error was measured on: "captured: N calls" or "random"
+    settings: dict[str, Any] | None = None  # what it was tuned with: objective, max_error, memory_budget, variants,
+    # activations {path, digest}; a re-tune (--stale-only) runs with the same
 
     def to_dict(self) -> dict[str, Any]:
         data = {
@@ -70,7 +73,7 @@ class Entry:
             "candidates": self.candidates,
             "trials": self.trials,
         }
-        for key in ("device", "measured_with", "tuning", "head_to_head", "error_inputs"):
+        for key in ("device", "measured_with", "tuning", "head_to_head", "error_inputs", "settings"):
             if getattr(self, key) is not None:
                 data[key] = getattr(self, key)
         return data
@@ -162,6 +165,7 @@ def _entry_from_dict(raw: Any) -> Entry:
         tuning=_optional_object(raw, "tuning"),
         head_to_head=_optional_object(raw, "head_to_head"),
         error_inputs=_optional_string(raw, "error_inputs"),
+        settings=_optional_object(raw, "settings"),
     )
 
 
@@ -221,22 +225,49 @@ def load_config(path: str | os.PathLike) -> TunedConfig:
         raise ConfigError(f"{path}: {exc}") from None
 
 
-def merge_configs(configs: Sequence[TunedConfig]) -> TunedConfig:
+def merge_configs(configs: Sequence[TunedConfig], labels: Sequence[str] | None = None, prefer: str | None = "last",
+                  on_conflict: Callable[[str], None] | None = None) -> TunedConfig:
     """One config holding every entry, each keeping the device it was measured on.
 
-    An entry for the same problem on the same device (type and name) as an earlier one replaces it.
+    Two entries for one problem on one device (type and name) that choose the same are one entry (the later
+    config's figures); choosing differently is a conflict: `prefer` "first" or "last" says which config wins (and
+    `on_conflict` hears a line naming both), None refuses.
+
+    Raises:
+        ConfigError: a conflict without `prefer`, naming the problem and both files.
     """
     import torch
 
-    merged: dict[tuple, Entry] = {}
-    for config in configs:
+    labels = list(labels or [f"config {i + 1}" for i in range(len(configs))])
+    taken: dict[tuple, tuple[Entry, str]] = {}  # key -> (entry, the label of the config it came from)
+    for config, label in zip(configs, labels):
         for entry in config.entries:
             device = entry.device or config.device
             key = (entry.problem, device.get("type"), device.get("name"))
-            merged[key] = Entry(**{**entry.__dict__, "device": device})
+            new = Entry(**{**entry.__dict__, "device": device})
+            held = taken.get(key)
+            if held is not None and held[0].choice != new.choice:
+                if prefer is None:
+                    raise ConfigError(f"{held[1]} and {label} choose differently for {entry.problem.describe()} on "
+                                      f"{device.get('name', device.get('type'))} ({choice_label(held[0].choice)} "
+                                      f"against {choice_label(new.choice)}): give --prefer first or --prefer last")
+                kept, dropped = (held, (new, label)) if prefer == "first" else ((new, label), held)
+                if on_conflict is not None:
+                    on_conflict(f"{entry.problem.describe()}: kept {choice_label(kept[0].choice)} from {kept[1]} over "
+                                f"{choice_label(dropped[0].choice)} from {dropped[1]}")
+                if prefer == "first":
+                    continue
+            taken[key] = (new, label)
+    merged = {key: entry for key, (entry, _) in taken.items()}
     devices = {(e.device["type"], e.device.get("name")) for e in merged.values()}
     if len(devices) == 1:
         top = next(iter(merged.values())).device
     else:
         top = {"type": "mixed", "name": f"{len(devices)} devices"}
     return TunedConfig(entries=list(merged.values()), device=top, attn_tune=own_version(), torch=torch.__version__)
+
+
+def choice_label(choice: dict[str, Any]) -> str:
+    """A choice as people read it: `local(local_window=256)`, or the bare name when it has no knobs."""
+    knobs = ",".join(f"{k}={v}" for k, v in (choice.get("params") or {}).items())
+    return f"{choice['variant']}({knobs})" if knobs else choice["variant"]

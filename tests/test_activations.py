@@ -352,3 +352,66 @@ def test_the_real_quick_preset_names_a_factory_and_variants_that_exist() -> None
     assert isinstance(model, torch.nn.Module) and targets is not None
     assert all(isinstance(p, Problem) and p.causal for p in quick.problems)
     assert 0 < quick.max_error < 1 and 0 < quick.max_loss_change < 0.05
+
+
+def _stale(path: str) -> None:
+    """Mark every entry of the config at `path` as measured under another torch (and its validation as old)."""
+    data = json.loads(Path(path).read_text())
+    for e in data["entries"]:
+        e["measured_with"]["torch"] = "2.0.0"
+    if data.get("validation"):
+        data["validation"]["loss_tuned"] = 99.0
+    Path(path).write_text(json.dumps(data))
+
+
+def test_stale_only_retunes_with_what_each_entry_was_tuned_with(user_module: Path) -> None:
+    """The re-tune the staleness warning recommends runs again with the entry's max_error, variant pool and
+    activations (the earlier approximate choice measured first), and validates again under the recorded loss
+    budget; the validation record is kept."""
+    from attn_tune.tuner.retune import retune
+    from tests.test_tune import FakeMeasure
+
+    assert run("capture", "act_models:lm", "--out", "s.json", "--activations", "a.safetensors").exit_code == 0
+    local = attn_tune.get_variant("local")
+    pool = [attn_tune.get_variant("sdpa"), local]
+    table = {("sdpa", ()): (5.0, 2**20, 1e-7),
+             **{("local", (("local_window", w),)): (2.0, 2**20, 0.05) for w in (16, 32, 64, 128)}}
+    seen: list[tuple[str, dict, dict]] = []
+
+    def fake(variant, problem, params, **kwargs):
+        seen.append((variant.name, dict(params), dict(kwargs)))
+        return FakeMeasure(table)(variant, problem, params, **kwargs)
+
+    light = dict(measure_fn=fake, rounds=1, seed=0)
+    tune([LM_PROBLEM], trials=5, max_error=0.1, variants=pool, activations="a.safetensors",
+         validator=Validator(load_factory("act_models:lm"), "act_models:lm"), max_loss_change=0.5, **light
+         ).save("tuned.json")
+    before = load_config("tuned.json")
+    assert before.entries[0].choice["variant"] == "local" and before.entries[0].settings["max_error"] == 0.1
+    _stale("tuned.json")
+    seen.clear()
+    after = retune(load_config("tuned.json"), [LM_PROBLEM], trials=3, **light)
+    first_variant, first_params, first_kwargs = seen[0]
+    assert (first_variant, first_params) == ("local", before.entries[0].choice["params"])  # the earlier choice first
+    assert first_kwargs["activations"] == str(Path("a.safetensors").resolve())
+    assert {name for name, _, _ in seen} == {"sdpa", "local"}  # the recorded pool, not every variant
+    (entry,) = after.entries
+    assert entry.choice["variant"] == "local" and entry.error_inputs == before.entries[0].error_inputs != "random"
+    assert entry.settings == before.entries[0].settings and entry.measured_with["torch"] == torch.__version__
+    assert after.validation["max_loss_change"] == 0.5 and after.validation["factory"] == "act_models:lm"
+    assert after.validation["loss_tuned"] == pytest.approx(before.validation["loss_tuned"])  # run again, not copied
+
+
+def test_stale_only_refuses_in_one_line_what_it_cannot_repeat(user_module: Path) -> None:
+    assert run("capture", "act_models:lm", "--out", "s.json", "--activations", "a.safetensors").exit_code == 0
+    pool = ["--variant", "sdpa", "--variant", "local"]
+    result = run("tune", "--shapes", "s.json", "--activations", "a.safetensors", "--max-error", "0.5", "--trials", "2",
+                 *pool, "--out", "tuned.json")
+    assert result.exit_code == 0, result.output
+    _stale("tuned.json")
+    Path("a.safetensors").unlink()
+    again = run("tune", "--config", "tuned.json", "--stale-only", "--out", "after.json")
+    assert again.exit_code == 2 and not Path("after.json").exists()
+    assert len(again.output.strip().splitlines()) == 1, again.output
+    assert "cannot re-tune b1 h2 q64 d16 float32 cpu causal as it was tuned" in again.output
+    assert "a.safetensors, which is gone" in again.output

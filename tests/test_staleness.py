@@ -269,3 +269,19 @@ def test_the_problem_timeout_counts_for_each_problem_from_the_command_line(tmp_p
     lines = result.stdout.splitlines()
     assert len(load_config(out).entries) == 2, result.stdout  # the second problem had its own time
     assert all("cut short" in line for line in lines[:2]), lines[:2]
+
+
+def test_stale_only_on_a_merged_config_keeps_the_other_machines_entry_byte_for_byte(tmp_path: Path) -> None:
+    """Another CPU's entry first, this machine's (stale) second, same problem: the fresh entry takes this machine's
+    place; the other's comes through untouched; nothing is doubled."""
+    here = local_devices()["cpu"]
+    theirs = entry(EXACT, "dense", device={**here, "name": "Other CPU @ 1GHz"})
+    ours = entry(EXACT, "chunked", {"chunk": 16}, device=here)
+    theirs.measured_with, ours.measured_with = _with("dense"), _with("chunked", torch="2.0.0")
+    merged = config([theirs, ours], device={"type": "mixed", "name": "2 devices"})
+    assert stale_problems(merged) == [EXACT]
+    new = retune(merged, [EXACT], trials=2, variants=POOL[:2], measure_fn=FakeMeasure(TABLE), seed=0, rounds=1)
+    assert len(new.entries) == 2 and json.dumps(new.entries[0].to_dict()) == json.dumps(theirs.to_dict())
+    assert new.entries[1].device["name"] == here["name"] and new.entries[1].measured_with["torch"] == torch.__version__
+    ours.measured_with = _with("chunked")
+    assert stale_problems(config([theirs, ours], device={"type": "mixed", "name": "2 devices"})) == []

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import re
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -15,7 +14,7 @@ import click
 
 from attn_tune.cli.group import cli
 from attn_tune.cli.options import options_given, problem_options, problems_from_options
-from attn_tune.cli.render import mib, versus_default
+from attn_tune.cli.render import mib, named, versus_default
 from attn_tune.errors import AttnTuneError, InvalidProblem
 from attn_tune.problem import Problem
 
@@ -90,8 +89,7 @@ class _TrialProgress:
 def _summary(problem: Problem, entry: Any, note: str) -> str:
     if entry is None:
         return f"{problem.describe()}: no choice: {note}"
-    params = ",".join(f"{k}={v}" for k, v in entry.choice["params"].items())
-    choice = entry.choice["variant"] + (f"({params})" if params else "")
+    choice = named(entry.choice["variant"], entry.choice["params"])
     latency = entry.measured["latency_ms"]
     base = entry.baseline_latency_ms()
     against = versus_default(entry)
@@ -130,12 +128,11 @@ def _capture_for_preset(preset: Any, activations: str) -> list[Problem]:
 
 def _dropped_line(max_loss_change: float, lines: list[str]) -> Any:
     def say(record: dict[str, Any]) -> None:
-        now = record["now"]
-        then = "sdpa serves it" if now is None else "chosen again with errors below it: " + now["variant"] + (
-            "(" + ",".join(f"{k}={v}" for k, v in now["params"].items()) + ")" if now["params"] else "")
+        now, before = record["now"], named(record["variant"], record["params"])
+        then = "sdpa serves it" if now is None else f"chosen again with errors below it: {named(now['variant'], now['params'])} replaces {before}"
         lines.append(f"validate: loss change {record['loss_change_before']:+.2%} is over {max_loss_change:+.2%}; "
-                     f"{record['variant']} for {record['problem']} had the worst call (error "
-                     f"{record['worst_call_error']:.2e}): {then}")
+                     f"{before} for {record['problem']} had the worst call (error {record['worst_call_error']:.2e}): "
+                     f"{then}")
     return say
 
 
@@ -173,41 +170,32 @@ def tune_command(ctx: click.Context, shapes: str | None, preset: str | None, tri
     """Search variants and knobs per problem by measuring them; write the tuned config."""
     from attn_tune.registry import get_variant
     from attn_tune.tuned_config import load_config
-    from attn_tune.tuner.plot import plot_config
     from attn_tune.tuner.presets import PRESETS
-    from attn_tune.tuner.retune import retune, stale_problems
-    from attn_tune.tuner.storage import StorageError, default_storage_url, redact
-    from attn_tune.tuner.tune import tune
+    from attn_tune.tuner.retune import stale_problems
+    from attn_tune.tuner.storage import default_storage_url
 
-    if stale_only and not config_path:
-        raise click.UsageError("--stale-only re-tunes a tuned config: give it with --config")
-    if validate_spec and stale_only:
-        raise click.UsageError("--validate checks a whole tuning run; validate a re-tuned config with `attn-tune validate`")
-    if config_path and not stale_only:
-        raise click.UsageError("--config goes with --stale-only")
-    chosen_variants = [get_variant(name) for name in variant_names] or None
-    if sum(bool(x) for x in (shapes, preset, options_given(ctx))) > 1:
-        raise click.UsageError("give problem options, --shapes or --preset, not more than one")
-    if max_loss_change is not None and not validate_spec and not preset:
-        raise click.UsageError("--max-loss-change is checked by running the model: give --validate MODULE:FACTORY")
-    if activations and (preset or stale_only):
-        raise click.UsageError("--activations goes with --shapes or problem options (a preset captures its own)")
-    settings: dict[str, Any] = {}
-    workdir = tempfile.TemporaryDirectory(prefix="attn-tune-")
-    ctx.call_on_close(workdir.cleanup)
+    _refuse_conflicts(ctx, shapes, preset, stale_only, config_path, validate_spec, max_loss_change, activations)
+    if not Path(out).resolve().parent.is_dir():
+        raise click.BadParameter(f"folder {Path(out).parent} does not exist", param_hint="'--out'")
+    given = {name for name in ("max_error", "memory_budget", "objective") if _given(ctx, name)}
+    search = dict(max_error=max_error, memory_budget=memory_budget, objective=objective,
+                  variants=[get_variant(name) for name in variant_names] or None)
+    run: dict[str, Any] = dict(trials=trials, storage=storage or default_storage_url(out), seed=seed, workers=workers,
+                               timeout=timeout, problem_timeout=problem_timeout,
+                               problems_label=f"the problems of {shapes}" if shapes else "the problems tuned")
     if preset:
         chosen = PRESETS[preset]
-        problems = list(chosen.problems)
-        settings = dict(measure_kwargs=chosen.measure_kwargs, final_kwargs=chosen.final_kwargs, rounds=chosen.rounds)
-        trials = trials or chosen.trials
         plot_path = plot_path or str(Path(out).with_name("report.png"))
+        run.update(trials=trials or chosen.trials, measure_kwargs=chosen.measure_kwargs,
+                   final_kwargs=chosen.final_kwargs, rounds=chosen.rounds)
         if chosen.variants and not variant_names:
-            chosen_variants = [get_variant(name) for name in chosen.variants]
+            search["variants"] = [get_variant(name) for name in chosen.variants]
+        problems = list(chosen.problems)
         if chosen.factory:
             validate_spec = validate_spec or chosen.factory
-            max_error = chosen.max_error if max_error is None else max_error
+            search["max_error"] = chosen.max_error if max_error is None else max_error
             max_loss_change = chosen.max_loss_change if max_loss_change is None else max_loss_change
-            activations = str(Path(workdir.name) / "activations.safetensors")
+            activations = str(Path(out).with_suffix(".activations.safetensors"))  # kept: a re-tune reads it again
             problems = _capture_for_preset(chosen, activations) + problems
     elif shapes:
         problems = _problems_from_shapes(shapes)
@@ -215,48 +203,76 @@ def tune_command(ctx: click.Context, shapes: str | None, preset: str | None, tri
         problems = problems_from_options(options, check_devices=False)
     else:
         problems = []
-    if not Path(out).resolve().parent.is_dir():
-        raise click.BadParameter(f"folder {Path(out).parent} does not exist", param_hint="'--out'")
-    earlier = None
+    earlier, drops = None, []
     if stale_only:
         earlier = load_config(config_path)
         problems = stale_problems(earlier, problems)
-        trials = trials or 5
+        run["trials"] = trials or 5
+        search = {k: v for k, v in search.items() if k in given or (k == "variants" and v)}  # the rest: as recorded
+        budget = (earlier.validation or {}).get("max_loss_change")
+        run["on_drop"] = _dropped_line(budget, drops) if budget is not None else None
         if not problems:
             earlier.save(out)
             click.echo(f"nothing in {config_path} is stale and no problem is missing from it; wrote {out} unchanged")
             return
-    validator = None
+    run["trials"] = run["trials"] or 20
+    if activations is not None:
+        search["activations"] = activations
     if validate_spec:
         from attn_tune.cli.validate_command import build_validator
         from attn_tune.runtime.capture import load_factory
 
-        validator = build_validator(validate_spec, load_factory(validate_spec))
-    storage = storage or default_storage_url(out)
+        run.update(validator=build_validator(validate_spec, load_factory(validate_spec)), max_loss_change=max_loss_change,
+                   on_drop=_dropped_line(max_loss_change, drops) if max_loss_change is not None else None)
+    _run_and_report(problems, earlier, {**run, **search}, drops, out, plot_path)
+
+
+def _given(ctx: click.Context, name: str) -> bool:
+    return ctx.get_parameter_source(name) != click.core.ParameterSource.DEFAULT
+
+
+def _refuse_conflicts(ctx: click.Context, shapes: str | None, preset: str | None, stale_only: bool,
+                      config_path: str | None, validate_spec: str | None, max_loss_change: float | None,
+                      activations: str | None) -> None:
+    """Options that do not go together: one line, exit 2."""
+    if stale_only and not config_path:
+        raise click.UsageError("--stale-only re-tunes a tuned config: give it with --config")
+    if validate_spec and stale_only:
+        raise click.UsageError("--validate checks a whole tuning run; a re-tune validates again with the model and "
+                               "budget the config records")
+    if config_path and not stale_only:
+        raise click.UsageError("--config goes with --stale-only")
+    if sum(bool(x) for x in (shapes, preset, options_given(ctx))) > 1:
+        raise click.UsageError("give problem options, --shapes or --preset, not more than one")
+    if max_loss_change is not None and not validate_spec and not preset:
+        raise click.UsageError("--max-loss-change is checked by running the model: give --validate MODULE:FACTORY")
+    if activations and (preset or stale_only):
+        raise click.UsageError("--activations goes with --shapes or problem options (a preset captures its own; a "
+                               "re-tune reads the file each entry was tuned on)")
+
+
+def _run_and_report(problems: list[Problem], earlier: Any, kwargs: dict[str, Any], drops: list[str], out: str,
+                    plot_path: str | None) -> None:
+    """Run tune() (or retune() over `earlier`) with progress bars; print a line per problem, write the config."""
+    from attn_tune.staleness import changes, local_devices
+    from attn_tune.tuner.plot import plot_config
+    from attn_tune.tuner.retune import retune
+    from attn_tune.tuner.storage import StorageError, redact
+    from attn_tune.tuner.tune import tune
+
     progress = _TrialProgress(enabled=True)
     results: list[tuple[Problem, Any, str]] = []
-
-    notes: list[str] = []
 
     def on_result(problem: Problem, entry: Any, note: str) -> None:
         progress.close()
         progress.problem = None
         results.append((problem, entry, note))
-        notes.append(note)
 
-    kwargs = dict(trials=trials or 20, max_error=max_error, memory_budget=memory_budget, objective=objective,
-                  storage=storage, seed=seed, variants=chosen_variants, on_trial=progress, workers=workers,
-                  on_result=on_result, timeout=timeout, problem_timeout=problem_timeout,
-                  problems_label=f"the problems of {shapes}" if shapes else "the problems tuned", **settings)
-    drops: list[str] = []
-    if activations is not None:
-        kwargs["activations"] = activations
-    if validator is not None:
-        kwargs.update(validator=validator, max_loss_change=max_loss_change,
-                      on_drop=_dropped_line(max_loss_change, drops) if max_loss_change is not None else None)
+    storage = kwargs["storage"]
     started = time.monotonic()
     try:
-        config = retune(earlier, problems, **kwargs) if earlier is not None else tune(problems, **kwargs)
+        run = dict(kwargs, on_trial=progress, on_result=on_result)
+        config = retune(earlier, problems, **run) if earlier is not None else tune(problems, **run)
     except KeyboardInterrupt:
         progress.close()
         click.echo(f"Interrupted: finished trials are kept in {redact(storage)}; run the same command to resume.", err=True)
@@ -268,7 +284,8 @@ def tune_command(ctx: click.Context, shapes: str | None, preset: str | None, tri
         raise StorageError(f"storage {redact(storage)} failed: {type(exc).__name__}: "
                            f"{redact(' '.join(str(exc).split()))[:200]}") from None
     progress.close()
-    final = {e.problem: e for e in config.entries}
+    here = local_devices()  # a merged config's other machines' entries are not what this run wrote
+    final = {e.problem: e for e in config.entries if not any(c.what == "device" for c in changes(e, config.device, here))}
     for problem, entry, note in results:  # a loss budget may have chosen again: the entry written is the one shown
         if entry is not None and problem not in final:
             click.echo(f"{problem.describe()}: sdpa (the default: {entry.choice['variant']} was dropped for the loss budget)")
@@ -281,9 +298,9 @@ def tune_command(ctx: click.Context, shapes: str | None, preset: str | None, tri
     if config.validation:
         from attn_tune.cli.validate_command import summary_line
 
-        click.echo(f"validate {validator.label}: " + summary_line(config.validation))
+        click.echo(f"validate {config.validation.get('factory')}: " + summary_line(config.validation))
     config.save(out)
-    click.echo(_time_summary(config.entries, problems, notes, time.monotonic() - started))
+    click.echo(_time_summary(config.entries, problems, [note for _, _, note in results], time.monotonic() - started))
     click.echo(f"wrote {out} ({len(config.entries)} entries; trials in {redact(storage)})")
     if plot_path:
         plot_config(config, plot_path)

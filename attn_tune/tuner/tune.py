@@ -29,7 +29,6 @@ from attn_tune.tuner.study import (
     first_calls_s,
     inputs_key,
     prepare_study,
-    queue_point,
     run_trials,
 )
 from attn_tune.tuner.validate import Validator, fit_loss_budget
@@ -67,6 +66,7 @@ def tune(
     max_loss_change: float | None = None,
     on_drop: Callable[[dict[str, Any]], None] | None = None,
     problems_label: str = "the problems tuned",
+    alongside: Sequence[Entry] = (),
 ) -> TunedConfig:
     """Find, by measuring, the best variant and knobs for each problem on this machine.
 
@@ -100,6 +100,8 @@ def tune(
             call is chosen again from its study with errors below that call's (a safer knob, or exact), or
             dropped, until the loss rises by at most `max_loss_change`; `on_drop` hears of each.
         problems_label: how messages name the problems ("the problems of shapes.json").
+        alongside: entries kept from a config being re-tuned: in the returned config before the fresh ones and
+            validated with them; never chosen again (a loss budget may drop them).
 
     Returns:
         A `TunedConfig` with one entry per problem that some candidate could serve within the constraints.
@@ -124,12 +126,17 @@ def tune(
         measure_kwargs["activations"] = final_kwargs["activations"] = str(Path(activations).resolve())
     key = inputs_key(measure_kwargs)
     limits = dict(objective=objective, max_error=max_error, memory_budget=memory_budget)
+    settings = {**limits, "variants": None if variants is None else [v.name for v in pool],
+                "activations": None if activations is None else {"path": measure_kwargs["activations"],
+                                                                  "digest": key.removeprefix("|captured:")}}
     entries = []
 
     def complete(entry: Entry) -> Entry:
-        """What every entry records beyond the choice: versions, error inputs, its device if not the top one."""
+        """What every entry records beyond the choice: versions, error inputs, the settings it was tuned with (a
+        re-tune runs them again), its device if not the top one."""
         entry.measured_with = measured_with(entry.choice["variant"])
         entry.error_inputs = describe_inputs(captured.get(entry.problem))
+        entry.settings = dict(settings)
         entry.device = devices[entry.problem.device] if devices[entry.problem.device] != top else None
         return entry
 
@@ -137,7 +144,8 @@ def tune(
         opened = open_storage(storage)
         prepared = [
             prepare_study(problem, pool=pool, trials=trials, max_error=max_error, objective=objective, storage=opened,
-                          seed=seed, device=devices[problem.device], inputs_key=key)
+                          seed=seed, device=devices[problem.device], inputs_key=key,
+                          earlier=(queue_first or {}).get(problem))
             for problem in problems
         ]
         if workers > 1:
@@ -151,8 +159,6 @@ def tune(
                 entry, note = None, study
             else:  # alone, every trial; after workers, only what a dead worker left
                 deadline = _deadline(run_deadline, problem_started, problem_timeout)
-                if queue_first and problem in queue_first:
-                    queue_point(study, queue_first[problem])
                 entry, note = _search(study, choosing, measure_kwargs, deadline, on_trial)
                 if entry is not None:
                     entry.tuning = _tuning_record(study, time.monotonic() - problem_started)
@@ -171,8 +177,9 @@ def tune(
             entry.tuning = next((e.tuning for e in entries if e.problem == problem), None)
             return complete(entry)
 
-        config = TunedConfig(entries=entries, device=top, attn_tune=own_version(), torch=torch.__version__)
-        if validator is not None and entries:
+        config = TunedConfig(entries=list(alongside) + entries, device=top, attn_tune=own_version(),
+                             torch=torch.__version__)
+        if validator is not None and config.entries:
             if max_loss_change is None:
                 config.validation = validator.validate(config).summary()
             else:
