@@ -40,7 +40,7 @@ from attn_tune.registry.variant import Variant, malformed_reason
 
 __all__ = [
     "CHECKS", "TOLERANCE", "Finding", "Case", "conformance_problems", "conformance_cases", "check_variant",
-    "sample_params",
+    "sample_params", "runnable_problems",
 ]
 
 CHECKS: tuple[str, ...] = (
@@ -249,6 +249,27 @@ def _findings(variant: Variant, problem: Problem, checks: set[str]) -> list[Find
     return findings
 
 
+def _refusal(variant: Variant, problem: Problem) -> str | None:
+    """supports()'s refusal; None when it claims the problem (or raises, which the kit reports as a finding)."""
+    try:
+        return variant.supports(problem)
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def runnable_problems(variant: Variant, problems: Sequence[Problem], device: str = "cpu") -> list[Problem]:
+    """The problems the variant claims, which the kit runs it on (the others only check its refusal).
+
+    Raises:
+        UnsupportedProblem: it claims none of them: nothing could be checked on this device.
+    """
+    refusals = [_refusal(variant, p) for p in problems]
+    if problems and all(refusals):
+        raise UnsupportedProblem(f"{variant.name} supports none of the {len(problems)} conformance problems on "
+                                 f"{device} ({refusals[0]}): nothing could be checked here")
+    return [p for p, refusal in zip(problems, refusals) if refusal is None]
+
+
 def conformance_cases(
     variant: Variant, device: str = "cpu", problems: Sequence[Problem] | None = None,
     checks: Iterable[str] = CHECKS,
@@ -266,13 +287,16 @@ def check_variant(
     checks: Iterable[str] = CHECKS, on_case: Callable[[Case], None] | None = None,
 ) -> list[Finding]:
     """Every finding of the kit for `variant`: [] when it conforms. Raises UnsupportedProblem if the variant is
-    unavailable here (its kernels or modules are missing), since then nothing can be checked."""
+    unavailable here (its kernels or modules are missing) or supports none of the problems on this device, since
+    then nothing can be checked: a kit that ran nothing never says "conforms"."""
     malformed = malformed_reason(variant)
     if malformed is not None:
         return [Finding(getattr(variant, "name", "?"), "output", None, f"not a usable Variant: {malformed}")]
     unavailable = availability(variant)
     if unavailable is not None:
         raise UnsupportedProblem(f"{variant.name} is unavailable here: {unavailable}")
+    problems = list(problems if problems is not None else conformance_problems(device))
+    runnable_problems(variant, problems, device)
     findings: list[Finding] = []
     for case in conformance_cases(variant, device, problems, checks):
         findings += case.findings()

@@ -118,6 +118,6 @@ def test_capture_tune_use_end_to_end(user_module) -> None:
         q = torch.randn(1, 4, 256, 8)
         kv = torch.randn(1, 2, 256, 8)
         decision = attn_tune.explain(q, kv, kv, is_causal=True, enable_gqa=True)
-    assert decision.rule == "exact" and decision.variant == config.entries[0].choice["variant"]
+    assert decision.rule == "own-entry" and decision.variant == config.entries[0].choice["variant"]
     assert seen == [config.entries[0].problem]
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)

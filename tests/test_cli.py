@@ -126,3 +126,50 @@ def test_real_subprocess_json_and_clean_stderr() -> None:
 def test_version_and_help() -> None:
     assert run("--version").output.strip().endswith(attn_tune.__version__)
     assert "bench" in run("--help").output and "--seq-len" in run("bench", "--help").output
+
+
+def test_list_says_a_variant_that_serves_nothing_on_this_machine_does_not_run_here() -> None:
+    """Importable is not enough: a kernel refusing every problem on this machine's devices is not "available"."""
+    class Temp:
+        @hookimpl
+        def attn_tune_variants(self):
+            return [Variant(name="cli-elsewhere", family="flash", fn=dense_attention, exact=True,
+                            supports=lambda p: "runs on a TPU only")]
+
+    pm.register(Temp(), name="cli-elsewhere-plugin")
+    try:
+        line = next(l for l in run("list").output.splitlines() if l.startswith("cli-elsewhere"))
+        assert "not on this machine" in line and "runs on a TPU only" in line and "available" not in line
+        record = next(r for r in json.loads(run("list", "--json").output) if r["name"] == "cli-elsewhere")
+        assert record["available"] and not record["runs_here"] and "TPU" in record["reason_here"]
+    finally:
+        pm.unregister(name="cli-elsewhere-plugin")
+    result = run("list", "--device", NO_SUCH_DEVICE, "--seq-len", "64")  # as bench: no such device here
+    assert result.exit_code == 2 and "asked for, but" in result.output
+
+
+def test_tables_fit_the_terminal_and_json_keeps_every_word() -> None:
+    result = CliRunner(env={"COLUMNS": "100"}).invoke(cli, ["list"], prog_name="attn-tune")
+    assert result.exit_code == 0 and max(len(line) for line in result.output.splitlines()) <= 100
+    reasons = [r["reason_here"] for r in json.loads(run("list", "--json").output) if r["reason_here"]]
+    assert reasons and max(len(r) for r in reasons) > 0  # whole, not cut
+    assert not any(r.endswith("...") for r in reasons)
+
+
+def test_the_sections_messages_point_to_are_in_the_readme() -> None:
+    """An error that sends the user to a README section names one that exists (here: a loss budget for a model
+    with no loss)."""
+    import re
+    from pathlib import Path
+
+    from attn_tune.tuner.validate import NoLoss, Validator
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    headings = {line.lstrip("#").strip() for line in readme.splitlines() if line.startswith("#")}
+    validator = Validator(lambda: (torch.nn.Identity(), (torch.randn(2, 3),)), "identity")
+    with pytest.raises(NoLoss) as raised:
+        validator.require_loss()
+    cited = re.findall(r'README: "([^"]+)"', str(raised.value))
+    assert cited and all(c in headings for c in cited), (cited, headings)
+    assert "../shared" not in readme  # a user's clone has no such folder: the design document is docs/design.md
+    assert (Path(__file__).resolve().parents[1] / "docs" / "design.md").is_file()

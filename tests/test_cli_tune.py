@@ -9,8 +9,8 @@ import pytest
 from click.testing import CliRunner
 
 from attn_tune import Problem
-from attn_tune.cli.main import cli
 from attn_tune import tuned_config as config_module
+from attn_tune.cli.main import cli
 from attn_tune.tuned_config import load_config
 from tests import runtime_helpers
 
@@ -151,3 +151,65 @@ def test_a_write_that_fails_midway_leaves_the_old_config_whole_and_no_temporary_
     monkeypatch.undo()
     assert path.read_bytes() == before and load_config(path).entries[0].problem.q_len == 64
     assert [p.name for p in tmp_path.iterdir()] == ["tuned.json"]
+
+
+def test_the_plot_always_draws_the_choice_even_when_its_knobs_were_not_the_fastest_trial() -> None:
+    """The head-to-head chose block=64 although block=128's one trial was faster: both bars, the choice marked."""
+    from attn_tune.tuner.plot import bar_rows
+
+    chosen = runtime_helpers.entry(Problem(batch=1, heads=2, q_len=64, head_dim=16), "window-chunked", {"block": 64})
+    chosen.measured = {"latency_ms": 2.0, "peak_bytes": 1000, "rel_error": 1e-7}
+    chosen.candidates = [
+        {"variant": "sdpa", "params": {}, "status": "ok", "latency_ms": 4.0, "peak_bytes": 2000, "rel_error": 0.0},
+        {"variant": "window-chunked", "params": {"block": 128}, "status": "ok", "latency_ms": 1.9, "peak_bytes": 900,
+         "rel_error": 1e-7},
+        {"variant": "window-chunked", "params": {"block": 64}, "status": "ok", "latency_ms": 2.1, "peak_bytes": 1000,
+         "rel_error": 1e-7},
+    ]
+    rows = [(c["variant"], c["params"], marked) for c, marked in bar_rows(chosen)]
+    assert rows == [("sdpa", {}, False), ("window-chunked", {"block": 64}, True),
+                    ("window-chunked", {"block": 128}, False)]
+
+
+def test_a_loss_budgets_line_names_the_knob_it_replaced() -> None:
+    from attn_tune.cli.tune_commands import _dropped_line
+
+    lines: list[str] = []
+    _dropped_line(0.01, lines)({"problem": "b1 h4 q2048 d32 float32 cpu causal", "variant": "local",
+                                "params": {"local_window": 128}, "worst_call_error": 0.31, "loss_change_before": 0.0101,
+                                "now": {"variant": "local", "params": {"local_window": 256}}})
+    assert lines == ["validate: loss change +1.01% is over +1.00%; local(local_window=128) for b1 h4 q2048 d32 float32 "
+                     "cpu causal had the worst call (error 3.10e-01): chosen again with errors below it: "
+                     "local(local_window=256) replaces local(local_window=128)"]
+
+
+def test_merge_refuses_conflicting_choices_unless_told_which_to_keep(tuned: Path, tmp_path: Path) -> None:
+    other = json.loads(tuned.read_text())
+    other["entries"][0]["choice"] = {"variant": "sdpa-math", "params": {}}
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    refused = run("merge", tuned, tmp_path / "other.json", "--out", tmp_path / "all.json")
+    assert refused.exit_code == 2 and not (tmp_path / "all.json").exists()
+    assert "choose differently for" in refused.output and "--prefer" in refused.output
+    assert len(refused.output.strip().splitlines()) == 1
+    for prefer, winner in (("first", json.loads(tuned.read_text())["entries"][0]["choice"]["variant"]),
+                           ("last", "sdpa-math")):
+        result = run("merge", tuned, tmp_path / "other.json", "--out", tmp_path / "all.json", "--prefer", prefer)
+        assert result.exit_code == 0 and f"kept {winner}" in result.stderr, result.output
+        assert load_config(tmp_path / "all.json").entries[0].choice["variant"] == winner
+
+
+def test_show_why_on_a_stale_config_says_so_in_one_clean_line(tuned: Path, tmp_path: Path) -> None:
+    stale = json.loads(tuned.read_text())
+    for entry in stale["entries"]:
+        entry["measured_with"]["torch"] = "2.0.0"
+    (tmp_path / "stale.json").write_text(json.dumps(stale))
+    result = run("show", tmp_path / "stale.json", "--why", "--seq-len", "64", "--heads", "2", "--head-dim", "16")
+    assert result.exit_code == 0, result.output
+    (line,) = result.stderr.strip().splitlines()
+    assert "were measured under other conditions" in line and "warn" not in line.lower()
+
+
+def test_export_from_a_missing_sqlite_file_creates_nothing(tmp_path: Path) -> None:
+    result = run("export", "--storage", f"sqlite:///{tmp_path / 'nope.db'}", "--out", tmp_path / "t.json")
+    assert result.exit_code == 2 and "does not exist" in result.output
+    assert not (tmp_path / "nope.db").exists() and not (tmp_path / "t.json").exists()

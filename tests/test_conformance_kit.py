@@ -14,12 +14,22 @@ from attn_tune.testing import CHECKS, check_variant, conformance_cases, conforma
 
 AVAILABLE = [v for v in attn_tune.variants() if attn_tune.availability(v) is None]
 UNAVAILABLE = [v.name for v in attn_tune.variants() if attn_tune.availability(v) is not None]
+RUNS_HERE = [v for v in AVAILABLE if any(v.supports(p) is None for p in conformance_problems("cpu"))]
+REFUSES_HERE = [v for v in AVAILABLE if v not in RUNS_HERE]  # CUDA-only kernels on a CPU
 
 
-@pytest.mark.parametrize("variant", AVAILABLE, ids=lambda v: v.name)
+@pytest.mark.parametrize("variant", RUNS_HERE, ids=lambda v: v.name)
 def test_builtin_variant_passes_the_kit(variant: Variant) -> None:
     findings = check_variant(variant)
     assert not findings, "\n".join(str(f) for f in findings)
+
+
+@pytest.mark.parametrize("variant", REFUSES_HERE, ids=lambda v: v.name)
+def test_builtin_variant_that_runs_nothing_here_refuses_cleanly_and_is_never_said_to_conform(variant: Variant) -> None:
+    findings = [f for case in conformance_cases(variant) for f in case.findings()]
+    assert not findings, "\n".join(str(f) for f in findings)  # each call refused with UnsupportedProblem
+    with pytest.raises(UnsupportedProblem, match="supports none of the 83 conformance problems on cpu"):
+        check_variant(variant)
 
 
 @pytest.mark.parametrize("name", UNAVAILABLE)
@@ -163,3 +173,20 @@ def test_check_command_exit_codes_and_json() -> None:
                            (("check", "sdpa", "--device", "cuda:64"), "cuda")):
         result = run(*args)
         assert result.exit_code == 2 and fragment in result.output and "Traceback" not in result.output
+
+
+def test_a_kit_that_could_run_no_problem_says_so_and_exits_2() -> None:
+    """A variant refusing every problem on this device (a CUDA-only kernel on a CPU): never "conforms"."""
+    from click.testing import CliRunner
+
+    from attn_tune.cli.main import cli
+    from tests.runtime_helpers import registered
+
+    gpu_only = _dense("gpu-only", supports=lambda p: "runs on CUDA only")
+    with registered(gpu_only):
+        result = CliRunner().invoke(cli, ["check", "gpu-only"], prog_name="attn-tune")
+        with pytest.raises(UnsupportedProblem, match="supports none of the 83 conformance problems on cpu"):
+            check_variant(gpu_only)
+    assert result.exit_code == 2 and "conforms" not in result.output
+    assert result.output.strip() == ("Error: gpu-only supports none of the 83 conformance problems on cpu "
+                                     "(runs on CUDA only): nothing could be checked here")

@@ -39,7 +39,7 @@ def test_exact_entry() -> None:
     attn_tune.use_config(config([entry(_problem(q_len=64), "chunked", {"chunk": 32}),
                                  entry(_problem(q_len=128), "dense")]))
     decision = attn_tune.explain(*_qkv(q_len=64))
-    assert (decision.variant, decision.params, decision.rule) == ("chunked", {"chunk": 32}, "exact")
+    assert (decision.variant, decision.params, decision.rule) == ("chunked", {"chunk": 32}, "own-entry")
     assert decision.entry == _problem(q_len=64)
     assert "b1 h2 q64 d16" in str(decision) and "chunked" in str(decision)
 
@@ -52,7 +52,7 @@ def test_nearest_tuned_lengths_and_batch_in_log_scale(batch, q_len, expected_q, 
     entries = [entry(_problem(batch=b, q_len=n), "chunked", {"chunk": n // 2}) for b in (1, 4) for n in (32, 128, 1024)]
     attn_tune.use_config(config(entries))
     decision = attn_tune.explain(*_qkv(batch=batch, q_len=q_len))
-    assert decision.rule == "nearest" and decision.variant == "chunked"
+    assert decision.rule == "nearest-entry" and decision.variant == "chunked"
     assert (decision.entry.q_len, decision.entry.batch) == (expected_q, expected_batch)
     assert decision.params == {"chunk": expected_q // 2}
 
@@ -154,15 +154,15 @@ def test_approximate_entries_serve_only_their_own_problem_exact_ones_their_neigh
     with registered(attn_tune.Variant(name="rough", family="dense", fn=rough, exact=False)):
         attn_tune.use_config(config([entry(approximate, "rough", max_error=2.0), entry(exact, "chunked", {"chunk": 32})]))
         own = decision(512)
-        assert (own.variant, own.rule) == ("rough", "exact")
+        assert (own.variant, own.rule) == ("rough", "own-entry")
         for near in (decision(600), decision(512, masked=True)):  # nearest lengths; the masked twin
             assert near.entry == approximate and (near.variant, near.rule) == ("sdpa", "fallback")
             assert "approximate rough, whose error was measured only at" in near.reason
-        assert (decision(256, causal=True).variant, decision(256, causal=True).rule) == ("chunked", "exact")
+        assert (decision(256, causal=True).variant, decision(256, causal=True).rule) == ("chunked", "own-entry")
         near = decision(300, causal=True)
-        assert (near.variant, near.rule, near.entry) == ("chunked", "nearest", exact)
+        assert (near.variant, near.rule, near.entry) == ("chunked", "nearest-entry", exact)
         twin = decision(256, causal=True, masked=True)
-        assert (twin.variant, twin.rule, twin.entry) == ("chunked", "exact", exact)
+        assert (twin.variant, twin.rule, twin.entry) == ("chunked", "own-entry", exact)
         assert "tuned without an explicit mask" in twin.reason
 
 
@@ -227,8 +227,8 @@ def test_show_why_says_which_entry_and_variant_a_problem_gets(tmp_path) -> None:
     result = runner.invoke(cli, ["show", str(path), "--why", "--seq-len", "900,1024", "--causal"])
     assert result.exit_code == 0, result.output
     near, exact = result.stdout.split("\n\n")
-    assert "q900" in near and "chunked {'chunk': 256}  [nearest]" in near and "entry:    b1 h8 q1024" in near
-    assert "[exact]" in exact
+    assert "q900" in near and "chunked {'chunk': 256}  [nearest-entry]" in near and "entry:    b1 h8 q1024" in near
+    assert "[own-entry]" in exact
     result = runner.invoke(cli, ["show", str(path), "--why", "--seq-len", "1024", "--json"])
     (decision,) = json.loads(result.stdout)
     assert (decision["variant"], decision["rule"], decision["entry"]) == ("sdpa", "default", None)

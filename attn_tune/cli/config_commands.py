@@ -9,19 +9,27 @@ import click
 
 from attn_tune.cli.group import cli
 from attn_tune.cli.options import options_given, problem_options, problems_from_options
-from attn_tune.cli.render import echo_json, mib, table, versus_default
+from attn_tune.cli.render import echo_json, mib, named, table, versus_default
 from attn_tune.errors import AttnTuneError
 from attn_tune.problem import Problem
 
 
 def _why(config: Any, config_path: str, problems: list[Problem], as_json: bool) -> None:
     import dataclasses
+    import warnings
 
     from attn_tune.runtime import use_config
     from attn_tune.runtime.dispatch import decide
 
-    with use_config(config):
-        decisions = [decide(p) for p in problems]
+    with warnings.catch_warnings(record=True) as caught:  # a stale config's warning: one clean line, as `show`
+        warnings.simplefilter("always")
+        with use_config(config):
+            decisions = [decide(p) for p in problems]
+    for warning in caught:
+        if str(warning.message).startswith("attn-tune: "):
+            click.echo(str(warning.message).removeprefix("attn-tune: "), err=True)
+        else:
+            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
     for d in decisions:
         d.config = config_path
     if as_json:
@@ -89,13 +97,11 @@ def show_command(ctx: click.Context, config_path: str, why: bool, as_json: bool,
         from attn_tune.cli.validate_command import summary_line
 
         v = config.validation
-        def named(choice: dict[str, Any] | None) -> str:
-            if choice is None:
-                return "dropped"
-            params = ",".join(f"{k}={x}" for k, x in (choice.get("params") or {}).items())
-            return choice["variant"] + (f"({params})" if params else "")
 
-        changed = "".join(f"; over the loss budget, {d['problem']}: {named(d)} -> {named(d.get('now'))}"
+        def choice(record: dict[str, Any] | None) -> str:
+            return "dropped" if record is None else named(record["variant"], record.get("params"))
+
+        changed = "".join(f"; over the loss budget, {d['problem']}: {choice(d)} -> {choice(d.get('now'))}"
                           for d in v.get("dropped") or ())
         click.echo(f"validated on {v.get('factory')}: {summary_line(v)}{changed}")
 
@@ -103,11 +109,15 @@ def show_command(ctx: click.Context, config_path: str, why: bool, as_json: bool,
 @cli.command("merge")
 @click.argument("config_paths", nargs=-1, required=True, metavar="A.json B.json...")
 @click.option("--out", type=click.Path(dir_okay=False), required=True, help="The merged config.")
-def merge_command(config_paths: tuple[str, ...], out: str) -> None:
+@click.option("--prefer", type=click.Choice(["first", "last"]), default=None,
+              help="Where two configs choose differently for one problem on one device, keep the first file's "
+                   "entry or the last's. [default: refuse, naming the conflict]")
+def merge_command(config_paths: tuple[str, ...], out: str, prefer: str | None) -> None:
     """Join configs from several devices; each entry keeps its device."""
     from attn_tune.tuned_config import merge_configs
 
-    merged = merge_configs([_load(p) for p in config_paths])
+    merged = merge_configs([_load(p) for p in config_paths], labels=config_paths, prefer=prefer,
+                           on_conflict=lambda line: click.echo(line, err=True))
     merged.save(out)
     click.echo(f"wrote {out} ({len(merged.entries)} entries from {len(config_paths)} configs)")
 
@@ -122,6 +132,8 @@ def export_command(storage: str, out: str) -> None:
 
     if not Path(out).resolve().parent.is_dir():
         raise click.BadParameter(f"folder {Path(out).parent} does not exist", param_hint="'--out'")
+    if storage.startswith("sqlite:///") and not Path(storage.removeprefix("sqlite:///")).is_file():
+        raise AttnTuneError(f"cannot open storage {storage}: the file does not exist")  # opening would create one
     with quiet_optuna():
         config, pending = export_config(storage)
     for line in pending:

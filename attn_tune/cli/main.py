@@ -23,11 +23,12 @@ def list_command(ctx: click.Context, as_json: bool, **options: Any) -> None:
     """Variants, their family, exactness, and whether they run here (and on the given problem)."""
     from attn_tune.registry import availability, catalog
 
-    problems = problems_from_options(options, check_devices=False) if options_given(ctx) else []
+    problems = problems_from_options(options) if options_given(ctx) else []  # a device not here: one line, exit 2
     cat = catalog()
     records = []
     for variant in cat.by_name.values():
         unavailable = availability(variant)
+        not_here = unavailable or _runs_on_no_local_device(variant)
         per_problem = [
             {"problem": p.to_dict(), "label": p.describe(), "reason": unavailable or variant.supports(p)}
             for p in problems
@@ -41,6 +42,8 @@ def list_command(ctx: click.Context, as_json: bool, **options: Any) -> None:
                 "requires": list(variant.requires),
                 "available": unavailable is None,
                 "reason": unavailable,
+                "runs_here": not_here is None,
+                "reason_here": not_here,
                 "problems": per_problem,
                 "description": variant.description,
             }
@@ -49,7 +52,8 @@ def list_command(ctx: click.Context, as_json: bool, **options: Any) -> None:
         echo_json(records)
         return
     if not problems:
-        rows = [(r["name"], r["family"], "yes" if r["exact"] else "no", r["reason"] or "available") for r in records]
+        rows = [(r["name"], r["family"], "yes" if r["exact"] else "no", r["reason_here"] or "available")
+                for r in records]
         click.echo(table(("VARIANT", "FAMILY", "EXACT", "HERE"), rows))
         return
     for i, problem in enumerate(problems):
@@ -59,6 +63,30 @@ def list_command(ctx: click.Context, as_json: bool, **options: Any) -> None:
             for r in records
         ]
         click.echo(table(("VARIANT", "FAMILY", "EXACT", "STATUS"), rows))
+
+
+def _runs_on_no_local_device(variant: Any) -> str | None:
+    """Why the variant serves no problem on this machine's devices (a CUDA-only kernel on a CPU machine), or None.
+
+    Probes a plain, a causal, a windowed and a masked problem in each dtype on each local device."""
+    import torch
+
+    from attn_tune.problem import DTYPES, Problem
+
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    first = None
+    for device in devices:
+        for dtype in DTYPES:
+            for masking in ({}, {"causal": True}, {"window": 8}, {"mask": True}):
+                problem = Problem(batch=1, heads=2, q_len=64, head_dim=32, dtype=dtype, device=device, **masking)
+                try:
+                    reason = variant.supports(problem)
+                except Exception as exc:  # noqa: BLE001 - a broken supports() is the plugin's to fix; show it
+                    reason = f"supports() raised {type(exc).__name__}"
+                if reason is None:
+                    return None
+                first = first or reason
+    return f"not on this machine ({', '.join(devices)}): {first}"
 
 
 @cli.command("plugins")
@@ -151,7 +179,7 @@ def check_command(variant_name: str, device: str, only: tuple[str, ...], as_json
     """Run the conformance kit on VARIANT: one line per finding; exit 1 if any, 0 if it conforms."""
     from attn_tune.problem import check_device
     from attn_tune.registry import get_variant
-    from attn_tune.testing import CHECKS, check_variant, conformance_problems
+    from attn_tune.testing import CHECKS, check_variant, conformance_problems, runnable_problems
 
     unknown = sorted(set(only) - set(CHECKS))
     if unknown:
@@ -160,6 +188,7 @@ def check_command(variant_name: str, device: str, only: tuple[str, ...], as_json
     variant = get_variant(variant_name)
     check_device(device)
     problems = conformance_problems(device)
+    ran = len(runnable_problems(variant, problems, device))  # none: one line, exit 2, never "conforms"
     checks = only or CHECKS
     if as_json:
         findings = check_variant(variant, device, problems, checks)
@@ -168,14 +197,16 @@ def check_command(variant_name: str, device: str, only: tuple[str, ...], as_json
                                show_pos=True) as bar:
             findings = check_variant(variant, device, problems, checks, on_case=lambda _: bar.update(1))
     if as_json:
-        echo_json({"variant": variant.name, "problems": len(problems), "checks": list(checks),
+        echo_json({"variant": variant.name, "problems": len(problems),
+                   "run": ran, "checks": list(checks),
                    "findings": [{"check": f.check, "problem": f.problem.to_dict() if f.problem else None,
                                  "message": f.message} for f in findings]})
     else:
         for finding in findings:
             click.echo(str(finding))
         verdict = f"{len(findings)} finding(s)" if findings else "conforms"
-        click.echo(f"{variant.name}: {verdict} ({len(checks)} checks on {len(problems)} problems, {device})")
+        scope = f"{ran} problems" if ran == len(problems) else f"{ran} of {len(problems)} problems (the rest refused)"
+        click.echo(f"{variant.name}: {verdict} ({len(checks)} checks on {scope}, {device})")
     if findings:
         sys.exit(1)
 

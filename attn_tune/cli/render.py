@@ -3,20 +3,36 @@
 from __future__ import annotations
 
 import json
+import shutil
 from typing import Any, Sequence
 
 import click
 
-__all__ = ["table", "mib", "echo_json"]
+from attn_tune.tuned_config import choice_label
+
+__all__ = ["table", "mib", "echo_json", "named", "versus_default"]
 
 
-def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """Left-aligned columns separated by two spaces, with a header rule."""
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]], width: int | None = None) -> str:
+    """Left-aligned columns separated by two spaces, with a header rule; the last column (reasons, notes) is cut
+    with "..." so that a line fits `width` (default: the terminal's, at least 100). `--json` keeps every word."""
     cells = [[str(h) for h in headers]] + [["" if c is None else str(c) for c in row] for row in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    width = width or max(100, shutil.get_terminal_size((120, 24)).columns)
+    room = width - sum(widths[:-1]) - 2 * (len(widths) - 1)
+    if widths[-1] > room >= 20:
+        for row in cells:
+            if len(row[-1]) > room:
+                row[-1] = row[-1][:room - 3].rstrip() + "..."
+        widths[-1] = room
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def named(variant: str, params: dict[str, Any] | None) -> str:
+    """A choice as people read it: `local(local_window=256)`, or the bare name without knobs."""
+    return choice_label({"variant": variant, "params": params})
 
 
 def mib(n_bytes: float | None) -> str:

@@ -28,7 +28,8 @@ __all__ = ["attention", "explain", "decide", "Decision"]
 
 @dataclass
 class Decision:
-    """What a call runs and why. `rule`: exact | nearest | default | fallback | sdpa-as-is."""
+    """What a call runs and why. `rule`: own-entry (the entry tuned for this very problem) | nearest-entry |
+    default | fallback | sdpa-as-is; never "exact", which would read as exact attention whatever the entry chose."""
 
     problem: Problem | None
     variant: str
@@ -168,7 +169,7 @@ def _choose(problem: Problem) -> tuple[Variant, dict[str, Any], Decision, Varian
     if match is None:
         return default("default", "no entry in the config has this call's heads, head_dim, dtype, device type and masking")
     choice, entry = match.entry.choice, match.entry
-    how = "the tuned entry for this exact problem" if match.rule == "exact" else "the nearest tuned lengths and batch"
+    how = "the entry tuned for this very problem" if match.rule == "own-entry" else "the nearest tuned lengths and batch"
     how += f" ({match.note})" if match.note else ""
     try:
         variant = get_variant(choice["variant"])
@@ -177,7 +178,7 @@ def _choose(problem: Problem) -> tuple[Variant, dict[str, Any], Decision, Varian
     refusal = availability(variant) or variant.supports(problem)
     if refusal:
         return default("fallback", f"{how} chose {variant.name}, which cannot serve this call: {refusal}", match)
-    if not variant.exact and (match.rule != "exact" or match.note):
+    if not variant.exact and (match.rule != "own-entry" or match.note):
         return default("fallback", f"{how} chose the approximate {variant.name}, whose error was measured only at "
                                    f"{entry.problem.describe()}", match)
     stale = "; ".join(str(c) for c in index.changes(entry))

@@ -82,7 +82,7 @@ class ConfigIndex:
             return None
         exact = bucket.get((problem.batch, problem.q_len, problem.n_kv_len))
         if exact is not None:
-            return Match(exact, "exact")
+            return Match(exact, "own-entry")
         want = _sizes(problem)
         entry = min(bucket.values(), key=lambda e: (math.dist(_sizes(e.problem), want), -e.problem.q_len, -e.problem.batch))
-        return Match(entry, "nearest")
+        return Match(entry, "nearest-entry")

@@ -8,7 +8,7 @@ from typing import Any
 
 from attn_tune.tuned_config import TunedConfig, write_atomically
 
-__all__ = ["plot_config"]
+__all__ = ["plot_config", "bar_rows"]
 
 
 def _group_key(entry: Any) -> tuple:
@@ -22,17 +22,26 @@ def _title(entry: Any) -> str:
     return " ".join(part for part in label if not part.startswith(("q", "kv")) or part.startswith("kvh"))
 
 
-def _bars(lat_ax: Any, mem_ax: Any, entry: Any) -> None:
-    """One problem: each variant's fastest measured knobs as a bar, with its error; the choice outlined."""
+def bar_rows(entry: Any) -> list[tuple[dict[str, Any], bool]]:
+    """One problem's bars, slowest first: each variant's fastest measured knobs, and always the choice (with the
+    figures it was chosen on), marked True, even when its knobs were not its variant's fastest trial."""
     best: dict[str, dict] = {}
     for c in entry.candidates:
         if c.get("status") == "ok" and "latency_ms" in c:
             if c["variant"] not in best or c["latency_ms"] < best[c["variant"]]["latency_ms"]:
                 best[c["variant"]] = c
-    rows = sorted(best.values(), key=lambda c: -c["latency_ms"])
+    choice = {"variant": entry.choice["variant"], "params": entry.choice["params"], **entry.measured}
+    rows = [c for c in best.values() if (c["variant"], c.get("params") or {}) != (choice["variant"], choice["params"])]
+    marked = [(c, False) for c in rows] + [(choice, True)]
+    return sorted(marked, key=lambda row: -row[0]["latency_ms"])
+
+
+def _bars(lat_ax: Any, mem_ax: Any, entry: Any) -> None:
+    """One problem: each variant's fastest measured knobs as a bar, with its error; the choice in orange."""
+    marked = bar_rows(entry)
+    rows = [c for c, _ in marked]
+    chosen = [x for _, x in marked]
     labels = [c["variant"] + ("\n" + ",".join(f"{k}={v}" for k, v in c["params"].items()) if c.get("params") else "")
-              for c in rows]
-    chosen = [c["variant"] == entry.choice["variant"] and (c.get("params") or {}) == entry.choice["params"]
               for c in rows]
     for ax, values, xlabel in ((lat_ax, [c["latency_ms"] for c in rows], "latency (ms)"),
                                (mem_ax, [c["peak_bytes"] / 2**20 for c in rows], "peak memory (MiB)")):

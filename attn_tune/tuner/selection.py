@@ -50,13 +50,21 @@ class Point:
         return data
 
 
+def _size(n_bytes: int) -> str:
+    """Bytes in the unit people read them in (KiB, MiB, GiB), as the rest of the output."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n_bytes >= scale:
+            return f"{n_bytes / scale:.1f} {unit}"
+    return f"{n_bytes} B"
+
+
 def constraint_violation(variant: Variant, problem: Problem, m: Measurement, max_error: float | None, budget: int | None) -> str | None:
     if variant.exact and not m.rel_error <= EXACT_TOLERANCE[problem.dtype]:
         return f"error {m.rel_error:.2e} is beyond {problem.dtype} rounding for an exact variant"
     if not variant.exact and not m.rel_error <= (max_error or 0.0):
         return f"error {m.rel_error:.2e} above max_error {max_error:g}"
     if budget is not None and m.peak_bytes > budget:
-        return f"peak memory {m.peak_bytes} B above the budget {budget} B"
+        return f"peak memory {_size(m.peak_bytes)} above the budget {_size(budget)}"
     return None
 
 

@@ -146,7 +146,7 @@ class Validator:
         """Raise NoLoss unless the model has a loss to budget."""
         if self.loss_from is None:
             raise NoLoss(f"{self.label} gives no loss: return (model, example_inputs, targets) from the factory, or "
-                         "a model output with a 'loss' (see README, 'Validate end to end')")
+                         'a model output with a "loss" (README: "Judged on the model’s own activations, and end to end")')
 
     def validate(self, config: TunedConfig | str | Any) -> Validation:
         calls: list[CallReport] = []
@@ -180,7 +180,7 @@ def fit_loss_budget(config: TunedConfig, validator: Validator, max_loss_change: 
         change = validation.loss_change
         worst: dict[Problem, float] = {}
         for call in validation.calls:
-            if call.entry is not None and call.rule == "exact" and not _exact(call.variant):
+            if call.entry is not None and call.rule == "own-entry" and not _exact(call.variant):
                 worst[call.entry] = max(worst.get(call.entry, 0.0), call.rel_error)
         if change is None or change <= max_loss_change or not worst:
             validation.dropped = dropped
