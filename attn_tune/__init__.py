@@ -35,6 +35,9 @@ __all__ = [
     "attention",
     "explain",
     "use_config",
+    "patch_sdpa",
+    "unpatch_sdpa",
+    "patch_calls",
     "AutoAttention",
 ]
 
@@ -45,6 +48,9 @@ _LAZY = {
     "attention": "attn_tune.runtime",
     "explain": "attn_tune.runtime",
     "use_config": "attn_tune.runtime",
+    "patch_sdpa": "attn_tune.runtime",
+    "unpatch_sdpa": "attn_tune.runtime",
+    "patch_calls": "attn_tune.runtime",
     "AutoAttention": "attn_tune.modules",
 }
 

@@ -84,7 +84,7 @@ def test_capture_command_with_training_records_training_problems(user_module) ->
         ("my_models", "expected MODULE:FACTORY", 2),
         ("missing_module:f", "cannot import missing_module: ModuleNotFoundError", 2),
         ("my_models:nothing", "my_models has no callable 'nothing'", 2),
-        ("my_models:no_attention", "made no attn_tune.attention call", 2),
+        ("my_models:no_attention", "made no attention call attn-tune could see", 2),
         ("my_models:broken", "my_models:broken raised RuntimeError: weights not found", 1),
     ],
 )

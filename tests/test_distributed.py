@@ -131,7 +131,8 @@ def test_a_worker_killed_mid_trial_is_retried_and_the_study_finishes(shared, tmp
     for w in workers:
         w.wait(timeout=120)
     assert victim.returncode == -signal.SIGKILL
-    assert all(w.returncode == 0 for w in workers if w is not victim)
+    survivors = [w for w in workers if w is not victim]
+    assert all(w.returncode == 0 for w in survivors), [w.stderr.read() for w in survivors]
 
     study = _study(storage)
     _assert_every_trial_accounted_for(study)
@@ -238,3 +239,17 @@ def test_redaction() -> None:
 def test_workers_need_a_storage() -> None:
     with pytest.raises(attn_tune.AttnTuneError, match="several workers share a study through a storage"):
         attn_tune.tune([PROBLEM], workers=2, storage=None)
+
+
+def test_an_sqlite_transaction_holds_the_write_lock_from_its_start(tmp_path) -> None:
+    """SQLite ignores SELECT ... FOR UPDATE: without BEGIN IMMEDIATE two workers can both read a queued trial as
+    WAITING and both run it. Inside a storage transaction that has only read, another writer must be kept out."""
+    import sqlite3
+
+    storage = open_storage(f"sqlite:///{tmp_path / 'shared.db'}")
+    with storage.engine.begin() as connection:
+        connection.exec_driver_sql("SELECT count(*) FROM trials")
+        other = sqlite3.connect(tmp_path / "shared.db", timeout=0.1, isolation_level=None)
+        with pytest.raises(sqlite3.OperationalError, match="locked"):
+            other.execute("BEGIN IMMEDIATE")
+        other.close()

@@ -27,7 +27,7 @@ def capture_command(factory_spec: str, out: str, activations: str | None, sample
     """Run FACTORY()'s (model, example_inputs[, targets]) once and record every attn_tune.attention problem it
     asks for."""
     from attn_tune.activations import describe_inputs, save_activations
-    from attn_tune.runtime.capture import capture_activations, capture_factory, load_factory, save_shapes
+    from attn_tune.runtime.capture import NO_CALLS, capture_activations, capture_factory, load_factory, save_shapes
 
     for option, path in (("--out", out), ("--activations", activations)):
         if path is not None and not Path(path).resolve().parent.is_dir():
@@ -46,8 +46,7 @@ def capture_command(factory_spec: str, out: str, activations: str | None, sample
     except Exception as exc:  # noqa: BLE001 - the user's model failed: one line, not a traceback
         raise click.ClickException(f"{factory_spec} raised {type(exc).__name__}: {' '.join(str(exc).split())[:300]}")
     if not problems:
-        raise AttnTuneError(f"{factory_spec} made no attn_tune.attention call (does the model use AutoAttention or "
-                            "attn_implementation='attn_tune'?); nothing written")
+        raise AttnTuneError(f"{factory_spec} {NO_CALLS}; nothing written")
     save_shapes(problems, out, source=factory_spec)
     if activations is not None:
         save_activations(activations, kept, source=factory_spec)

@@ -115,21 +115,30 @@ def _time_summary(entries: list[Any], tuned: list[Problem], notes: list[str], wa
     return line + (f"; {cut} cut short by the time limit" if cut else "")
 
 
-def _capture_for_preset(preset: Any, activations: str) -> list[Problem]:
-    """The preset's model, run once: its problems, and a few real calls of each kept in `activations`."""
+def _capture_for_factory(spec: str, samples: int, activations: str) -> list[Problem]:
+    """The factory's model, run once as it is (SDPA patched for the run): its problems, and `samples` real calls
+    of each kept in `activations`. A model that fails, or makes no call attn-tune sees, is one line."""
     from attn_tune.activations import save_activations
-    from attn_tune.runtime.capture import capture_activations, load_factory
+    from attn_tune.runtime.capture import NO_CALLS, capture_activations, load_factory
 
-    captured, kept = capture_activations(load_factory(preset.factory), preset.samples)
-    save_activations(activations, kept, source=preset.factory)
-    click.echo(f"captured {len(captured)} problem(s) of {preset.factory}, {preset.samples} real calls each")
+    try:
+        captured, kept = capture_activations(load_factory(spec), samples)
+    except AttnTuneError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the user's model failed: one line, not a traceback
+        raise click.ClickException(f"{spec} raised {type(exc).__name__}: {' '.join(str(exc).split())[:300]}") from None
+    if not captured:
+        raise AttnTuneError(f"{spec} {NO_CALLS}; nothing written")
+    save_activations(activations, kept, source=spec)
+    click.echo(f"captured {len(captured)} problem(s) of {spec}, up to {samples} real calls each")
     return captured
 
 
 def _dropped_line(max_loss_change: float, lines: list[str]) -> Any:
     def say(record: dict[str, Any]) -> None:
         now, before = record["now"], named(record["variant"], record["params"])
-        then = "sdpa serves it" if now is None else f"chosen again with errors below it: {named(now['variant'], now['params'])} replaces {before}"
+        then = "sdpa serves it" if now is None else \
+            f"chosen again with errors below it: {named(now['variant'], now['params'])} replaces {before}"
         lines.append(f"validate: loss change {record['loss_change_before']:+.2%} is over {max_loss_change:+.2%}; "
                      f"{before} for {record['problem']} had the worst call (error {record['worst_call_error']:.2e}): "
                      f"{then}")
@@ -137,6 +146,7 @@ def _dropped_line(max_loss_change: float, lines: list[str]) -> Any:
 
 
 @cli.command("tune")
+@click.argument("factory_spec", metavar="[MODULE:FACTORY]", required=False)
 @problem_options
 @click.option("--shapes", type=click.Path(dir_okay=False), help="A JSON list of problems (e.g. from `attn-tune capture`).")
 @click.option("--preset", type=click.Choice(["quick"]), help="A named tuning job: quick = the reference LM's problems with its activations and a loss budget, plus a sliding window; a few minutes.")
@@ -159,22 +169,32 @@ def _dropped_line(max_loss_change: float, lines: list[str]) -> Any:
 @click.option("--validate", "validate_spec", metavar="MODULE:FACTORY", default=None,
               help="Then run the factory's model with exact attention and with the config; record the loss change.")
 @click.option("--max-loss-change", type=click.FloatRange(min=0), default=None,
-              help="With --validate: until the loss rises by at most this (relative: 0.01 is 1%), choose the approximate "
-                   "entry with the worst call again with smaller errors (a safer knob, or exact). [quick: 0.01]")
+              help="With --validate or MODULE:FACTORY: until the loss rises by at most this (relative: 0.01 is 1%), "
+                   "choose the approximate entry with the worst call again with smaller errors (a safer knob, or "
+                   "exact). [quick: 0.01]")
+@click.option("--samples", type=click.IntRange(min=1), default=None,
+              help="With MODULE:FACTORY: real calls kept per problem to measure errors on. [default: 4]")
 @click.pass_context
-def tune_command(ctx: click.Context, shapes: str | None, preset: str | None, trials: int | None, max_error: float | None,
+def tune_command(ctx: click.Context, factory_spec: str | None, samples: int | None, shapes: str | None,
+                 preset: str | None, trials: int | None, max_error: float | None,
                  memory_budget: int | None, objective: str, storage: str | None, workers: int, seed: int | None,
                  variant_names: tuple[str, ...], out: str, plot_path: str | None, config_path: str | None,
                  stale_only: bool, timeout: float | None, problem_timeout: float | None, activations: str | None,
                  validate_spec: str | None, max_loss_change: float | None, **options: Any) -> None:
-    """Search variants and knobs per problem by measuring them; write the tuned config."""
+    """Search variants and knobs per problem by measuring them; write the tuned config.
+
+    With MODULE:FACTORY (a function returning (model, example_inputs[, targets])), the model runs unchanged: its
+    attention problems and a few real calls of each are captured, tuned, and validated end to end (report.png
+    beside the config). --preset quick is this applied to the bundled LM.
+    """
     from attn_tune.registry import get_variant
     from attn_tune.tuned_config import load_config
     from attn_tune.tuner.presets import PRESETS
     from attn_tune.tuner.retune import stale_problems
     from attn_tune.tuner.storage import default_storage_url
 
-    _refuse_conflicts(ctx, shapes, preset, stale_only, config_path, validate_spec, max_loss_change, activations)
+    _refuse_conflicts(ctx, factory_spec, shapes, preset, stale_only, config_path, validate_spec, max_loss_change,
+                      activations, samples)
     if not Path(out).resolve().parent.is_dir():
         raise click.BadParameter(f"folder {Path(out).parent} does not exist", param_hint="'--out'")
     given = {name for name in ("max_error", "memory_budget", "objective") if _given(ctx, name)}
@@ -183,20 +203,24 @@ def tune_command(ctx: click.Context, shapes: str | None, preset: str | None, tri
     run: dict[str, Any] = dict(trials=trials, storage=storage or default_storage_url(out), seed=seed, workers=workers,
                                timeout=timeout, problem_timeout=problem_timeout,
                                problems_label=f"the problems of {shapes}" if shapes else "the problems tuned")
-    if preset:
+    problems: list[Problem] = []
+    if preset:  # the factory path below, with the preset's model, settings and extra problems
         chosen = PRESETS[preset]
-        plot_path = plot_path or str(Path(out).with_name("report.png"))
+        factory_spec, samples = chosen.factory, samples or chosen.samples
         run.update(trials=trials or chosen.trials, measure_kwargs=chosen.measure_kwargs,
                    final_kwargs=chosen.final_kwargs, rounds=chosen.rounds)
         if chosen.variants and not variant_names:
             search["variants"] = [get_variant(name) for name in chosen.variants]
+        search["max_error"] = chosen.max_error if max_error is None else max_error
+        max_loss_change = chosen.max_loss_change if max_loss_change is None else max_loss_change
         problems = list(chosen.problems)
-        if chosen.factory:
-            validate_spec = validate_spec or chosen.factory
-            search["max_error"] = chosen.max_error if max_error is None else max_error
-            max_loss_change = chosen.max_loss_change if max_loss_change is None else max_loss_change
-            activations = str(Path(out).with_suffix(".activations.safetensors"))  # kept: a re-tune reads it again
-            problems = _capture_for_preset(chosen, activations) + problems
+    written = None  # a file this run made, removed if the run fails: nothing half-written
+    if factory_spec:
+        plot_path = plot_path or str(Path(out).with_name("report.png"))
+        validate_spec = factory_spec
+        activations = str(Path(out).with_suffix(".activations.safetensors"))  # kept: a re-tune reads it again
+        written = None if Path(activations).exists() else Path(activations)
+        problems = _capture_for_factory(factory_spec, samples or 4, activations) + problems
     elif shapes:
         problems = _problems_from_shapes(shapes)
     elif not stale_only or options_given(ctx):
@@ -218,23 +242,34 @@ def tune_command(ctx: click.Context, shapes: str | None, preset: str | None, tri
     run["trials"] = run["trials"] or 20
     if activations is not None:
         search["activations"] = activations
-    if validate_spec:
-        from attn_tune.cli.validate_command import build_validator
-        from attn_tune.runtime.capture import load_factory
+    try:
+        if validate_spec:
+            from attn_tune.cli.validate_command import build_validator
+            from attn_tune.runtime.capture import load_factory
 
-        run.update(validator=build_validator(validate_spec, load_factory(validate_spec)), max_loss_change=max_loss_change,
-                   on_drop=_dropped_line(max_loss_change, drops) if max_loss_change is not None else None)
-    _run_and_report(problems, earlier, {**run, **search}, drops, out, plot_path)
+            run.update(validator=build_validator(validate_spec, load_factory(validate_spec)),
+                       max_loss_change=max_loss_change,
+                       on_drop=_dropped_line(max_loss_change, drops) if max_loss_change is not None else None)
+        _run_and_report(problems, earlier, {**run, **search}, drops, out, plot_path)
+    except BaseException:
+        if written is not None:
+            written.unlink(missing_ok=True)
+        raise
 
 
 def _given(ctx: click.Context, name: str) -> bool:
     return ctx.get_parameter_source(name) != click.core.ParameterSource.DEFAULT
 
 
-def _refuse_conflicts(ctx: click.Context, shapes: str | None, preset: str | None, stale_only: bool,
-                      config_path: str | None, validate_spec: str | None, max_loss_change: float | None,
-                      activations: str | None) -> None:
+def _refuse_conflicts(ctx: click.Context, factory_spec: str | None, shapes: str | None, preset: str | None,
+                      stale_only: bool, config_path: str | None, validate_spec: str | None,
+                      max_loss_change: float | None, activations: str | None, samples: int | None) -> None:
     """Options that do not go together: one line, exit 2."""
+    if factory_spec and (shapes or preset or stale_only or options_given(ctx) or activations or validate_spec):
+        raise click.UsageError("MODULE:FACTORY captures the model's own problems and activations and validates on it: "
+                               "not with problem options, --shapes, --preset, --stale-only, --activations or --validate")
+    if samples is not None and not (factory_spec or preset):
+        raise click.UsageError("--samples is the number of real calls kept per problem of MODULE:FACTORY")
     if stale_only and not config_path:
         raise click.UsageError("--stale-only re-tunes a tuned config: give it with --config")
     if validate_spec and stale_only:
@@ -244,7 +279,7 @@ def _refuse_conflicts(ctx: click.Context, shapes: str | None, preset: str | None
         raise click.UsageError("--config goes with --stale-only")
     if sum(bool(x) for x in (shapes, preset, options_given(ctx))) > 1:
         raise click.UsageError("give problem options, --shapes or --preset, not more than one")
-    if max_loss_change is not None and not validate_spec and not preset:
+    if max_loss_change is not None and not validate_spec and not preset and not factory_spec:
         raise click.UsageError("--max-loss-change is checked by running the model: give --validate MODULE:FACTORY")
     if activations and (preset or stale_only):
         raise click.UsageError("--activations goes with --shapes or problem options (a preset captures its own; a "

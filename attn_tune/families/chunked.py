@@ -9,7 +9,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from attn_tune.problem import Problem
@@ -18,6 +17,7 @@ from attn_tune.registry.variant import Variant
 from attn_tune.families.masks import (
     block_fully_visible, key_range, merge_masks, resolve_scale, shared_visible_keys,
 )
+from attn_tune.families.torch_sdpa import sdpa as torch_sdpa
 
 __all__ = ["chunked_attention", "block_attention", "CHUNK_CHOICES"]
 
@@ -36,7 +36,7 @@ def _mask_block(attn_mask: Tensor | None, r0: int, r1: int, lo: int, hi: int) ->
 def block_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float) -> Tensor:
     """One block of queries against its keys through SDPA's fused kernel: the scores are computed in tiles, never
     held whole, also in backward; grouped kv heads are read in place (no copies)."""
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
+    return torch_sdpa(q, k, v, attn_mask=mask, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
 
 
 def chunked_attention(

@@ -13,11 +13,11 @@ import functools
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from attn_tune.errors import UnsupportedProblem
 from attn_tune.families.masks import resolve_scale
+from attn_tune.families.torch_sdpa import sdpa as torch_sdpa
 from attn_tune.problem import Problem
 from attn_tune.registry.hookspecs import hookimpl
 from attn_tune.registry.variant import Variant
@@ -59,8 +59,7 @@ def linformer_attention(
     if not 1 <= rank < k.shape[-2]:
         raise UnsupportedProblem(f"rank {rank} does not project kv_len {k.shape[-2]} to fewer keys")
     e, f = linformer_projections(k.shape[-2], rank, q.dtype, q.device)
-    return F.scaled_dot_product_attention(q, e.T @ k, f.T @ v, scale=resolve_scale(q, scale),
-                                          enable_gqa=k.shape[1] != q.shape[1])
+    return torch_sdpa(q, e.T @ k, f.T @ v, scale=resolve_scale(q, scale), enable_gqa=k.shape[1] != q.shape[1])
 
 
 def _supports(problem: Problem) -> str | None:

@@ -7,15 +7,15 @@ import warnings
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from attn_tune.errors import UnsupportedProblem
+from attn_tune.families.masks import fold_for_sdpa, repeat_kv
+from attn_tune.families.torch_sdpa import sdpa as torch_sdpa
 from attn_tune.problem import Problem
 from attn_tune.registry.hookspecs import hookimpl
 from attn_tune.registry.variant import Variant
-from attn_tune.families.masks import fold_for_sdpa, repeat_kv
 
 __all__ = ["make_sdpa_fn"]
 
@@ -108,7 +108,7 @@ def make_sdpa_fn(backend: SDPBackend | None, native_gqa: bool) -> Callable[..., 
         kwargs = dict(attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=gqa)
         try:
             with pinned():
-                return F.scaled_dot_product_attention(q, k, v, **kwargs)
+                return torch_sdpa(q, k, v, **kwargs)
         except RuntimeError as exc:
             if "No available kernel" not in str(exc) and "No viable backend" not in str(exc):
                 raise
@@ -116,7 +116,7 @@ def make_sdpa_fn(backend: SDPBackend | None, native_gqa: bool) -> Callable[..., 
             with warnings.catch_warnings(record=True) as caught, pinned():
                 warnings.simplefilter("always")
                 with contextlib.suppress(RuntimeError):
-                    F.scaled_dot_product_attention(q, k, v, **kwargs)
+                    torch_sdpa(q, k, v, **kwargs)
             why = "; ".join(_explanations(caught)) or str(exc).splitlines()[0]
             name = "SDPA" if backend is None else backend.name
             raise UnsupportedProblem(f"{name} cannot run this call: {why}") from None

@@ -13,10 +13,16 @@ from typing import Any, Callable, Iterator
 from attn_tune.errors import AttnTuneError
 from attn_tune.problem import Inputs, Problem
 from attn_tune.runtime import dispatch
+from attn_tune.runtime.patch import patch_sdpa
 from attn_tune.tuned_config import write_atomically
 
 __all__ = ["record", "observe", "capture_factory", "capture_activations", "load_factory", "call_factory",
-           "save_shapes", "CaptureError", "ModelRun"]
+           "save_shapes", "CaptureError", "ModelRun", "NO_CALLS"]
+
+
+NO_CALLS = ("made no attention call attn-tune could see (neither attn_tune.attention nor "
+            "torch.nn.functional.scaled_dot_product_attention looked up at call time; a module that imported the "
+            "function by name keeps PyTorch's)")
 
 
 class CaptureError(AttnTuneError):
@@ -77,7 +83,10 @@ class ModelRun:
             self.args, self.kwargs = tuple(inputs), {}
 
     def __call__(self) -> Any:
-        return self.model(*self.args, **self.kwargs)
+        """One forward, unchanged model: its `F.scaled_dot_product_attention` calls reach attn-tune (patched for
+        the call only), as its `attn_tune.attention` calls do."""
+        with patch_sdpa():
+            return self.model(*self.args, **self.kwargs)
 
 
 def call_factory(factory: Callable[[], Any]) -> ModelRun:

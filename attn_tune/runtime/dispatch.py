@@ -12,11 +12,11 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from attn_tune.errors import InvalidProblem, UnsupportedProblem
 from attn_tune.families.masks import fold_for_sdpa
+from attn_tune.families.torch_sdpa import sdpa as torch_sdpa
 from attn_tune.problem import DTYPES, Inputs, Problem
 from attn_tune.registry import availability, get_variant, variants
 from attn_tune.registry.variant import DEFAULT_VARIANT, Variant
@@ -108,8 +108,8 @@ def _sdpa_as_is(q: Tensor, k: Tensor, v: Tensor, *, is_causal: bool, window: int
     """PyTorch's SDPA itself, a window folded into the mask: for calls no Problem describes, and for dropout."""
     attn_mask, is_causal = fold_for_sdpa(q.shape[-2], k.shape[-2], is_causal=is_causal, window=window,
                                          attn_mask=attn_mask, device=q.device)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
-                                          scale=scale, enable_gqa=enable_gqa)
+    return torch_sdpa(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
+                      enable_gqa=enable_gqa)
 
 
 def _problem(q: Tensor, k: Tensor, v: Tensor, has_mask: bool, causal: bool, window: int | None, enable_gqa: bool,

@@ -127,7 +127,8 @@ def retune(config: TunedConfig, problems: Sequence[Problem], **tune_kwargs: Any)
     stale = _stale_indexes(config)
     here = local_devices()
     merged = config.device.get("type") == "mixed"
-    other_machine = {i for i, e in enumerate(config.entries) if any(c.what == "device" for c in changes(e, config.device, here))}
+    other_machine = {i for i, e in enumerate(config.entries)
+                     if any(c.what == "device" for c in changes(e, config.device, here))}
     factory = (config.validation or {}).get("factory")
     hint = f"attn-tune capture {factory}" if factory else ""
     plans = _plans(config, problems, stale, tune_kwargs, hint)

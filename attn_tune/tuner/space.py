@@ -94,10 +94,12 @@ def _default_value(variant: Variant, knob: str, dist: BaseDistribution) -> Any:
 def default_point(variant: Variant, problem: Problem) -> dict[str, Any]:
     """The variant at its default knobs, as Optuna params ({"variant": ..., "name:knob": ...})."""
     knobs = variant.space(problem)
-    return {"variant": variant.name, **{knob_name(variant.name, k): _default_value(variant, k, d) for k, d in knobs.items()}}
+    return {"variant": variant.name,
+            **{knob_name(variant.name, k): _default_value(variant, k, d) for k, d in knobs.items()}}
 
 
-def first_points(problem: Problem, variants: Sequence[Variant], earlier: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+def first_points(problem: Problem, variants: Sequence[Variant],
+                 earlier: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """What a study measures before any knob is refined: an earlier choice (a re-tune's, when it is still a point of
     the space), the default variant, then every other variant at its default knobs; each point once."""
     by_name = {v.name: v for v in variants}

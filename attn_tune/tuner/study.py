@@ -253,7 +253,7 @@ def run_trials(
             prepared.cut_short = f"stopped by the time limit after {finished} of {budget} trials"
             return
         if finished >= budget:  # a twin queued by another process: taken, found a twin, failed with that reason
-            study.optimize(objective_fn, n_trials=1, catch=(_NotMeasured,))
+            _optimize_one(study, objective_fn)
             continue
         if prepared.enumerated and not waiting and not running:
             return  # every queued point is done, or failed past its retries
@@ -264,9 +264,19 @@ def run_trials(
         if asked >= 3 * budget:
             return  # a sampler that keeps proposing points already measured
         asked += 1
-        study.optimize(objective_fn, n_trials=1, catch=(_NotMeasured,))
+        _optimize_one(study, objective_fn)
         if "copy_of" in study.get_trials(deepcopy=False)[-1].user_attrs:
             _queue_unmeasured(prepared, seed=asked)  # the sampler repeated itself: give the next trial a new point
+
+
+def _optimize_one(study: optuna.Study, objective_fn: Callable[[optuna.Trial], Any]) -> None:
+    """Run one trial. A trial that another worker settled first (on a loaded machine its heartbeat can look stale,
+    so it was failed and queued again) cannot be told: that is not this worker's failure, and the study goes on."""
+    try:
+        study.optimize(objective_fn, n_trials=1, catch=(_NotMeasured,))
+    except ValueError as exc:
+        if not str(exc).startswith("Cannot tell a "):
+            raise
 
 
 def first_calls_s(study: optuna.Study) -> float:
