@@ -18,10 +18,12 @@ from attn_tune.errors import AttnTuneError
 from attn_tune.problem import Problem
 from attn_tune.registry.catalog import catalog
 from attn_tune.registry.plugins import own_version
+from attn_tune.runtime.capture import load_factory
 from attn_tune.staleness import changes, local_devices, stale_report
 from attn_tune.tuned_config import Entry, TunedConfig
 from attn_tune.tuner.study import file_digest
 from attn_tune.tuner.tune import tune
+from attn_tune.tuner.validate import Validator
 
 __all__ = ["stale_problems", "retune", "SETTING_KEYS"]
 
@@ -106,9 +108,6 @@ def _validator_of(config: TunedConfig) -> tuple[Any, float | None]:
     factory = (config.validation or {}).get("factory")
     if not factory:
         return None, None
-    from attn_tune.runtime.capture import load_factory
-    from attn_tune.tuner.validate import Validator
-
     return Validator(load_factory(factory), label=factory), config.validation.get("max_loss_change")
 
 
@@ -151,14 +150,19 @@ def retune(config: TunedConfig, problems: Sequence[Problem], **tune_kwargs: Any)
 
     run_kwargs = {k: v for k, v in tune_kwargs.items() if k not in SETTING_KEYS and k != "on_result"}
     kept = list(alongside)
-    for plan in plans:
-        checked = {} if validator is None else {"validator": validator, "max_loss_change": budget, "alongside": kept}
+    for number, plan in enumerate(plans, 1):
+        # the model is validated once, with the last run: every entry used here by then (kept and fresh) beside it
+        before = kept + list(fresh.values())
+        checked = {} if validator is None or number < len(plans) else \
+            {"validator": validator, "max_loss_change": budget, "alongside": before}
         result = tune(plan.problems, queue_first=earlier, on_result=heard, **plan.settings, **run_kwargs, **checked)
-        mine = [e for e in result.entries if not any(e is k for k in kept)]
-        if validator is not None:
-            kept = [k for k in kept if any(k is e for e in result.entries)]
+        if checked:
             validation = result.validation
-        for entry in mine:
+            kept = [k for k in kept if any(k is e for e in result.entries)]
+            fresh = {p: e for p, e in fresh.items() if any(e is r for r in result.entries)}
+        for entry in result.entries:
+            if any(entry is b for b in before):
+                continue
             device = entry.device or result.device
             entry.device = None if device == config.device else device
             fresh[entry.problem] = entry
