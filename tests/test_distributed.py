@@ -1,8 +1,8 @@
-"""Tuning beyond one process: workers sharing studies, a killed worker, export, passwords.
+"""Tuning beyond one process: workers sharing studies on PostgreSQL, a killed worker, export, passwords.
 
-The worker tests run on an SQLite file (the default storage, nothing to start) and again on PostgreSQL, whose URL
-they read from ATTN_TUNE_TEST_POSTGRES_URL (`.ci/run` starts a server); without one only the PostgreSQL runs skip,
-saying so. The URL's password must never show.
+The tests that need a server read its URL from ATTN_TUNE_TEST_POSTGRES_URL (`.ci/run` starts one) and skip with
+that reason otherwise; several workers on an SQLite storage are refused in one line (tested here without a
+server). The URL's password must never show.
 """
 
 from __future__ import annotations
@@ -44,13 +44,10 @@ def clean_db():
     return storage
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=needs_server)])
-def shared(request, tmp_path):
-    """(URL, opened storage) of an empty storage that several processes share: an SQLite file, or the server."""
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'shared.db'}"
-        return url, open_storage(url)
-    return URL, request.getfixturevalue("clean_db")
+@pytest.fixture
+def shared(clean_db):
+    """(URL, opened storage) of the empty server storage that several worker processes share."""
+    return URL, clean_db
 
 
 def _password(url: str) -> str:
@@ -97,6 +94,7 @@ def _assert_every_trial_accounted_for(study: optuna.Study) -> None:
             assert study.user_attrs[f"failure:{t.number}"]["reason"], t.number
 
 
+@needs_server
 def test_three_workers_share_one_study_without_measuring_twice(shared, tmp_path) -> None:
     url, storage = shared
     log = tmp_path / "measure.log"
@@ -112,6 +110,7 @@ def test_three_workers_share_one_study_without_measuring_twice(shared, tmp_path)
     assert len({c["pid"] for c in calls}) >= 2  # the work was really shared
 
 
+@needs_server
 def test_a_worker_killed_mid_trial_is_retried_and_the_study_finishes(shared, tmp_path) -> None:
     url, storage = shared
     log = tmp_path / "measure.log"
@@ -147,6 +146,7 @@ def test_a_worker_killed_mid_trial_is_retried_and_the_study_finishes(shared, tmp
     assert len(done) == 9 and set(done.values()) == {1}
 
 
+@needs_server
 def test_workers_option_tunes_and_export_writes_the_config(shared, tmp_path) -> None:
     url, storage = shared
     runner = CliRunner()
@@ -162,7 +162,7 @@ def test_workers_option_tunes_and_export_writes_the_config(shared, tmp_path) -> 
     again = attn_tune.load_config(tmp_path / "exported.json")
     assert [e.problem for e in again.entries] == [e.problem for e in tuned.entries]
     assert again.entries[0].choice == tuned.entries[0].choice
-    password = _password(url) if url == URL else "no password in an SQLite URL"
+    password = _password(url)
     for text in (result.output, exported.output, (tmp_path / "tuned.json").read_text(),
                  (tmp_path / "exported.json").read_text(), json.dumps(study.user_attrs), study.study_name,
                  json.dumps([t.user_attrs | t.system_attrs for t in study.trials], default=str)):
@@ -241,15 +241,12 @@ def test_workers_need_a_storage() -> None:
         attn_tune.tune([PROBLEM], workers=2, storage=None)
 
 
-def test_an_sqlite_transaction_holds_the_write_lock_from_its_start(tmp_path) -> None:
-    """SQLite ignores SELECT ... FOR UPDATE: without BEGIN IMMEDIATE two workers can both read a queued trial as
-    WAITING and both run it. Inside a storage transaction that has only read, another writer must be kept out."""
-    import sqlite3
-
-    storage = open_storage(f"sqlite:///{tmp_path / 'shared.db'}")
-    with storage.engine.begin() as connection:
-        connection.exec_driver_sql("SELECT count(*) FROM trials")
-        other = sqlite3.connect(tmp_path / "shared.db", timeout=0.1, isolation_level=None)
-        with pytest.raises(sqlite3.OperationalError, match="locked"):
-            other.execute("BEGIN IMMEDIATE")
-        other.close()
+def test_workers_on_an_sqlite_storage_are_refused_in_one_line_before_anything_runs(tmp_path) -> None:
+    """SQLite has no row locks: a queued trial could go to two workers (seen: a point measured twice), and a worker
+    killed mid-write stalled the others past two minutes on a loaded machine. So --workers needs a server."""
+    with pytest.raises(attn_tune.AttnTuneError, match="several workers need a server storage"):
+        attn_tune.tune([PROBLEM], workers=2, storage=f"sqlite:///{tmp_path / 's.db'}")
+    result = CliRunner().invoke(cli, ["tune", "--seq-len", "64", "--heads", "2", "--head-dim", "16", "--workers", "2",
+                                      "--out", str(tmp_path / "tuned.json")])  # the default storage is SQLite
+    assert result.exit_code == 2 and "several workers need a server storage" in result.output
+    assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "tuned.json").exists()

@@ -111,25 +111,6 @@ def fail_dead_trials(study: optuna.Study) -> None:
             callback(study, copy.deepcopy(storage.get_trial(trial._trial_id)))
 
 
-def _begin_immediate(engine: Any) -> None:
-    """Make every SQLite transaction take the write lock as it begins (SQLAlchemy's recipe for pysqlite).
-
-    SQLite has no row locks (`SELECT ... FOR UPDATE` is ignored), so two worker processes could both read a queued
-    trial as WAITING and both take it; with `BEGIN IMMEDIATE` Optuna's read-then-set of the trial's state is one
-    atomic step, and a queued trial goes to exactly one worker, as on PostgreSQL. The others wait (60 s timeout)."""
-    from sqlalchemy import event
-
-    @event.listens_for(engine, "connect")
-    def _no_implicit_transactions(dbapi_connection: Any, _record: Any) -> None:
-        dbapi_connection.isolation_level = None
-
-    @event.listens_for(engine, "begin")
-    def _begin(connection: Any) -> None:
-        connection.exec_driver_sql("BEGIN IMMEDIATE")
-
-    engine.dispose()  # connections opened before the listeners (creating the tables) are not reused
-
-
 def open_storage(url: str | None) -> optuna.storages.BaseStorage | None:
     """None for in-memory; otherwise an RDB storage whose running trials send a heartbeat: a trial whose worker
     died is marked failed once its heartbeat is stale and queued again (at most 3 times).
@@ -144,7 +125,7 @@ def open_storage(url: str | None) -> optuna.storages.BaseStorage | None:
     driver_url = _driver_url(url)
     if driver_url.startswith("postgresql"):
         engine["connect_args"] = {"connect_timeout": 10}
-    elif driver_url.startswith("sqlite"):  # workers on one machine share the file: wait for its lock, not 5 s
+    elif driver_url.startswith("sqlite"):  # a tune and its heartbeat thread share the file: wait for its lock
         engine["connect_args"] = {"timeout": 60}
     try:
         with warnings.catch_warnings():
@@ -153,8 +134,6 @@ def open_storage(url: str | None) -> optuna.storages.BaseStorage | None:
                 driver_url, engine_kwargs=engine, heartbeat_interval=interval, grace_period=grace,
                 heartbeat_stale_trial_callback=_RetryStale(max_retry=3),
             )
-        if driver_url.startswith("sqlite"):
-            _begin_immediate(storage.engine)
         return storage
     except Exception as exc:  # sqlalchemy raises ArgumentError, OperationalError, ModuleNotFoundError, ...
         first = " ".join(str(exc).split("\n")[0].split())[:200]

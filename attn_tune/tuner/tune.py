@@ -202,7 +202,10 @@ def _checked_arguments(problems: Sequence[Problem], *, objective: str, trials: i
     if workers < 1:
         raise AttnTuneError(f"workers must be positive, got {workers}")
     if workers > 1 and storage is None:
-        raise AttnTuneError("several workers share a study through a storage: give one (an SQLite file or a server URL)")
+        raise AttnTuneError("several workers share a study through a storage: give a server's URL (PostgreSQL)")
+    if workers > 1 and storage.startswith("sqlite"):
+        raise AttnTuneError("several workers need a server storage (--storage postgresql://...): SQLite has no row "
+                            "locks, so one queued trial could go to two workers, and a killed worker stalls the rest")
     for name, limit in (("timeout", timeout), ("problem_timeout", problem_timeout)):
         if limit is not None and not limit > 0:
             raise AttnTuneError(f"{name} must be a positive number of seconds, got {limit}")
