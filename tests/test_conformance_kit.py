@@ -190,3 +190,17 @@ def test_a_kit_that_could_run_no_problem_says_so_and_exits_2() -> None:
     assert result.exit_code == 2 and "conforms" not in result.output
     assert result.output.strip() == ("Error: gpu-only supports none of the 83 conformance problems on cpu "
                                      "(runs on CUDA only): nothing could be checked here")
+
+
+def test_the_verdict_says_how_many_problems_were_run() -> None:
+    """A variant that claims only some problems (windows only) conforms on those, and says how many it refused."""
+    from click.testing import CliRunner
+
+    from attn_tune.cli.main import cli
+
+    variant = attn_tune.get_variant("window-chunked")
+    runs = len([p for p in conformance_problems("cpu") if variant.supports(p) is None])
+    result = CliRunner().invoke(cli, ["check", "window-chunked", "--check", "output"], prog_name="attn-tune")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip().endswith(f"window-chunked: conforms (1 checks on {runs} of 83 problems, cpu; it "
+                                          f"refuses the other {83 - runs})") and 0 < runs < 83

@@ -205,8 +205,9 @@ def check_command(variant_name: str, device: str, only: tuple[str, ...], as_json
         for finding in findings:
             click.echo(str(finding))
         verdict = f"{len(findings)} finding(s)" if findings else "conforms"
-        scope = f"{ran} problems" if ran == len(problems) else f"{ran} of {len(problems)} problems (the rest refused)"
-        click.echo(f"{variant.name}: {verdict} ({len(checks)} checks on {scope}, {device})")
+        scope = f"{ran} problems, {device}" if ran == len(problems) else \
+            f"{ran} of {len(problems)} problems, {device}; it refuses the other {len(problems) - ran}"
+        click.echo(f"{variant.name}: {verdict} ({len(checks)} checks on {scope})")
     if findings:
         sys.exit(1)
 
