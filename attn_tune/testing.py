@@ -261,8 +261,12 @@ def runnable_problems(variant: Variant, problems: Sequence[Problem], device: str
     """The problems the variant claims, which the kit runs it on (the others only check its refusal).
 
     Raises:
-        UnsupportedProblem: it claims none of them: nothing could be checked on this device.
+        UnsupportedProblem: it is unavailable here (with the import or kernel-load error), or it claims none of
+            them: nothing could be checked on this device.
     """
+    unavailable = availability(variant)
+    if unavailable is not None:
+        raise UnsupportedProblem(f"{variant.name} is unavailable here: {unavailable}")
     refusals = [_refusal(variant, p) for p in problems]
     if problems and all(refusals):
         raise UnsupportedProblem(f"{variant.name} supports none of the {len(problems)} conformance problems on "
@@ -292,9 +296,6 @@ def check_variant(
     malformed = malformed_reason(variant)
     if malformed is not None:
         return [Finding(getattr(variant, "name", "?"), "output", None, f"not a usable Variant: {malformed}")]
-    unavailable = availability(variant)
-    if unavailable is not None:
-        raise UnsupportedProblem(f"{variant.name} is unavailable here: {unavailable}")
     problems = list(problems if problems is not None else conformance_problems(device))
     runnable_problems(variant, problems, device)
     findings: list[Finding] = []

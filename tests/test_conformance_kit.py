@@ -204,3 +204,13 @@ def test_the_verdict_says_how_many_problems_were_run() -> None:
     assert result.exit_code == 0, result.output
     assert result.stdout.strip().endswith(f"window-chunked: conforms (1 checks on {runs} of 83 problems, cpu; it "
                                           f"refuses the other {83 - runs})") and 0 < runs < 83
+
+
+@pytest.mark.parametrize("name", UNAVAILABLE)
+def test_check_names_why_an_unavailable_variant_cannot_run_before_anything_else(name: str) -> None:
+    from click.testing import CliRunner
+
+    from attn_tune.cli.main import cli
+
+    result = CliRunner().invoke(cli, ["check", name], prog_name="attn-tune")
+    assert result.exit_code == 2 and f"Error: {name} is unavailable here: " in result.output

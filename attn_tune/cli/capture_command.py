@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from attn_tune.cli.group import cli
+from attn_tune.cli.group import cli, users_code
 from attn_tune.cli.render import echo_json, table
 from attn_tune.errors import AttnTuneError
 
@@ -36,15 +36,10 @@ def capture_command(factory_spec: str, out: str, activations: str | None, sample
         raise click.UsageError("--samples is the number of calls kept with --activations; give --activations FILE")
     factory = load_factory(factory_spec)
     kept: dict = {}
-    try:
-        if activations is None:
-            problems = capture_factory(factory, training=training)
-        else:
-            problems, kept = capture_activations(factory, samples or 4, training=training)
-    except AttnTuneError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - the user's model failed: one line, not a traceback
-        raise click.ClickException(f"{factory_spec} raised {type(exc).__name__}: {' '.join(str(exc).split())[:300]}")
+    if activations is None:
+        problems = users_code(factory_spec, lambda: capture_factory(factory, training=training))
+    else:
+        problems, kept = users_code(factory_spec, lambda: capture_activations(factory, samples or 4, training=training))
     if not problems:
         raise AttnTuneError(f"{factory_spec} {NO_CALLS}; nothing written")
     save_shapes(problems, out, source=factory_spec)

@@ -132,8 +132,6 @@ def export_command(storage: str, out: str) -> None:
 
     if not Path(out).resolve().parent.is_dir():
         raise click.BadParameter(f"folder {Path(out).parent} does not exist", param_hint="'--out'")
-    if storage.startswith("sqlite:///") and not Path(storage.removeprefix("sqlite:///")).is_file():
-        raise AttnTuneError(f"cannot open storage {storage}: the file does not exist")  # opening would create one
     with quiet_optuna():
         config, pending = export_config(storage)
     for line in pending:

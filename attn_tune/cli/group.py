@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import sys
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import click
 
-from attn_tune.errors import AttnTuneError
+from attn_tune.errors import AttnTuneError, one_line
 
-__all__ = ["cli"]
+T = TypeVar("T")
+
+__all__ = ["cli", "users_code"]
 
 
 class _OneLineErrors(click.Group):
@@ -36,3 +38,13 @@ class _OneLineErrors(click.Group):
 @click.version_option(package_name="attn-tune")
 def cli() -> None:
     """Find the fastest attention for each shape on this machine, by measuring it."""
+
+
+def users_code(spec: str, run: Callable[[], T]) -> T:
+    """Run the user's factory or model (MODULE:FACTORY): its own failure is one line, not a traceback."""
+    try:
+        return run()
+    except AttnTuneError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the user's model failed
+        raise click.ClickException(f"{spec} raised {one_line(exc)}") from None

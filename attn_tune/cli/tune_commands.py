@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 
-from attn_tune.cli.group import cli
+from attn_tune.cli.group import cli, users_code
 from attn_tune.cli.options import options_given, problem_options, problems_from_options
 from attn_tune.cli.render import mib, named, versus_default
 from attn_tune.errors import AttnTuneError, InvalidProblem
@@ -121,12 +121,8 @@ def _capture_for_factory(spec: str, samples: int, activations: str) -> list[Prob
     from attn_tune.activations import save_activations
     from attn_tune.runtime.capture import NO_CALLS, capture_activations, load_factory
 
-    try:
-        captured, kept = capture_activations(load_factory(spec), samples)
-    except AttnTuneError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - the user's model failed: one line, not a traceback
-        raise click.ClickException(f"{spec} raised {type(exc).__name__}: {' '.join(str(exc).split())[:300]}") from None
+    factory = load_factory(spec)
+    captured, kept = users_code(spec, lambda: capture_activations(factory, samples))
     if not captured:
         raise AttnTuneError(f"{spec} {NO_CALLS}; nothing written")
     save_activations(activations, kept, source=spec)

@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from attn_tune.cli.group import cli
+from attn_tune.cli.group import cli, users_code
 from attn_tune.cli.render import echo_json, table
 
 
@@ -54,7 +54,7 @@ def validate_command(factory_spec: str, config_path: str, max_loss_change: float
     validator = build_validator(factory_spec, load_factory(factory_spec))
     if max_loss_change is not None:
         validator.require_loss()
-    validation = _guarded(factory_spec, lambda: validator.validate(config))
+    validation = users_code(factory_spec, lambda: validator.validate(config))
     over = max_loss_change is not None and validation.loss_change > max_loss_change
     if as_json:
         echo_json({**validation.to_dict(), "max_loss_change": max_loss_change, "within_budget": not over})
@@ -67,20 +67,8 @@ def validate_command(factory_spec: str, config_path: str, max_loss_change: float
         sys.exit(1)
 
 
-def _guarded(spec: str, run: Any) -> Any:
-    """Run the user's model: its own failure is one line, not a traceback."""
-    from attn_tune.errors import AttnTuneError
-
-    try:
-        return run()
-    except AttnTuneError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - the user's model failed
-        raise click.ClickException(f"{spec} raised {type(exc).__name__}: {' '.join(str(exc).split())[:300]}") from None
-
-
 def build_validator(spec: str, factory: Any) -> Any:
     """The factory's model, run once with exact attention; a failure of the model is one line."""
     from attn_tune.tuner.validate import Validator
 
-    return _guarded(spec, lambda: Validator(factory, label=spec))
+    return users_code(spec, lambda: Validator(factory, label=spec))

@@ -4,24 +4,7 @@ Measurement lives in `attn_tune.measurement`; its names are re-exported here bec
 measure` is how the README and plugin authors have called it.
 """
 
-from attn_tune.measurement import (
-    Inputs,
-    Measurement,
-    make_inputs,
-    make_step,
-    measure,
-    peak_bytes,
-    reference_output,
-    relative_error,
-)
+from attn_tune import measurement
+from attn_tune.measurement import *  # noqa: F403 - the re-export this module promises
 
-__all__ = [
-    "Inputs",
-    "Measurement",
-    "make_inputs",
-    "make_step",
-    "measure",
-    "peak_bytes",
-    "reference_output",
-    "relative_error",
-]
+__all__ = list(measurement.__all__)

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import datetime
+from pathlib import Path
 
 import optuna
 
 from attn_tune.errors import AttnTuneError
 from attn_tune.tuned_config import Entry, TunedConfig, _entry_from_dict, merge_configs
-from attn_tune.tuner.storage import open_storage
+from attn_tune.tuner.storage import StorageError, open_storage
 
 __all__ = ["export_config"]
 
@@ -23,9 +24,12 @@ def export_config(storage_url: str) -> tuple[TunedConfig, list[str]]:
     problem on one device (another objective or variant set), the later one wins.
 
     Raises:
-        StorageError: the storage cannot be opened or reached.
+        StorageError: the storage cannot be opened or reached (an SQLite file that does not exist included: it
+            is not created).
         AttnTuneError: no study in the storage has made a choice.
     """
+    if storage_url.startswith("sqlite:///") and not Path(storage_url.removeprefix("sqlite:///")).is_file():
+        raise StorageError(f"cannot open storage {storage_url}: the file does not exist")  # opening would create one
     storage = open_storage(storage_url)
     summaries = [s for s in optuna.get_all_study_summaries(storage, include_best_trial=False)
                  if s.study_name.startswith("attn-tune/")]
