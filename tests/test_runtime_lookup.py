@@ -204,15 +204,15 @@ def test_environment_variable_sets_the_config(tmp_path) -> None:
 
 
 def test_routes_are_cached_per_call_signature_and_dropped_on_config_change() -> None:
-    from attn_tune.runtime import dispatch
+    from attn_tune.runtime import routes
 
     q, k, v = _qkv()
     attn_tune.attention(q, k, v)
-    size = len(dispatch._routes)
+    size = len(routes._lines)
     attn_tune.attention(torch.randn_like(q), k, v)  # same signature: no new route
-    assert len(dispatch._routes) == size
+    assert len(routes._lines) == size
     attn_tune.use_config(config([entry(_problem(), "dense")]))
-    assert len(dispatch._routes) == 0
+    assert len(routes._lines) == 0
     assert attn_tune.explain(q, k, v).variant == "dense"
 
 

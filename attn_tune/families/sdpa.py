@@ -99,6 +99,11 @@ def make_sdpa_fn(backend: SDPBackend | None, native_gqa: bool) -> Callable[..., 
         attn_mask: Tensor | None = None,
         scale: float | None = None,
     ) -> Tensor:
+        if backend is None and window is None and (attn_mask is None or not is_causal):
+            # PyTorch's own dispatch takes this call as it is (GQA included) and never refuses it: no folding,
+            # no backend block. A decode step pays only this test over calling SDPA itself.
+            return torch_sdpa(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale,
+                              enable_gqa=q.size(-3) != k.size(-3))
         mask, causal = fold_for_sdpa(q.shape[-2], k.shape[-2], is_causal=is_causal, window=window, attn_mask=attn_mask,
                                      device=q.device)
         gqa = q.shape[1] != k.shape[1]

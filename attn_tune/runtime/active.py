@@ -11,7 +11,7 @@ from attn_tune.runtime.lookup import ConfigIndex
 from attn_tune.staleness import local_devices, stale_report
 from attn_tune.tuned_config import ConfigError, TunedConfig, load_config
 
-__all__ = ["use_config", "active_index", "on_change", "warn_other_device", "ENV_VAR"]
+__all__ = ["use_config", "active_index", "on_change", "warn_other_device", "epoch", "ENV_VAR"]
 
 ENV_VAR = "ATTN_TUNE_CONFIG"
 
@@ -19,6 +19,12 @@ _UNSET = object()
 _state: dict[str, object] = {"index": _UNSET, "label": None}
 _listeners: list[Callable[[], None]] = []
 _warned: set[tuple[int, str]] = set()
+_epoch = 0  # counts use_config changes; compiled graphs are guarded on it
+
+
+def epoch() -> int:
+    """A number that changes whenever `use_config` changes the config in use (compiled graphs guard on it)."""
+    return _epoch
 
 
 def on_change(listener: Callable[[], None]) -> None:
@@ -41,6 +47,8 @@ def _set(config: TunedConfig | None, label: str | None) -> None:
 
 
 def _notify() -> None:
+    global _epoch
+    _epoch += 1
     for listener in _listeners:
         listener()
 

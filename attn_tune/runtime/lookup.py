@@ -11,7 +11,9 @@ from attn_tune.problem import Problem
 from attn_tune.staleness import Change, StaleReport
 from attn_tune.tuned_config import Entry, TunedConfig
 
-__all__ = ["Match", "ConfigIndex", "shape_class"]
+__all__ = ["Match", "ConfigIndex", "shape_class", "MAX_LEN"]
+
+MAX_LEN = 2**31 - 1  # the end of the last span along a line: no attention call is longer
 
 
 def shape_class(problem: Problem) -> tuple[Any, ...]:
@@ -76,13 +78,93 @@ class ConfigIndex:
                 match = Match(match.entry, match.rule, "tuned without an explicit mask")
         return match
 
+    def spans(self, problem: Problem, diagonal: bool) -> list[tuple[int, int, Match | None]]:
+        """`find`'s answers along the line through `problem` where one length n varies: kv_len = n (q_len and
+        batch fixed) or, `diagonal`, q_len = kv_len = n; as [(lo, hi, match)] covering n = 1..MAX_LEN in order.
+
+        The nearest-entry rule is piecewise constant along a line: in log scale each entry's squared distance is
+        a parabola in log n with the same leading term, so two entries swap order at one point at most. Walking
+        up from n = 1, a span ends just before the first point where another entry overtakes the winner, or
+        before the next length that has its own entry; integers next to a crossing are spans of their own, so
+        rounding never decides one, and each span's ends are checked against the lookup itself.
+        """
+        key, note = shape_class(problem), ""
+        if not self._classes.get(key) and problem.mask:
+            key, note = shape_class(dataclasses.replace(problem, mask=False)), "tuned without an explicit mask"
+        bucket = self._classes.get(key)
+        if not bucket:
+            return [(1, MAX_LEN, None)]
+        entries = list(bucket.values())
+        fixed = None if diagonal else problem.q_len
+        own = sorted({_own_length(e.problem, problem.batch, fixed) for e in entries} - {None})
+        terms = {id(e): _parabola(e.problem, problem, diagonal) for e in entries}
+
+        def at(n: int) -> Match:
+            match = self._find_sizes(key, problem.batch, n if diagonal else problem.q_len, n)
+            assert match is not None  # the class has entries
+            return Match(match.entry, match.rule, note)
+
+        result: list[tuple[int, int, Match | None]] = []
+        n = 1
+        while n <= MAX_LEN:
+            match = at(n)
+            hi = n if n in own else min([p - 1 for p in own if p > n] + [MAX_LEN])
+            winner = terms[id(match.entry)]
+            for other in terms.values():
+                crossing = _overtakes(winner, other)
+                if hi > n and crossing is not None and crossing >= math.log(n) - 1e-9:
+                    hi = max(n, min(hi, math.floor(math.exp(crossing)) - 1))
+            if hi > n and not _same(at(hi), match):
+                hi = n  # rounding disagreed with the geometry: this length is decided alone
+            if result and _same(result[-1][2], match):
+                result[-1] = (result[-1][0], hi, match)
+            else:
+                result.append((n, hi, match))
+            n = hi + 1
+        return result
+
     def _find(self, problem: Problem) -> Match | None:
-        bucket = self._classes.get(shape_class(problem))
+        return self._find_sizes(shape_class(problem), problem.batch, problem.q_len, problem.n_kv_len)
+
+    def _find_sizes(self, key: tuple, batch: int, q_len: int, kv_len: int) -> Match | None:
+        bucket = self._classes.get(key)
         if not bucket:
             return None
-        exact = bucket.get((problem.batch, problem.q_len, problem.n_kv_len))
+        exact = bucket.get((batch, q_len, kv_len))
         if exact is not None:
             return Match(exact, "own-entry")
-        want = _sizes(problem)
+        want = (math.log(q_len), math.log(kv_len), math.log(batch))
         entry = min(bucket.values(), key=lambda e: (math.dist(_sizes(e.problem), want), -e.problem.q_len, -e.problem.batch))
         return Match(entry, "nearest-entry")
+
+
+def _same(a: Match | None, b: Match | None) -> bool:
+    """One entry (the object: staleness is kept per entry) found by one rule."""
+    return a is b or (a is not None and b is not None and a.entry is b.entry and (a.rule, a.note) == (b.rule, b.note))
+
+
+def _own_length(entry: Problem, batch: int, q_len: int | None) -> int | None:
+    """The n at which the line (batch, q_len fixed, or diagonal when q_len is None) meets `entry` itself."""
+    if entry.batch != batch:
+        return None
+    if q_len is None:
+        return entry.q_len if entry.n_kv_len == entry.q_len else None
+    return entry.n_kv_len if entry.q_len == q_len else None
+
+
+def _parabola(entry: Problem, problem: Problem, diagonal: bool) -> tuple[float, float]:
+    """(b, c) with the entry's squared log distance to the line's point n being a*x^2 + b*x + c, x = log n, where
+    a is the same for every entry (1, or 2 on the diagonal) and drops out of every comparison."""
+    eq, ekv, eb = _sizes(entry)
+    rest = (math.log(problem.batch) - eb) ** 2
+    if diagonal:
+        return -2 * (eq + ekv), eq * eq + ekv * ekv + rest
+    return -2 * ekv, ekv * ekv + (math.log(problem.q_len) - eq) ** 2 + rest
+
+
+def _overtakes(winner: tuple[float, float], other: tuple[float, float]) -> float | None:
+    """The x = log n from which `other` is no farther than `winner` (as n grows), or None if it never comes closer."""
+    (bw, cw), (bo, co) = winner, other
+    if bo >= bw:
+        return None  # the other's distance grows at least as fast: it never catches up going up
+    return (co - cw) / (bw - bo)
