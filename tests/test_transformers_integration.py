@@ -106,3 +106,52 @@ def test_generation_with_a_cache() -> None:
         reference = _llama("sdpa").generate(ids, **kwargs)
     assert torch.equal(ours, reference)
     assert calls == [(6, 6)] * 2 + [(1, n) for n in range(7, 11) for _ in range(2)]  # 2 layers: prompt, 4 steps
+
+
+def _mistral(attn: str):
+    cfg = transformers.MistralConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                     sliding_window=8)
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation=attn).eval()
+
+
+_STATIC = dict(max_new_tokens=8, do_sample=False, pad_token_id=0, cache_implementation="static")
+
+
+def test_a_sliding_window_model_generates_from_a_static_cache() -> None:
+    """generate builds a static cache's masks ahead and hands them back to forward: the structured mask passes
+    through (it once failed on `.ndim`), and the tokens are sdpa's."""
+    ids = torch.randint(0, 96, (1, 12), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert torch.equal(_mistral("attn_tune").generate(ids, **_STATIC), _mistral("sdpa").generate(ids, **_STATIC))
+
+
+def _compiled_generate(make, attn: str, ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Greedy tokens from a static cache with forward compiled whole (fullgraph: a graph break fails), and frames."""
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    model = make(attn)
+    model.forward = torch.compile(model.forward, backend=counter, fullgraph=True)
+    with torch.no_grad():
+        tokens = model.generate(ids, **_STATIC)
+    return tokens, counter.frame_count
+
+
+@pytest.mark.parametrize("make", [_llama, _mistral], ids=["llama", "mistral-window-8"])
+def test_compiled_generation_with_a_static_cache_runs_the_choice_in_one_graph(make) -> None:
+    """torch.compile(fullgraph=True) over generate with a static cache: no graph break, no more frames than
+    "sdpa" compiles, the same tokens, with a config choosing another exact variant for the decode steps."""
+    ids = torch.randint(1, 96, (1, 12), generator=torch.Generator().manual_seed(3))  # no pad token (0): no padding
+    reference, sdpa_frames = _compiled_generate(make, "sdpa", ids)
+    with record() as seen, torch.no_grad():
+        make("attn_tune").generate(ids, **_STATIC)
+    decode = [p for p in dict.fromkeys(seen) if p.q_len == 1]
+    assert decode
+    with attn_tune.use_config(config([entry(p, "chunked", {"chunk": 1}) for p in decode])):
+        assert attn_tune.runtime.dispatch.decide(decode[0]).variant == "chunked"
+        ours, frames = _compiled_generate(make, "attn_tune", ids)
+    assert torch.equal(ours, reference)
+    assert frames <= sdpa_frames

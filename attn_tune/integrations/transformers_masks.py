@@ -34,6 +34,7 @@ class StructuredMask:
     q_len: int
     kv_len: int
     key_padding: Tensor | None = None  # (batch, kv_len) bool, True = a real token; None = no padding
+    ndim = 4  # as the (batch, 1, q_len, kv_len) mask it stands for: generate hands a precomputed mask back in
 
     def dense(self) -> Tensor:
         """The same mask as a (batch or 1, 1, q_len, kv_len) boolean tensor, as `sdpa_mask` would give it."""
@@ -96,6 +97,8 @@ def structured_mask(
     for what it does not recognise, `sdpa_mask`'s boolean tensor."""
     from transformers.masking_utils import causal_mask_function, prepare_padding_mask, sdpa_mask
 
+    if isinstance(attention_mask, StructuredMask):  # generate built it ahead (static caches): it stands as it is
+        return attention_mask
     mask_function = causal_mask_function if mask_function is None else mask_function
     flags = None if use_vmap else recognise(mask_function)
     aligned = isinstance(q_offset, int) and isinstance(kv_offset, int) and q_offset + q_length == kv_offset + kv_length
