@@ -13,6 +13,7 @@ import attn_tune
 from attn_tune import Problem, UnsupportedProblem, Variant
 from attn_tune.runtime import routes
 from attn_tune.runtime.lookup import MAX_LEN, ConfigIndex
+from tests.oracle import oracle, rel_error
 from tests.runtime_helpers import config, entry, registered
 
 pytestmark = pytest.mark.usefixtures("no_config")
@@ -192,3 +193,29 @@ def test_compiled_self_attention_over_growing_lengths_and_a_new_config_recompile
         local = step(q)
     assert (local - exact).abs().max() > 1e-3  # the approximate local window ran
     torch.testing.assert_close(step(q), exact)  # and the config's end took it back
+
+
+def test_compiling_attention_itself_before_and_after_eager_calls() -> None:
+    q, cache = torch.randn(1, 4, 1, 16), torch.randn(1, 4, 100, 16)
+    for warm in (False, True):
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        if warm:
+            attn_tune.attention(q, cache[:, :, :50], cache[:, :, :50])
+        counter = CompileCounter()
+        compiled = torch.compile(attn_tune.attention, backend=counter)
+        for n in range(40, 80):
+            k = cache[:, :, :n]
+            torch.testing.assert_close(compiled(q, k, k), raw_sdpa(q, k, k))
+        assert counter.frame_count == 2 and not torch._dynamo.utils.counters["graph_break"]
+
+
+def test_the_sdpa_choice_calls_pytorch_with_the_calls_own_arguments_and_a_window_still_folds() -> None:
+    q, k = torch.randn(2, 4, 24, 16), torch.randn(2, 2, 24, 16)
+    mask = torch.rand(2, 1, 24, 24) > 0.3
+    mask[..., 0] = True
+    for kwargs in (dict(is_causal=True), dict(attn_mask=mask), dict(attn_mask=mask.float(), scale=0.3)):
+        torch.testing.assert_close(attn_tune.attention(q, k, k, enable_gqa=True, **kwargs),
+                                   raw_sdpa(q, k, k, enable_gqa=True, **kwargs))
+    windowed = attn_tune.attention(q, k, k, enable_gqa=True, is_causal=True, window=4)
+    assert rel_error(windowed, oracle(q, k, k, causal=True, window=4)) < 1e-5

@@ -17,7 +17,7 @@ from attn_tune.problem import Problem
 from attn_tune.registry.hookspecs import hookimpl
 from attn_tune.registry.variant import Variant
 
-__all__ = ["make_sdpa_fn"]
+__all__ = ["make_sdpa_fn", "PYTORCH_DISPATCH_FN"]
 
 _HALF = ("float16", "bfloat16")
 
@@ -144,16 +144,23 @@ _BACKENDS: tuple[tuple[str, SDPBackend | None, bool, Callable[[Problem], str | N
 )
 
 
+_VARIANTS = [
+    Variant(
+        name=name,
+        family="dense" if backend == SDPBackend.MATH else "flash",
+        fn=make_sdpa_fn(backend, native_gqa),
+        exact=True,
+        supports=supports,
+        description=description,
+    )
+    for name, backend, native_gqa, supports, description in _BACKENDS
+]
+
+# `sdpa`'s fn: PyTorch's own dispatch. The runtime, seeing this fn chosen for a call with no window to fold, calls
+# PyTorch's SDPA with the call's own arguments instead (the same computation, without this wrapper's cost).
+PYTORCH_DISPATCH_FN = _VARIANTS[0].fn
+
+
 @hookimpl
 def attn_tune_variants() -> list[Variant]:
-    return [
-        Variant(
-            name=name,
-            family="dense" if backend == SDPBackend.MATH else "flash",
-            fn=make_sdpa_fn(backend, native_gqa),
-            exact=True,
-            supports=supports,
-            description=description,
-        )
-        for name, backend, native_gqa, supports, description in _BACKENDS
-    ]
+    return list(_VARIANTS)

@@ -15,13 +15,11 @@ import torch
 from torch import Tensor
 
 from attn_tune.errors import UnsupportedProblem
+from attn_tune.families.torch_sdpa import sdpa as torch_sdpa
 from attn_tune.problem import Inputs, Problem
-from attn_tune.runtime.routes import Decision, call_problem, choose, compiled_attention, eager_route, sdpa_as_is
+from attn_tune.runtime.routes import Decision, Route, call_problem, choose, compiled_attention, eager_route, sdpa_as_is
 
 __all__ = ["attention", "explain", "decide", "Decision"]
-
-_compiling = torch.compiler.is_compiling
-
 
 @dataclass(frozen=True)
 class Call:
@@ -66,17 +64,46 @@ def attention(
     if dropout_p:
         return sdpa_as_is(query, key, value, is_causal=is_causal, window=window, attn_mask=attn_mask, scale=scale,
                           dropout_p=dropout_p, enable_gqa=enable_gqa)
-    if _compiling():
-        return compiled_attention(query, key, value, attn_mask, is_causal, window, scale, enable_gqa)
     route = eager_route(query, key, value, attn_mask, is_causal, window, enable_gqa)
-    try:
-        out = route.fn(query, key, value, is_causal=is_causal, window=window, attn_mask=attn_mask, scale=scale)
-    except UnsupportedProblem as exc:
-        route.refused(exc)
-        out = route.fn(query, key, value, is_causal=is_causal, window=window, attn_mask=attn_mask, scale=scale)
+    if route.as_sdpa:
+        out = torch_sdpa(query, key, value, attn_mask=attn_mask, is_causal=is_causal, scale=scale,
+                         enable_gqa=enable_gqa)
+    else:
+        out = _run(route, query, key, value, attn_mask, is_causal, window, scale)
     if _observers and route.decision.problem is not None:
         _notify_observers(route.decision, query, key, value, attn_mask, scale, out)
     return out
+
+
+def _run(route: Route, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, is_causal: bool,
+         window: int | None, scale: float | None) -> Tensor:
+    """The route's variant on the call; should it refuse, the route's exact fallback (from now on)."""
+    try:
+        return route.fn(q, k, v, is_causal=is_causal, window=window, attn_mask=attn_mask, scale=scale)
+    except UnsupportedProblem as exc:
+        route.refused(exc)
+        return route.fn(q, k, v, is_causal=is_causal, window=window, attn_mask=attn_mask, scale=scale)
+
+
+@torch.compiler.substitute_in_graph(attention)
+def _attention_in_graph(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attn_mask: Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    *,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+    window: int | None = None,
+) -> Tensor:
+    """What dynamo traces in place of `attention` (so the eager path never asks whether it is being compiled,
+    which costs a decode step microseconds): the choice made at trace time, the variant called in the graph."""
+    if dropout_p:
+        return sdpa_as_is(query, key, value, is_causal=is_causal, window=window, attn_mask=attn_mask, scale=scale,
+                          dropout_p=dropout_p, enable_gqa=enable_gqa)
+    return compiled_attention(query, key, value, attn_mask, is_causal, window, scale, enable_gqa)
 
 
 def _notify_observers(decision: Decision, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float | None,

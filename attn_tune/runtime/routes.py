@@ -24,6 +24,7 @@ from torch import Tensor
 
 from attn_tune.errors import InvalidProblem, UnsupportedProblem
 from attn_tune.families.masks import fold_for_sdpa
+from attn_tune.families.sdpa import PYTORCH_DISPATCH_FN
 from attn_tune.families.torch_sdpa import sdpa as torch_sdpa
 from attn_tune.problem import DTYPES, Problem
 from attn_tune.registry import availability, get_variant, variants
@@ -72,6 +73,7 @@ class Route:
     fn: Callable[..., Tensor]
     fallback: Variant | None = None
     heads_axis: bool = True  # False: 3-D calls, given a heads axis of 1 around the variant
+    as_sdpa: bool = False  # the choice is PyTorch's SDPA on the call as it came: `attention` calls SDPA itself
 
     def refused(self, exc: UnsupportedProblem) -> None:
         """The variant refused a call (raised UnsupportedProblem): from now on the exact fallback runs this route,
@@ -80,10 +82,10 @@ class Route:
             raise exc
         why = f"{self.decision.variant} refused the call: {exc}"
         warnings.warn(f"attn-tune: {why}; using {self.fallback.name} from now on for calls like this one",
-                      RuntimeWarning, stacklevel=3)  # the line that called attention
+                      RuntimeWarning, stacklevel=4)  # the line that called attention (via _run)
         self.decision.variant, self.decision.params, self.decision.rule = self.fallback.name, {}, "fallback"
         self.decision.reason = why
-        self.fn, self.fallback = _bound(self.fallback.fn, {}, self.heads_axis), None
+        self.fn, self.fallback, self.as_sdpa = _bound(self.fallback.fn, {}, self.heads_axis), None, False
 
 
 def _bound(fn: Callable[..., Tensor], params: dict[str, Any], heads_axis: bool) -> Callable[..., Tensor]:
@@ -147,22 +149,23 @@ def signature_problem(batch: int, heads: int, kv_heads: int, q_len: int, kv_len:
 
 # -- choosing: the one place that turns (problem, the entry the lookup found) into a decision --------------------
 
-_read: set[str] = set()  # fields of a _Watched problem read since last cleared
-
-
 class _Watched(Problem):
     """A Problem that notes which fields are read: a `supports()` that never read the varying length answers the
-    same for every length of the span (it is a function of what it read)."""
+    same for every length of the span (it is a function of what it read). Each has its own notes (threads)."""
 
     def __getattribute__(self, name: str) -> Any:
-        _read.add(name)
+        object.__getattribute__(self, "__dict__").setdefault("_fields_read", set()).add(name)
         return super().__getattribute__(name)
 
 
 def _watched(problem: Problem) -> _Watched:
     watched = _Watched(**{f.name: getattr(problem, f.name) for f in dataclasses.fields(Problem)})
-    _read.clear()
+    object.__getattribute__(watched, "__dict__")["_fields_read"] = set()  # what validation read does not count
     return watched
+
+
+def _fields_read(watched: _Watched) -> set[str]:
+    return set(object.__getattribute__(watched, "__dict__")["_fields_read"])
 
 
 def _exact_fallback(problem: Problem) -> Variant:
@@ -186,7 +189,8 @@ def choose(problem: Problem, match: Match | None | str = "find", heads_axis: boo
     def default(rule: str, why: str, match: Match | None = None) -> tuple[Route, set[str]]:
         entry = match.entry.problem if match else None
         decision = Decision(problem, fallback.name, {}, rule, why, entry, label)
-        return Route(decision, _bound(fallback.fn, {}, heads_axis), None, heads_axis), set(_read)
+        return Route(decision, _bound(fallback.fn, {}, heads_axis), None, heads_axis, _as_sdpa(fallback, problem)), \
+            _fields_read(watched)
 
     if index is None:
         return default("default", "no tuned config in use: the default policy")
@@ -216,7 +220,17 @@ def choose(problem: Problem, match: Match | None | str = "find", heads_axis: boo
     params = dict(choice.get("params", {}))
     how += f" (stale: {stale})" if stale else ""
     decision = Decision(problem, variant.name, params, match.rule, how, entry.problem, label, entry.max_error)
-    return Route(decision, _bound(variant.fn, params, heads_axis), fallback, heads_axis), set(_read)
+    route = Route(decision, _bound(variant.fn, params, heads_axis), fallback, heads_axis,
+                  not params and _as_sdpa(variant, problem))
+    return route, _fields_read(watched)
+
+
+def _as_sdpa(variant: Variant, problem: Problem) -> bool:
+    """Whether running `variant` on the problem's calls is calling PyTorch's SDPA with the call's own arguments:
+    the built-in `sdpa` (PyTorch's dispatch) when no window needs folding into a mask. `attention` then skips the
+    variant's wrapper, which a decode step would feel."""
+    return variant.name == DEFAULT_VARIANT and variant.fn is PYTORCH_DISPATCH_FN and problem.window is None and \
+        not (problem.mask and problem.causal)
 
 
 # -- the cache: lines of calls alike but for one length, cut into spans ------------------------------------------
@@ -314,16 +328,17 @@ def eager_route(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, is_ca
     qs, ks = q.shape, k.shape
     try:
         n = ks[-2]
-        signature = (ks[0], ks[-3], ks[-1], v.shape == ks, q.dtype, q.device, attn_mask is not None, is_causal,
-                     window, enable_gqa, training)
+        key = (qs if qs[-2] != n else qs[:-2] + qs[-1:], ks[0], ks[-3], ks[-1], v.shape == ks, q.dtype, q.device,
+               attn_mask is not None, is_causal, window, enable_gqa, training)
     except IndexError:  # fewer than 3 dimensions: never an attention problem
         return _odd_route(q, k, v, attn_mask is not None, is_causal, window, enable_gqa, training)
-    diagonal = qs[-2] == n
-    key = (qs[:-2], qs[-1], signature) if diagonal else (qs, signature)
     line = _lines.get(key)
     if line is None:
-        line = _new_line_for(key, q, k, v, attn_mask is not None, is_causal, window, enable_gqa, training, diagonal)
-    span = line.span(n)
+        line = _new_line_for(key, q, k, v, attn_mask is not None, is_causal, window, enable_gqa, training,
+                             qs[-2] == n)
+    span = line.last
+    if not span.lo <= n <= span.hi:
+        span = line.span(n)
     route = span.route or span.by_length.get(n)
     if route is None:
         problem = call_problem(q, k, v, attn_mask is not None, is_causal, window, enable_gqa, training)
