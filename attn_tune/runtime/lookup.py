@@ -134,7 +134,8 @@ class ConfigIndex:
         if exact is not None:
             return Match(exact, "own-entry")
         want = (math.log(q_len), math.log(kv_len), math.log(batch))
-        entry = min(bucket.values(), key=lambda e: (math.dist(_sizes(e.problem), want), -e.problem.q_len, -e.problem.batch))
+        entry = min(bucket.values(),
+                    key=lambda e: (math.dist(_sizes(e.problem), want), -e.problem.q_len, -e.problem.batch))
         return Match(entry, "nearest-entry")
 
 

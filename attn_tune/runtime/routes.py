@@ -16,7 +16,7 @@ import contextlib
 import dataclasses
 import functools
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -139,7 +139,8 @@ def signature_problem(batch: int, heads: int, kv_heads: int, q_len: int, kv_len:
     if device.type not in ("cpu", "cuda"):
         return f"device {device} is not tuned by attn-tune"
     if heads != kv_heads and not enable_gqa:
-        raise InvalidProblem(f"q has {heads} heads and k/v {kv_heads}: pass enable_gqa=True for grouped-query attention")
+        raise InvalidProblem(f"q has {heads} heads and k/v {kv_heads}: pass enable_gqa=True for grouped-query "
+                             "attention")
     return Problem(
         batch=batch, heads=heads, q_len=q_len, head_dim=head_dim, kv_len=None if kv_len == q_len else kv_len,
         kv_heads=None if kv_heads == heads else kv_heads, dtype=name, device=str(device), causal=causal,
@@ -199,9 +200,11 @@ def choose(problem: Problem, match: Match | None | str = "find", heads_axis: boo
     if match == "find":
         match = index.find(problem)
     if match is None:
-        return default("default", "no entry in the config has this call's heads, head_dim, dtype, device type and masking")
+        return default("default", "no entry in the config has this call's heads, head_dim, dtype, device type and "
+                                  "masking")
     choice, entry = match.entry.choice, match.entry
-    how = "the entry tuned for this very problem" if match.rule == "own-entry" else "the nearest tuned lengths and batch"
+    how = ("the entry tuned for this very problem" if match.rule == "own-entry"
+           else "the nearest tuned lengths and batch")
     how += f" ({match.note})" if match.note else ""
     try:
         variant = get_variant(choice["variant"])
@@ -395,7 +398,8 @@ def _trace_line(batch: int, heads: int, kv_heads: int, fixed_q_len: int, head_di
     for span in line.spans:
         with contextlib.suppress(InvalidProblem):  # a window too wide for the span's first length: decided later
             _resolve(span, line, _at_length(problem, diagonal, span.lo), True)
-        choice = None if span.route is None else (span.route.decision.variant, tuple(span.route.decision.params.items()))
+        decided = span.route.decision if span.route is not None else None
+        choice = None if decided is None else (decided.variant, tuple(decided.params.items()))
         if choice is not None and choices and choices[-1] == choice:
             ends[-1] = span.hi
         else:
