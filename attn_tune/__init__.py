@@ -38,6 +38,8 @@ __all__ = [
     "patch_sdpa",
     "unpatch_sdpa",
     "patch_calls",
+    "shadow",
+    "stats",
     "AutoAttention",
 ]
 
@@ -51,6 +53,8 @@ _LAZY = {
     "patch_sdpa": "attn_tune.runtime",
     "unpatch_sdpa": "attn_tune.runtime",
     "patch_calls": "attn_tune.runtime",
+    "shadow": "attn_tune.runtime",
+    "stats": "attn_tune.runtime",
     "AutoAttention": "attn_tune.modules",
 }
 

@@ -29,7 +29,7 @@ from attn_tune.families.torch_sdpa import sdpa as torch_sdpa
 from attn_tune.problem import DTYPES, Problem
 from attn_tune.registry import availability, get_variant, variants
 from attn_tune.registry.variant import DEFAULT_VARIANT, Variant
-from attn_tune.runtime import active
+from attn_tune.runtime import active, shadowing
 from attn_tune.runtime.lookup import MAX_LEN, Match
 
 __all__ = ["Decision", "Route", "eager_route", "compiled_attention", "choose", "sdpa_as_is", "call_problem"]
@@ -225,6 +225,8 @@ def choose(problem: Problem, match: Match | None | str = "find", heads_axis: boo
     decision = Decision(problem, variant.name, params, match.rule, how, entry.problem, label, entry.max_error)
     route = Route(decision, _bound(variant.fn, params, heads_axis), fallback, heads_axis,
                   not params and _as_sdpa(variant, problem))
+    if not variant.exact and shadowing.rate() > 0:
+        route.fn = shadowing.wrap(route.fn, variant.name, params, entry.problem, entry.measured.get("rel_error"))
     return route, _fields_read(watched)
 
 
@@ -281,6 +283,7 @@ def _clear() -> None:
 
 
 active.on_change(_clear)
+shadowing.on_change(_clear)
 
 
 def _new_line(problem: Problem, diagonal: bool) -> _Line:
