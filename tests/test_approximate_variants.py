@@ -354,7 +354,8 @@ def test_tuner_searches_the_approximate_knobs_under_max_error(tmp_path) -> None:
     for candidate in approximate:
         space = attn_tune.get_variant(candidate["variant"]).space(problem)
         assert set(candidate["params"]) == set(space)
-        assert candidate["rel_error"] > 1e-3
         if candidate["rel_error"] > 1.2:
             assert candidate["status"] == "excluded" and "error" in candidate["reason"]
+    # measured, never assumed: most knobs approximate (a pattern that happens to cover every block is exact)
+    assert sum(c["rel_error"] > 1e-3 for c in approximate) > len(approximate) / 2, approximate
     assert entry.measured["rel_error"] <= 1.2
