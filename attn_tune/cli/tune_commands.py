@@ -135,7 +135,10 @@ def _dropped_line(max_loss_change: float, lines: list[str]) -> Any:
         now, before = record["now"], named(record["variant"], record["params"])
         then = "sdpa serves it" if now is None else \
             f"chosen again with errors below it: {named(now['variant'], now['params'])} replaces {before}"
-        lines.append(f"validate: loss change {record['loss_change_before']:+.2%} is over {max_loss_change:+.2%}; "
+        upper = record.get("loss_change_interval_before", [None, record["loss_change_before"]])[1]
+        change = f"{record['loss_change_before']:+.2%}" + (
+            f" (interval up to {upper:+.2%})" if upper != record["loss_change_before"] else "")
+        lines.append(f"validate: loss change {change} is over {max_loss_change:+.2%}; "
                      f"{before} for {record['problem']} had the worst call (error {record['worst_call_error']:.2e}): "
                      f"{then}")
     return say
@@ -170,13 +173,17 @@ def _dropped_line(max_loss_change: float, lines: list[str]) -> Any:
                    "exact). [quick: 0.01]")
 @click.option("--samples", type=click.IntRange(min=1), default=None,
               help="With MODULE:FACTORY: real calls kept per problem to measure errors on. [default: 4]")
+@click.option("--batches", type=click.IntRange(min=1), default=None,
+              help="Held-out batches the loss budget is checked on (the factory takes `batches`); the loss change's "
+                   "95% interval must lie within the budget. [default: 1, quick: 4]")
 @click.pass_context
 def tune_command(ctx: click.Context, factory_spec: str | None, samples: int | None, shapes: str | None,
                  preset: str | None, trials: int | None, max_error: float | None,
                  memory_budget: int | None, objective: str, storage: str | None, workers: int, seed: int | None,
                  variant_names: tuple[str, ...], out: str, plot_path: str | None, config_path: str | None,
                  stale_only: bool, timeout: float | None, problem_timeout: float | None, activations: str | None,
-                 validate_spec: str | None, max_loss_change: float | None, **options: Any) -> None:
+                 validate_spec: str | None, max_loss_change: float | None, batches: int | None,
+                 **options: Any) -> None:
     """Search variants and knobs per problem by measuring them; write the tuned config.
 
     With MODULE:FACTORY (a function returning (model, example_inputs[, targets])), the model runs unchanged: its
@@ -209,6 +216,7 @@ def tune_command(ctx: click.Context, factory_spec: str | None, samples: int | No
             search["variants"] = [get_variant(name) for name in chosen.variants]
         search["max_error"] = chosen.max_error if max_error is None else max_error
         max_loss_change = chosen.max_loss_change if max_loss_change is None else max_loss_change
+        batches = batches or chosen.batches
         problems = list(chosen.problems)
     written = None  # a file this run made, removed if the run fails: nothing half-written
     if factory_spec:
@@ -243,7 +251,7 @@ def tune_command(ctx: click.Context, factory_spec: str | None, samples: int | No
             from attn_tune.cli.validate_command import build_validator
             from attn_tune.runtime.capture import load_factory
 
-            run.update(validator=build_validator(validate_spec, load_factory(validate_spec)),
+            run.update(validator=build_validator(validate_spec, load_factory(validate_spec), batches or 1),
                        max_loss_change=max_loss_change,
                        on_drop=_dropped_line(max_loss_change, drops) if max_loss_change is not None else None)
         _run_and_report(problems, earlier, {**run, **search}, drops, out, plot_path)
@@ -277,6 +285,9 @@ def _refuse_conflicts(ctx: click.Context, factory_spec: str | None, shapes: str 
         raise click.UsageError("give problem options, --shapes or --preset, not more than one")
     if max_loss_change is not None and not validate_spec and not preset and not factory_spec:
         raise click.UsageError("--max-loss-change is checked by running the model: give --validate MODULE:FACTORY")
+    if _given(ctx, "batches") and not validate_spec and not preset and not factory_spec:
+        raise click.UsageError("--batches are the held-out batches the model is validated on: give --validate "
+                               "MODULE:FACTORY")
     if activations and (preset or stale_only):
         raise click.UsageError("--activations goes with --shapes or problem options (a preset captures its own; a "
                                "re-tune reads the file each entry was tuned on)")

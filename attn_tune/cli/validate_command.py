@@ -11,20 +11,29 @@ from attn_tune.cli.group import cli, users_code
 from attn_tune.cli.render import echo_json, table
 
 
+def change_text(change: float, interval: Any, batches: int) -> str:
+    """'+0.48% (95% CI +0.30% to +0.66%, 6 batches)', or '+0.48% (1 batch: no interval)'."""
+    if batches < 2 or not interval:
+        return f"{change:+.2%} (1 batch: no interval)"
+    return f"{change:+.2%} (95% CI {interval[0]:+.2%} to {interval[1]:+.2%}, {batches} batches)"
+
+
 def loss_line(validation: Any) -> str:
     """The model's figures in one line: output error, and the loss with exact attention and with the config."""
     line = f"model: output rel error {validation.output_error:.2e}"
     if validation.loss_from is None:
         return line + "; no loss (the factory returns no targets and the output no loss)"
+    change = change_text(validation.loss_change, validation.loss_change_interval, len(validation.losses_exact))
     return (line + f"; loss ({validation.loss_from}) exact {validation.loss_exact:.4f}, tuned "
-            f"{validation.loss_tuned:.4f}, change {validation.loss_change:+.2%}")
+            f"{validation.loss_tuned:.4f}, change {change}")
 
 
 def summary_line(v: dict[str, Any]) -> str:
     """A config's `validation` record in one line."""
     if v.get("loss_change") is None:
         return f"output rel error {v['output_rel_error']:.2e}; no loss"
-    return (f"loss exact {v['loss_exact']:.4f}, tuned {v['loss_tuned']:.4f}, change {v['loss_change']:+.2%}; "
+    change = change_text(v["loss_change"], v.get("loss_change_interval"), v.get("batches", 1))
+    return (f"loss exact {v['loss_exact']:.4f}, tuned {v['loss_tuned']:.4f}, change {change}; "
             f"output rel error {v['output_rel_error']:.2e}; {v['approximate_calls']} of {v['calls']} calls approximate")
 
 
@@ -42,33 +51,38 @@ def calls_table(validation: Any) -> str:
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), required=True,
               help="The tuned config to run the model with.")
 @click.option("--max-loss-change", type=click.FloatRange(min=0), default=None,
-              help="Exit 1 when the loss rises by more than this (relative: 0.01 is 1%).")
+              help="Exit 1 unless the loss change's 95% interval lies within this (relative: 0.01 is 1%).")
+@click.option("--batches", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Held-out batches to validate on (the factory takes `batches`); the loss change gets an interval.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output only.")
-def validate_command(factory_spec: str, config_path: str, max_loss_change: float | None, as_json: bool) -> None:
+def validate_command(factory_spec: str, config_path: str, max_loss_change: float | None, batches: int,
+                     as_json: bool) -> None:
     """Run FACTORY's model with exact attention (sdpa) and with the config: each call's variant and error, the
-    output's error, and the loss change (targets returned third by the factory, or the model's own loss)."""
+    output's error, and the loss change (targets returned third by the factory, or the model's own loss), over
+    `--batches` held-out batches with its 95% confidence interval."""
     from attn_tune.runtime.capture import load_factory
     from attn_tune.tuned_config import load_config
 
     config = load_config(config_path)
-    validator = build_validator(factory_spec, load_factory(factory_spec))
+    validator = build_validator(factory_spec, load_factory(factory_spec), batches)
     if max_loss_change is not None:
         validator.require_loss()
     validation = users_code(factory_spec, lambda: validator.validate(config))
-    over = max_loss_change is not None and validation.loss_change > max_loss_change
+    over = max_loss_change is not None and not validation.within(max_loss_change)
     if as_json:
         echo_json({**validation.to_dict(), "max_loss_change": max_loss_change, "within_budget": not over})
     else:
         click.echo(calls_table(validation))
         click.echo(loss_line(validation))
         if max_loss_change is not None:
-            click.echo(f"{'over' if over else 'within'} the loss budget of {max_loss_change:+.2%}")
+            click.echo(f"{'over' if over else 'within'} the loss budget of {max_loss_change:+.2%}"
+                       + (" (the interval's upper end decides)" if batches > 1 else ""))
     if over:
         sys.exit(1)
 
 
-def build_validator(spec: str, factory: Any) -> Any:
-    """The factory's model, run once with exact attention; a failure of the model is one line."""
+def build_validator(spec: str, factory: Any, batches: int = 1) -> Any:
+    """The factory's model, run once with exact attention (per batch); a failure of the model is one line."""
     from attn_tune.tuner.validate import Validator
 
-    return users_code(spec, lambda: Validator(factory, label=spec))
+    return users_code(spec, lambda: Validator(factory, label=spec, batches=batches))

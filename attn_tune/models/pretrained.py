@@ -76,16 +76,28 @@ def _heldout_windows(batch: int, length: int, extra: int) -> Tensor:
     return torch.stack([text[i * (length + extra):(i + 1) * (length + extra)] for i in range(batch)])
 
 
-def pretrained_lm(batch: int = 1, length: int = CONTEXT) -> tuple[CausalLM, tuple[Tensor], Tensor]:
-    """The trained causal LM, held-out character ids (batch, length) and their next characters as targets."""
-    windows = _heldout_windows(batch, length, 1)
-    return _load(build_lm(), "causal_lm"), (windows[:, :-1],), windows[:, 1:]
+def pretrained_lm(batch: int = 1, length: int = CONTEXT, batches: int | None = None
+                  ) -> tuple[CausalLM, Any, Any]:
+    """The trained causal LM, held-out character ids (batch, length) and their next characters as targets; with
+    `batches`, that many consecutive held-out batches as lists (for `validate --batches`)."""
+    count = batches or 1
+    windows = _heldout_windows(batch * count, length, 1)
+    inputs, targets = [(w[:, :-1],) for w in windows.split(batch)], [w[:, 1:] for w in windows.split(batch)]
+    model = _load(build_lm(), "causal_lm")
+    return (model, inputs[0], targets[0]) if batches is None else (model, inputs, targets)
 
 
-def pretrained_encoder(batch: int = 1, length: int = CONTEXT, seed: int = 0) -> tuple[MaskedCharLM, tuple[Tensor], Tensor]:
-    """The trained encoder, held-out ids with 15% masked (seeded) and the masked characters as targets."""
-    inputs, targets = mask_characters(_heldout_windows(batch, length, 0), torch.Generator().manual_seed(seed))
-    return _load(build_encoder(), "encoder"), (inputs,), targets
+def pretrained_encoder(batch: int = 1, length: int = CONTEXT, seed: int = 0, batches: int | None = None
+                       ) -> tuple[MaskedCharLM, Any, Any]:
+    """The trained encoder, held-out ids with 15% masked (seeded) and the masked characters as targets; with
+    `batches`, that many consecutive held-out batches as lists (for `validate --batches`)."""
+    count = batches or 1
+    generator = torch.Generator().manual_seed(seed)
+    pairs = [mask_characters(w, generator) for w in _heldout_windows(batch * count, length, 0).split(batch)]
+    model = _load(build_encoder(), "encoder")
+    if batches is None:
+        return model, (pairs[0][0],), pairs[0][1]
+    return model, [(x,) for x, _ in pairs], [t for _, t in pairs]
 
 
 def loss_of(logits: Any, targets: Tensor) -> Tensor:

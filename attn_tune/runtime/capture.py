@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import inspect
 import json
 import os
 import sys
@@ -69,38 +70,77 @@ def load_factory(spec: str) -> Callable[[], Any]:
 
 
 class ModelRun:
-    """A factory's model ready to run on its example inputs (call it), and the targets its loss is computed against."""
+    """A factory's model ready to run on its example inputs (call it), and the targets its loss is computed against;
+    with several held-out batches, `batches` of them (`run(i)` runs batch i, calling the object runs the first)."""
 
     def __init__(self, model: Any, inputs: Any, targets: Any = None) -> None:
-        import torch
+        self.model = model
+        self.batches: list[tuple[tuple, dict, Any]] = [(*_arguments(inputs), targets)]
 
-        self.model, self.targets = model, targets
-        if isinstance(inputs, dict):
-            self.args, self.kwargs = (), inputs
-        elif isinstance(inputs, torch.Tensor):
-            self.args, self.kwargs = (inputs,), {}
-        else:
-            self.args, self.kwargs = tuple(inputs), {}
+    @classmethod
+    def several(cls, model: Any, inputs: list[Any], targets: list[Any] | None) -> ModelRun:
+        """One model, several batches: inputs[i] with targets[i]."""
+        run = cls(model, inputs[0], None if targets is None else targets[0])
+        run.batches = [(*_arguments(x), None if targets is None else t)
+                       for x, t in zip(inputs, targets if targets is not None else [None] * len(inputs))]
+        return run
+
+    @property
+    def targets(self) -> Any:
+        return self.batches[0][2]
 
     def __call__(self) -> Any:
-        """One forward, unchanged model: its `F.scaled_dot_product_attention` calls reach attn-tune (patched for
-        the call only), as its `attn_tune.attention` calls do."""
+        """One forward on the first batch, unchanged model: its `F.scaled_dot_product_attention` calls reach
+        attn-tune (patched for the call only), as its `attn_tune.attention` calls do."""
+        return self.run(0)
+
+    def run(self, batch: int) -> Any:
+        args, kwargs, _ = self.batches[batch]
         with patch_sdpa():
-            return self.model(*self.args, **self.kwargs)
+            return self.model(*args, **kwargs)
 
 
-def call_factory(factory: Callable[[], Any]) -> ModelRun:
+def _arguments(inputs: Any) -> tuple[tuple, dict]:
+    import torch
+
+    if isinstance(inputs, dict):
+        return (), inputs
+    if isinstance(inputs, torch.Tensor):
+        return (inputs,), {}
+    return tuple(inputs), {}
+
+
+def call_factory(factory: Callable[..., Any], batches: int = 1) -> ModelRun:
     """Call `factory()`: it returns (model, example_inputs) or (model, example_inputs, targets).
 
-    `example_inputs` is a tuple of positional arguments, a dict of keyword arguments, or a single tensor.
+    `example_inputs` is a tuple of positional arguments, a dict of keyword arguments, or a single tensor. For
+    `batches` > 1 the factory must take a `batches` parameter: `factory(batches=N)` returns (model, [inputs] * N)
+    or (model, [inputs] * N, [targets] * N), N held-out batches.
     """
-    result = factory()
+    if batches > 1:
+        try:
+            takes = "batches" in inspect.signature(factory).parameters
+        except (TypeError, ValueError):
+            takes = False
+        if not takes:
+            raise CaptureError(f"{getattr(factory, '__name__', 'the factory')} takes no `batches` parameter, so it "
+                               f"gives one batch: add `batches` and return a list of {batches} inputs (and targets)")
+        result = factory(batches=batches)
+    else:
+        result = factory()
     if not isinstance(result, (tuple, list)) or len(result) not in (2, 3):
         raise CaptureError("the factory must return (model, example_inputs) or (model, example_inputs, targets), "
                            f"got {type(result).__name__}")
     if not callable(result[0]):
         raise CaptureError(f"the factory's model is a {type(result[0]).__name__}, not something to call")
-    return ModelRun(*result)
+    if batches == 1:
+        return ModelRun(*result)
+    inputs, targets = result[1], result[2] if len(result) == 3 else None
+    if not isinstance(inputs, list) or len(inputs) != batches or (targets is not None and (
+            not isinstance(targets, list) or len(targets) != batches)):
+        raise CaptureError(f"asked for {batches} batches, the factory must return lists of {batches} inputs "
+                           "(and targets)")
+    return ModelRun.several(result[0], inputs, targets)
 
 
 def _run(built: ModelRun, training: bool) -> None:

@@ -108,7 +108,8 @@ def _validator_of(config: TunedConfig) -> tuple[Any, float | None]:
     factory = (config.validation or {}).get("factory")
     if not factory:
         return None, None
-    return Validator(load_factory(factory), label=factory), config.validation.get("max_loss_change")
+    batches = int(config.validation.get("batches", 1))
+    return Validator(load_factory(factory), label=factory, batches=batches), config.validation.get("max_loss_change")
 
 
 def retune(config: TunedConfig, problems: Sequence[Problem], **tune_kwargs: Any) -> TunedConfig:

@@ -1,7 +1,9 @@
 """End to end: run a factory's model with exact attention and with a tuned config, and compare.
 
 Per attention call: the variant used and its error against float64 exact attention on that call's own inputs.
-For the model: the output's relative error and, where there is a loss, the loss with each and its relative change.
+For the model: the output's relative error and, where there is a loss, the loss with each and its relative change;
+over several held-out batches, the change as a paired estimate: its mean over batches and a 95% confidence
+interval (Student's t, as the head-to-head's). A loss budget holds when the interval's upper end is within it.
 The loss is the model's own (an output with a `loss` tensor, as Hugging Face models return given labels), else
 cross-entropy of the output logits against integer targets the factory returns third (positions holding -100
 ignored), or mean squared error against float targets.
@@ -11,6 +13,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any, Callable
+
+import math
+import statistics
 
 import torch
 from torch import Tensor
@@ -22,6 +27,7 @@ from attn_tune.registry.catalog import get_variant
 from attn_tune.runtime import dispatch, use_config
 from attn_tune.runtime.capture import ModelRun, call_factory, observe
 from attn_tune.tuned_config import Entry, TunedConfig
+from attn_tune.tuner.headtohead import CONFIDENCE, t_quantile
 
 __all__ = ["CallReport", "Validation", "Validator", "NoLoss", "fit_loss_budget", "IGNORE_INDEX"]
 
@@ -51,27 +57,63 @@ class CallReport:
 
 @dataclass
 class Validation:
-    """What a config does to one model, measured against the same model with exact attention."""
+    """What a config does to one model, measured against the same model with exact attention, batch by batch."""
 
     factory: str
     calls: list[CallReport]
     output_error: float
-    loss_exact: float | None
-    loss_tuned: float | None
+    losses_exact: list[float] | None
+    losses_tuned: list[float] | None
     loss_from: str | None  # "model" (its own loss) | "targets" | None
     dropped: list[dict[str, Any]] = field(default_factory=list)
 
     @property
-    def loss_change(self) -> float | None:
-        """(tuned - exact) / exact: +0.01 is a loss 1% higher with the config."""
-        if self.loss_exact is None or self.loss_tuned is None:
+    def loss_exact(self) -> float | None:
+        return None if self.losses_exact is None else statistics.fmean(self.losses_exact)
+
+    @property
+    def loss_tuned(self) -> float | None:
+        return None if self.losses_tuned is None else statistics.fmean(self.losses_tuned)
+
+    @property
+    def changes(self) -> list[float] | None:
+        """Per batch, (tuned - exact) / exact: +0.01 is a loss 1% higher with the config."""
+        if self.losses_exact is None or self.losses_tuned is None:
             return None
-        return (self.loss_tuned - self.loss_exact) / abs(self.loss_exact) if self.loss_exact else float("inf")
+        return [(t - e) / abs(e) if e else float("inf") for e, t in zip(self.losses_exact, self.losses_tuned)]
+
+    @property
+    def loss_change(self) -> float | None:
+        """The mean relative loss change over the batches."""
+        changes = self.changes
+        return None if changes is None else statistics.fmean(changes)
+
+    @property
+    def loss_change_interval(self) -> tuple[float, float] | None:
+        """The 95% confidence interval of the mean change (paired, Student's t); one batch: (mean, mean)."""
+        changes = self.changes
+        if changes is None:
+            return None
+        mean = statistics.fmean(changes)
+        if len(changes) < 2 or not all(math.isfinite(c) for c in changes):
+            return (mean, mean)
+        half = t_quantile(1 - (1 - CONFIDENCE) / 2, len(changes) - 1) * statistics.stdev(changes) / math.sqrt(len(changes))
+        return (mean - half, mean + half)
+
+    def within(self, max_loss_change: float) -> bool:
+        """Whether the loss change's interval lies within the budget (its upper end, not its mean, decides)."""
+        interval = self.loss_change_interval
+        return interval is None or interval[1] <= max_loss_change
+
+    def _loss_fields(self) -> dict[str, Any]:
+        interval = self.loss_change_interval
+        return {"loss_exact": self.loss_exact, "loss_tuned": self.loss_tuned, "loss_change": self.loss_change,
+                "loss_change_interval": None if interval is None else list(interval),
+                "batches": 1 if self.losses_exact is None else len(self.losses_exact)}
 
     def to_dict(self) -> dict[str, Any]:
         data = {"factory": self.factory, "output_rel_error": self.output_error, "loss_from": self.loss_from,
-                "loss_exact": self.loss_exact, "loss_tuned": self.loss_tuned, "loss_change": self.loss_change,
-                "calls": [c.to_dict() for c in self.calls]}
+                **self._loss_fields(), "loss_changes": self.changes, "calls": [c.to_dict() for c in self.calls]}
         if self.dropped:
             data["dropped"] = self.dropped
         return data
@@ -79,9 +121,9 @@ class Validation:
     def summary(self) -> dict[str, Any]:
         """What the config records of its validation."""
         approximate = [c for c in self.calls if not _exact(c.variant)]
-        return {"factory": self.factory, "loss_from": self.loss_from, "loss_exact": self.loss_exact,
-                "loss_tuned": self.loss_tuned, "loss_change": self.loss_change, "output_rel_error": self.output_error,
-                "calls": len(self.calls), "approximate_calls": len(approximate), "dropped": self.dropped}
+        return {"factory": self.factory, "loss_from": self.loss_from, **self._loss_fields(),
+                "output_rel_error": self.output_error, "calls": len(self.calls),
+                "approximate_calls": len(approximate), "dropped": self.dropped}
 
 
 def _exact(variant: str) -> bool:
@@ -131,16 +173,25 @@ def _call_error(call: dispatch.Call) -> float:
 
 
 class Validator:
-    """A factory's model run once with exact attention; `validate(config)` runs it with a config and compares."""
+    """A factory's model run once with exact attention (on each of `batches` held-out batches);
+    `validate(config)` runs it with a config and compares."""
 
-    def __init__(self, factory: Callable[[], Any], label: str = "") -> None:
+    def __init__(self, factory: Callable[..., Any], label: str = "", batches: int = 1) -> None:
         self.label = label or getattr(factory, "__name__", "factory")
-        self.built: ModelRun = call_factory(factory)
+        self.built: ModelRun = call_factory(factory, batches)
         self.built.model.eval()
+        self.exact_outputs, losses = [], []
         with use_config(None), torch.no_grad():
-            out = self.built()
-        self.exact_output = _first_tensor(out).detach()
-        self.loss_exact, self.loss_from = _loss(out, self.built.targets)
+            for i, (_, _, targets) in enumerate(self.built.batches):
+                out = self.built.run(i)
+                self.exact_outputs.append(_first_tensor(out).detach())
+                loss, self.loss_from = _loss(out, targets)
+                losses.append(loss)
+        self.losses_exact = None if self.loss_from is None else losses
+
+    @property
+    def batches(self) -> int:
+        return len(self.built.batches)
 
     def require_loss(self) -> None:
         """Raise NoLoss unless the model has a loss to budget."""
@@ -156,20 +207,24 @@ class Validator:
             calls.append(CallReport(len(calls), call.problem, d.variant, dict(d.params), d.rule, d.entry,
                                     _call_error(call)))
 
+        errors, losses = [], []
         with use_config(config), torch.no_grad(), observe(seen):
-            out = self.built()
-        loss_tuned, _ = _loss(out, self.built.targets)
-        return Validation(self.label, calls, relative_error(_first_tensor(out), self.exact_output.double()),
-                          self.loss_exact, loss_tuned, self.loss_from)
+            for i, (_, _, targets) in enumerate(self.built.batches):
+                out = self.built.run(i)
+                errors.append(relative_error(_first_tensor(out), self.exact_outputs[i].double()))
+                losses.append(_loss(out, targets)[0])
+        return Validation(self.label, calls, max(errors), self.losses_exact,
+                          None if self.losses_exact is None else losses, self.loss_from)
 
 
 def fit_loss_budget(config: TunedConfig, validator: Validator, max_loss_change: float,
                     on_drop: Callable[[dict[str, Any]], None] | None = None,
                     rechoose: Callable[[Problem, float], Entry | None] | None = None) -> tuple[TunedConfig, Validation]:
-    """Until the model's loss rises by at most `max_loss_change` (relative), take the approximate entry whose calls
-    had the worst error and choose again for its problem with errors below that (`rechoose`, from the problem's
-    study: a safer knob, or an exact variant), or drop it when there is no `rechoose` or it finds nothing.
-    Returns the config, with its `validation` record, and the last check."""
+    """Until the loss change's interval lies within `max_loss_change` (relative; the upper end decides, over the
+    validator's batches), take the approximate entry whose calls had the worst error and choose again for its
+    problem with errors below that (`rechoose`, from the problem's study: a safer knob, or an exact variant), or
+    drop it when there is no `rechoose` or it finds nothing. Returns the config, with its `validation` record,
+    and the last check."""
     validator.require_loss()
     entries = list(config.entries)
     dropped: list[dict[str, Any]] = []
@@ -182,7 +237,7 @@ def fit_loss_budget(config: TunedConfig, validator: Validator, max_loss_change: 
         for call in validation.calls:
             if call.entry is not None and call.rule == "own-entry" and not _exact(call.variant):
                 worst[call.entry] = max(worst.get(call.entry, 0.0), call.rel_error)
-        if change is None or change <= max_loss_change or not worst:
+        if change is None or validation.within(max_loss_change) or not worst:
             validation.dropped = dropped
             candidate.validation = {**validation.summary(), "max_loss_change": max_loss_change}
             return candidate, validation
@@ -192,6 +247,7 @@ def fit_loss_budget(config: TunedConfig, validator: Validator, max_loss_change: 
         new = rechoose(target, limit) if rechoose is not None else None
         record = {"problem": target.describe(), "variant": old.choice["variant"], "params": old.choice["params"],
                   "worst_call_error": worst[target], "loss_change_before": change,
+                  "loss_change_interval_before": list(validation.loss_change_interval),
                   "now": None if new is None else new.choice}
         dropped.append(record)
         if on_drop is not None:

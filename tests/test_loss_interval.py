@@ -1,0 +1,106 @@
+"""The loss guard over several held-out batches: a paired mean change with a 95% interval, and the interval's
+upper end, not one batch's change, decides the budget (validate, tune's re-choosing, the bundled factories)."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from attn_tune import Problem
+from attn_tune.cli.main import cli
+from attn_tune.tuner.headtohead import t_quantile
+from attn_tune.tuner.validate import CallReport, Validation, fit_loss_budget
+from tests.runtime_helpers import config, entry
+
+pytestmark = pytest.mark.usefixtures("no_config")
+
+LM = Problem(batch=1, heads=4, q_len=2048, head_dim=32, causal=True)
+
+
+def _validation(changes: list[float], calls: list[CallReport] | None = None) -> Validation:
+    exact = [2.0 + i / 10 for i in range(len(changes))]
+    return Validation("planted", calls or [], 0.0, exact, [e * (1 + c) for e, c in zip(exact, changes)], "targets")
+
+
+@pytest.mark.parametrize("changes, within", [
+    ([0.020, 0.021, 0.019, 0.020], False),     # a planted +2%: over a 1% budget
+    ([0.001, 0.0012, -0.0008, 0.001], True),   # a planted +0.1%: within
+    ([0.000, 0.016, 0.002, 0.014], False),     # mean +0.8% but noisy: the interval reaches past 1%
+    ([0.0079, 0.0081, 0.0080, 0.0080], True),  # mean +0.8% and tight: within
+])
+def test_the_intervals_upper_end_decides_the_budget(changes, within) -> None:
+    v = _validation(changes)
+    assert v.loss_change == pytest.approx(statistics.fmean(changes))
+    half = t_quantile(0.975, 3) * statistics.stdev(changes) / 2
+    assert v.loss_change_interval == pytest.approx((v.loss_change - half, v.loss_change + half))
+    assert v.within(0.01) is within
+    summary = v.summary()
+    assert summary["batches"] == 4 and summary["loss_change_interval"] == pytest.approx(list(v.loss_change_interval))
+
+
+def test_one_batch_has_no_interval_and_its_change_decides() -> None:
+    v = _validation([0.009])
+    assert v.loss_change_interval == pytest.approx((0.009, 0.009)) and v.within(0.01) and not v.within(0.008)
+
+
+class _Planted:
+    """A validator whose runs give planted per-batch changes: noisy with the approximate entry, none without."""
+
+    loss_from = "targets"
+
+    def __init__(self, noisy: list[float]) -> None:
+        self.noisy, self.seen = noisy, []
+
+    def require_loss(self) -> None:
+        pass
+
+    def validate(self, candidate):
+        self.seen.append([e.choice["variant"] for e in candidate.entries])
+        if any(e.choice["variant"] == "local" for e in candidate.entries):
+            call = CallReport(0, LM, "local", {"local_window": 128}, "own-entry", LM, 0.2)
+            return _validation(self.noisy, [call])
+        return _validation([0.0, 0.0001, -0.0001, 0.0])
+
+
+def test_tune_chooses_again_when_the_interval_is_over_though_the_mean_is_within() -> None:
+    tuned = config([entry(LM, "local", {"local_window": 128}, max_error=0.5)])
+    kept, validation = fit_loss_budget(tuned, _Planted([0.000, 0.016, 0.002, 0.014]), 0.01)
+    assert [e.choice["variant"] for e in kept.entries] == []  # no study to choose from: dropped, sdpa serves it
+    assert kept.validation["dropped"][0]["loss_change_interval_before"][1] > 0.01
+    assert kept.validation["batches"] == 4 and validation.within(0.01)
+    tight = fit_loss_budget(tuned, _Planted([0.0079, 0.0081, 0.0080, 0.0080]), 0.01)[0]
+    assert [e.choice["variant"] for e in tight.entries] == ["local"]
+
+
+def _validate(tmp_path: Path, window: int, batches: int, *extra: str):
+    path = tmp_path / f"local{window}.json"
+    chosen = entry(LM, "local", {"local_window": window}, max_error=1.0)
+    config([chosen]).save(path)
+    return CliRunner().invoke(cli, ["validate", "attn_tune.models:pretrained_lm", "--config", str(path),
+                                    "--batches", str(batches), *extra])
+
+
+def test_the_bundled_lm_on_six_held_out_batches(tmp_path: Path) -> None:
+    """The issue's measurement: local 128 is about +1.1% and over a 1% budget on its interval; local 256 about
+    +0.5% and within it."""
+    narrow = _validate(tmp_path, 128, 6, "--max-loss-change", "0.01", "--json")
+    data = json.loads(narrow.stdout)
+    assert narrow.exit_code == 1 and data["batches"] == 6 and len(data["loss_changes"]) == 6
+    assert 0.005 < data["loss_change"] < 0.02 and data["loss_change_interval"][1] > 0.01
+    wide = _validate(tmp_path, 256, 6, "--max-loss-change", "0.01")
+    assert wide.exit_code == 0, wide.output
+    assert "95% CI" in wide.stdout and "6 batches" in wide.stdout and "within the loss budget of +1.00%" in wide.stdout
+
+
+def test_a_factory_without_batches_is_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "c.json"
+    config([entry(LM, "sdpa")]).save(path)
+    result = CliRunner().invoke(cli, ["validate", "attn_tune.models:causal_lm_example", "--config", str(path),
+                                      "--batches", "3"])
+    assert result.exit_code == 2
+    assert result.output.strip() == ("Error: causal_lm_example takes no `batches` parameter, so it gives one batch: "
+                                     "add `batches` and return a list of 3 inputs (and targets)")
