@@ -12,8 +12,7 @@ import torch
 
 import attn_tune
 from attn_tune import Problem
-from attn_tune.runtime import routes
-from attn_tune.runtime import shadowing
+from attn_tune.runtime import routes, shadowing
 from tests.oracle import oracle, rel_error
 from tests.runtime_helpers import config, entry
 
