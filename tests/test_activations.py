@@ -348,8 +348,9 @@ def test_the_real_quick_preset_names_a_factory_and_variants_that_exist() -> None
 
     quick = presets.PRESETS["quick"]
     assert quick.variants and all(attn_tune.get_variant(name).name == name for name in quick.variants)
-    model, inputs, targets = load_factory(quick.factory)()
-    assert isinstance(model, torch.nn.Module) and targets is not None
+    model, inputs, targets, metric = load_factory(quick.factory)()
+    assert isinstance(model, torch.nn.Module) and targets is not None and callable(metric)
+    assert quick.batches >= 2  # the loss change gets an interval
     assert all(isinstance(p, Problem) and p.causal for p in quick.problems)
     assert 0 < quick.max_error < 1 and 0 < quick.max_loss_change < 0.05
 

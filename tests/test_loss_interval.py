@@ -104,3 +104,54 @@ def test_a_factory_without_batches_is_one_line(tmp_path: Path) -> None:
     assert result.exit_code == 2
     assert result.output.strip() == ("Error: causal_lm_example takes no `batches` parameter, so it gives one batch: "
                                      "add `batches` and return a list of 3 inputs (and targets)")
+
+
+def test_the_metric_drop_gets_its_interval_and_its_own_budget() -> None:
+    v = _validation([0.001, 0.001, 0.001, 0.001])
+    v.metric, v.metrics_exact, v.metrics_tuned = "accuracy", [0.60, 0.58, 0.61, 0.59], [0.590, 0.577, 0.600, 0.581]
+    drops = [0.010, 0.003, 0.010, 0.009]
+    assert v.metric_drops == pytest.approx(drops) and v.metric_drop == pytest.approx(statistics.fmean(drops))
+    half = t_quantile(0.975, 3) * statistics.stdev(drops) / 2
+    assert v.metric_drop_interval == pytest.approx((v.metric_drop - half, v.metric_drop + half))
+    assert v.within(0.01) and not v.metric_within(0.01) and v.metric_within(0.02)
+    assert v.summary()["metric"] == "accuracy" and v.summary()["metric_drop"] == pytest.approx(v.metric_drop)
+
+
+class _PlantedMetric(_Planted):
+    """Loss within budget either way; the approximate entry costs 1 accuracy point."""
+
+    def require_metric(self) -> None:
+        pass
+
+    def validate(self, candidate):
+        v = super().validate(candidate)
+        approximate = any(e.choice["variant"] == "local" for e in candidate.entries)
+        v.metric, v.metrics_exact = "accuracy", [0.6, 0.6, 0.6, 0.6]
+        v.metrics_tuned = [0.59, 0.591, 0.589, 0.59] if approximate else [0.6, 0.6, 0.6, 0.6]
+        return v
+
+
+def test_tune_chooses_again_for_the_metric_when_the_loss_is_within() -> None:
+    tuned = config([entry(LM, "local", {"local_window": 128}, max_error=0.5)])
+    kept = fit_loss_budget(tuned, _PlantedMetric([0.001, 0.001, 0.001, 0.001]), 0.01, max_metric_drop=0.005)[0]
+    assert kept.entries == [] and kept.validation["max_metric_drop"] == 0.005
+    assert kept.validation["dropped"][0]["metric_drop_before"] == pytest.approx(0.01, abs=1e-3)
+    assert fit_loss_budget(tuned, _PlantedMetric([0.001] * 4), 0.01, max_metric_drop=0.02)[0].entries != []
+
+
+def test_the_bundled_lm_reports_next_character_accuracy_and_guards_it(tmp_path: Path) -> None:
+    strict = _validate(tmp_path, 256, 6, "--max-loss-change", "0.01", "--max-metric-drop", "0.005")
+    assert strict.exit_code == 1  # +0.37 points on average, but the interval reaches past 0.5
+    assert "metric character_accuracy: exact 0.58" in strict.stdout and "drop +0.0037" in strict.stdout
+    assert "within the loss budget" in strict.stdout and "over the metric budget of a 0.005 drop" in strict.stdout
+    assert _validate(tmp_path, 256, 6, "--max-metric-drop", "0.01").exit_code == 0
+
+
+def test_a_metric_budget_without_a_metric_is_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "c.json"
+    config([entry(LM, "sdpa")]).save(path)
+    result = CliRunner().invoke(cli, ["validate", "attn_tune.models:causal_lm_example", "--config", str(path),
+                                      "--max-metric-drop", "0.01"])
+    assert result.exit_code == 2 and result.output.startswith("Error: attn_tune.models:causal_lm_example gives no "
+                                                              "metric: return it fourth from the factory")
+    assert len(result.output.strip().splitlines()) == 1

@@ -28,7 +28,7 @@ def test_the_held_out_topics_are_never_trained_on() -> None:
 
 
 def test_pretrained_lm_predicts_held_out_text_far_better_than_chance() -> None:
-    model, (ids,), targets = pretrained_lm()
+    model, (ids,), targets, _ = pretrained_lm()
     assert ids.shape == (1, CONTEXT) and torch.equal(ids[:, 1:], targets[:, :-1])
     with torch.no_grad():
         loss = loss_of(model(ids), targets).item()
@@ -39,7 +39,7 @@ def test_pretrained_lm_predicts_held_out_text_far_better_than_chance() -> None:
 
 
 def test_pretrained_encoder_fills_in_masked_characters() -> None:
-    model, (ids,), targets = pretrained_encoder()
+    model, (ids,), targets, _ = pretrained_encoder()
     masked = ids == MASK
     assert 0.1 < masked.float().mean() < 0.2 and bool(((targets != IGNORE) == masked).all())
     with torch.no_grad():
@@ -73,11 +73,11 @@ def test_the_factories_give_held_out_text_and_the_losses_the_readme_states() -> 
     the README's losses on them (undertrained or wrong weights would not)."""
     lm_loss, encoder_loss = _readme_losses()
     heldout = reference_text("heldout")
-    model, (ids,), targets = pretrained_lm()
+    model, (ids,), targets, _ = pretrained_lm()
     assert torch.equal(ids[0], heldout[:CONTEXT]) and torch.equal(targets[0], heldout[1:CONTEXT + 1])
     with torch.no_grad():
         assert loss_of(model(ids), targets).item() == pytest.approx(lm_loss, abs=5e-4)
-    model, (ids,), targets = pretrained_encoder()
+    model, (ids,), targets, _ = pretrained_encoder()
     kept = ids[0] != MASK
     assert torch.equal(ids[0][kept], heldout[:CONTEXT][kept]) and torch.equal(targets[0][~kept], heldout[:CONTEXT][~kept])
     with torch.no_grad():

@@ -176,6 +176,12 @@ def _dropped_line(max_loss_change: float, lines: list[str]) -> Any:
 @click.option("--batches", type=click.IntRange(min=1), default=None,
               help="Held-out batches the loss budget is checked on (the factory takes `batches`); the loss change's "
                    "95% interval must lie within the budget. [default: 1, quick: 4]")
+@click.option("--metric", "metric_spec", metavar="MODULE:FN", default=None,
+              help="With the model's validation: a task metric fn(outputs, targets) -> number, higher is better "
+                   "(else the factory's fourth item).")
+@click.option("--max-metric-drop", type=click.FloatRange(min=0), default=None,
+              help="With the model's validation: the metric may drop by at most this (its interval's upper end), "
+                   "as the loss budget.")
 @click.pass_context
 def tune_command(ctx: click.Context, factory_spec: str | None, samples: int | None, shapes: str | None,
                  preset: str | None, trials: int | None, max_error: float | None,
@@ -183,7 +189,7 @@ def tune_command(ctx: click.Context, factory_spec: str | None, samples: int | No
                  variant_names: tuple[str, ...], out: str, plot_path: str | None, config_path: str | None,
                  stale_only: bool, timeout: float | None, problem_timeout: float | None, activations: str | None,
                  validate_spec: str | None, max_loss_change: float | None, batches: int | None,
-                 **options: Any) -> None:
+                 metric_spec: str | None, max_metric_drop: float | None, **options: Any) -> None:
     """Search variants and knobs per problem by measuring them; write the tuned config.
 
     With MODULE:FACTORY (a function returning (model, example_inputs[, targets])), the model runs unchanged: its
@@ -251,8 +257,9 @@ def tune_command(ctx: click.Context, factory_spec: str | None, samples: int | No
             from attn_tune.cli.validate_command import build_validator
             from attn_tune.runtime.capture import load_factory
 
-            run.update(validator=build_validator(validate_spec, load_factory(validate_spec), batches or 1),
-                       max_loss_change=max_loss_change,
+            run.update(validator=build_validator(validate_spec, load_factory(validate_spec), batches or 1,
+                                                 metric_spec),
+                       max_loss_change=max_loss_change, max_metric_drop=max_metric_drop,
                        on_drop=_dropped_line(max_loss_change, drops) if max_loss_change is not None else None)
         _run_and_report(problems, earlier, {**run, **search}, drops, out, plot_path)
     except BaseException:
@@ -285,9 +292,10 @@ def _refuse_conflicts(ctx: click.Context, factory_spec: str | None, shapes: str 
         raise click.UsageError("give problem options, --shapes or --preset, not more than one")
     if max_loss_change is not None and not validate_spec and not preset and not factory_spec:
         raise click.UsageError("--max-loss-change is checked by running the model: give --validate MODULE:FACTORY")
-    if _given(ctx, "batches") and not validate_spec and not preset and not factory_spec:
-        raise click.UsageError("--batches are the held-out batches the model is validated on: give --validate "
-                               "MODULE:FACTORY")
+    for name in ("batches", "metric_spec", "max_metric_drop"):
+        if _given(ctx, name) and not validate_spec and not preset and not factory_spec:
+            flag = {"batches": "--batches", "metric_spec": "--metric", "max_metric_drop": "--max-metric-drop"}[name]
+            raise click.UsageError(f"{flag} goes with the model's validation: give --validate MODULE:FACTORY")
     if activations and (preset or stale_only):
         raise click.UsageError("--activations goes with --shapes or problem options (a preset captures its own; a "
                                "re-tune reads the file each entry was tuned on)")

@@ -17,7 +17,7 @@ from attn_tune.models.encoder import Encoder
 from attn_tune.models.reference_text import MASK, VOCAB, reference_text
 
 __all__ = ["CONTEXT", "MaskedCharLM", "build_lm", "build_encoder", "mask_characters", "pretrained_lm",
-           "pretrained_encoder", "weights_file", "IGNORE"]
+           "pretrained_encoder", "weights_file", "IGNORE", "character_accuracy"]
 
 CONTEXT = 2048  # trained and evaluated at this length: no result rests on length extrapolation
 IGNORE = -100  # target at positions that carry no loss (cross_entropy's ignore_index)
@@ -76,28 +76,37 @@ def _heldout_windows(batch: int, length: int, extra: int) -> Tensor:
     return torch.stack([text[i * (length + extra):(i + 1) * (length + extra)] for i in range(batch)])
 
 
+def character_accuracy(logits: Tensor, targets: Tensor) -> float:
+    """The fraction of positions (target not IGNORE) whose most likely character is the target: the bundled models'
+    task metric (next-character accuracy for the LM, masked-character accuracy for the encoder)."""
+    scored = targets != IGNORE
+    return float((logits.argmax(-1) == targets)[scored].float().mean())
+
+
 def pretrained_lm(batch: int = 1, length: int = CONTEXT, batches: int | None = None
-                  ) -> tuple[CausalLM, Any, Any]:
-    """The trained causal LM, held-out character ids (batch, length) and their next characters as targets; with
-    `batches`, that many consecutive held-out batches as lists (for `validate --batches`)."""
+                  ) -> tuple[CausalLM, Any, Any, Any]:
+    """The trained causal LM, held-out character ids (batch, length), their next characters as targets, and
+    next-character accuracy as the metric; with `batches`, that many consecutive held-out batches as lists."""
     count = batches or 1
     windows = _heldout_windows(batch * count, length, 1)
     inputs, targets = [(w[:, :-1],) for w in windows.split(batch)], [w[:, 1:] for w in windows.split(batch)]
     model = _load(build_lm(), "causal_lm")
-    return (model, inputs[0], targets[0]) if batches is None else (model, inputs, targets)
+    if batches is None:
+        return model, inputs[0], targets[0], character_accuracy
+    return model, inputs, targets, character_accuracy
 
 
 def pretrained_encoder(batch: int = 1, length: int = CONTEXT, seed: int = 0, batches: int | None = None
-                       ) -> tuple[MaskedCharLM, Any, Any]:
-    """The trained encoder, held-out ids with 15% masked (seeded) and the masked characters as targets; with
-    `batches`, that many consecutive held-out batches as lists (for `validate --batches`)."""
+                       ) -> tuple[MaskedCharLM, Any, Any, Any]:
+    """The trained encoder, held-out ids with 15% masked (seeded), the masked characters as targets, and
+    masked-character accuracy as the metric; with `batches`, that many consecutive held-out batches as lists."""
     count = batches or 1
     generator = torch.Generator().manual_seed(seed)
     pairs = [mask_characters(w, generator) for w in _heldout_windows(batch * count, length, 0).split(batch)]
     model = _load(build_encoder(), "encoder")
     if batches is None:
-        return model, (pairs[0][0],), pairs[0][1]
-    return model, [(x,) for x, _ in pairs], [t for _, t in pairs]
+        return model, (pairs[0][0],), pairs[0][1], character_accuracy
+    return model, [(x,) for x, _ in pairs], [t for _, t in pairs], character_accuracy
 
 
 def loss_of(logits: Any, targets: Tensor) -> Tensor:

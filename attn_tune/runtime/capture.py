@@ -73,14 +73,16 @@ class ModelRun:
     """A factory's model ready to run on its example inputs (call it), and the targets its loss is computed against;
     with several held-out batches, `batches` of them (`run(i)` runs batch i, calling the object runs the first)."""
 
-    def __init__(self, model: Any, inputs: Any, targets: Any = None) -> None:
-        self.model = model
+    def __init__(self, model: Any, inputs: Any, targets: Any = None, metric: Callable[[Any, Any], float] | None = None
+                 ) -> None:
+        self.model, self.metric = model, metric
         self.batches: list[tuple[tuple, dict, Any]] = [(*_arguments(inputs), targets)]
 
     @classmethod
-    def several(cls, model: Any, inputs: list[Any], targets: list[Any] | None) -> ModelRun:
+    def several(cls, model: Any, inputs: list[Any], targets: list[Any] | None,
+                metric: Callable[[Any, Any], float] | None = None) -> ModelRun:
         """One model, several batches: inputs[i] with targets[i]."""
-        run = cls(model, inputs[0], None if targets is None else targets[0])
+        run = cls(model, inputs[0], None if targets is None else targets[0], metric)
         run.batches = [(*_arguments(x), None if targets is None else t)
                        for x, t in zip(inputs, targets if targets is not None else [None] * len(inputs))]
         return run
@@ -111,7 +113,8 @@ def _arguments(inputs: Any) -> tuple[tuple, dict]:
 
 
 def call_factory(factory: Callable[..., Any], batches: int = 1) -> ModelRun:
-    """Call `factory()`: it returns (model, example_inputs) or (model, example_inputs, targets).
+    """Call `factory()`: it returns (model, example_inputs), (model, example_inputs, targets) or (model,
+    example_inputs, targets, metric), metric(outputs, targets) -> a number, higher is better (an accuracy).
 
     `example_inputs` is a tuple of positional arguments, a dict of keyword arguments, or a single tensor. For
     `batches` > 1 the factory must take a `batches` parameter: `factory(batches=N)` returns (model, [inputs] * N)
@@ -128,19 +131,22 @@ def call_factory(factory: Callable[..., Any], batches: int = 1) -> ModelRun:
         result = factory(batches=batches)
     else:
         result = factory()
-    if not isinstance(result, (tuple, list)) or len(result) not in (2, 3):
-        raise CaptureError("the factory must return (model, example_inputs) or (model, example_inputs, targets), "
-                           f"got {type(result).__name__}")
+    if not isinstance(result, (tuple, list)) or len(result) not in (2, 3, 4):
+        raise CaptureError("the factory must return (model, example_inputs), (model, example_inputs, targets) or "
+                           f"(model, example_inputs, targets, metric), got {type(result).__name__}")
+    if len(result) == 4 and not callable(result[3]):
+        raise CaptureError(f"the factory's metric is a {type(result[3]).__name__}, not a function of (outputs, "
+                           "targets)")
     if not callable(result[0]):
         raise CaptureError(f"the factory's model is a {type(result[0]).__name__}, not something to call")
     if batches == 1:
         return ModelRun(*result)
-    inputs, targets = result[1], result[2] if len(result) == 3 else None
+    inputs, targets = result[1], result[2] if len(result) >= 3 else None
     if not isinstance(inputs, list) or len(inputs) != batches or (targets is not None and (
             not isinstance(targets, list) or len(targets) != batches)):
         raise CaptureError(f"asked for {batches} batches, the factory must return lists of {batches} inputs "
                            "(and targets)")
-    return ModelRun.several(result[0], inputs, targets)
+    return ModelRun.several(result[0], inputs, targets, result[3] if len(result) == 4 else None)
 
 
 def _run(built: ModelRun, training: bool) -> None:

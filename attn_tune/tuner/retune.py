@@ -155,7 +155,8 @@ def retune(config: TunedConfig, problems: Sequence[Problem], **tune_kwargs: Any)
         # the model is validated once, with the last run: every entry used here by then (kept and fresh) beside it
         before = kept + list(fresh.values())
         checked = {} if validator is None or number < len(plans) else \
-            {"validator": validator, "max_loss_change": budget, "alongside": before}
+            {"validator": validator, "max_loss_change": budget, "alongside": before,
+             "max_metric_drop": (config.validation or {}).get("max_metric_drop")}
         result = tune(plan.problems, queue_first=earlier, on_result=heard, **plan.settings, **run_kwargs, **checked)
         if checked:
             validation = result.validation

@@ -66,6 +66,7 @@ def tune(
     max_loss_change: float | None = None,
     on_drop: Callable[[dict[str, Any]], None] | None = None,
     problems_label: str = "the problems tuned",
+    max_metric_drop: float | None = None,
     alongside: Sequence[Entry] = (),
 ) -> TunedConfig:
     """Find, by measuring, the best variant and knobs for each problem on this machine.
@@ -98,7 +99,8 @@ def tune(
         validator / max_loss_change / on_drop: at the end, run the validator's model with the config (the
             outcome goes to the config's `validation`); within a loss budget, the approximate entry with the worst
             call is chosen again from its study with errors below that call's (a safer knob, or exact), or
-            dropped, until the loss rises by at most `max_loss_change`; `on_drop` hears of each.
+            dropped, until the loss change's interval lies within `max_loss_change` (and the task metric's drop
+            within `max_metric_drop`, when given); `on_drop` hears of each.
         problems_label: how messages name the problems ("the problems of shapes.json").
         alongside: entries kept from a config being re-tuned: in the returned config before the fresh ones and
             validated with them; never chosen again (a loss budget may drop them).
@@ -114,7 +116,7 @@ def tune(
     captured = _checked_arguments(problems, objective=objective, trials=trials, workers=workers, storage=storage,
                                   timeout=timeout, problem_timeout=problem_timeout, validator=validator,
                                   max_loss_change=max_loss_change, activations=activations,
-                                  problems_label=problems_label)
+                                  problems_label=problems_label, max_metric_drop=max_metric_drop)
     started = time.monotonic()
     run_deadline = None if timeout is None else started + timeout
     pool = list(variants) if variants is not None else registered_variants()
@@ -180,17 +182,18 @@ def tune(
         config = TunedConfig(entries=list(alongside) + entries, device=top, attn_tune=own_version(),
                              torch=torch.__version__)
         if validator is not None and config.entries:
-            if max_loss_change is None:
+            if max_loss_change is None and max_metric_drop is None:
                 config.validation = validator.validate(config).summary()
             else:
-                config, _ = fit_loss_budget(config, validator, max_loss_change, on_drop=on_drop, rechoose=rechoose)
+                config, _ = fit_loss_budget(config, validator, max_loss_change, on_drop=on_drop, rechoose=rechoose,
+                                            max_metric_drop=max_metric_drop)
     return config
 
 
 def _checked_arguments(problems: Sequence[Problem], *, objective: str, trials: int, workers: int, storage: str | None,
                        timeout: float | None, problem_timeout: float | None, validator: Validator | None,
                        max_loss_change: float | None, activations: str | os.PathLike | None,
-                       problems_label: str) -> dict[Problem, list[Inputs]]:
+                       problems_label: str, max_metric_drop: float | None = None) -> dict[Problem, list[Inputs]]:
     """Every check of `tune`'s arguments, before anything is measured (the CLI only translates options); returns
     the captured calls of the activations file, read once."""
     if objective not in OBJECTIVES:
@@ -215,6 +218,10 @@ def _checked_arguments(problems: Sequence[Problem], *, objective: str, trials: i
         if validator is None:
             raise AttnTuneError("a loss budget is checked by running a model: give a validator")
         validator.require_loss()
+    if max_metric_drop is not None:
+        if validator is None:
+            raise AttnTuneError("a metric budget is checked by running a model: give a validator")
+        validator.require_metric()
     if activations is None:
         return {}
     captured = load_captured(activations)
