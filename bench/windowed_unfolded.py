@@ -70,7 +70,7 @@ def _config(params: dict | None) -> TunedConfig | None:
 
 
 def whole_model(rounds: int, loop_block: int, unfolded_block: int) -> dict[str, tuple[float, float]]:
-    model, (ids,), targets = pretrained_lm()
+    model, (ids,), targets, _ = pretrained_lm()
     configs = {"sdpa (no config)": None,
                f"local 256, loop b{loop_block}": {"local_window": 256, "block": loop_block},
                f"local 256, unfolded b{unfolded_block}": {"local_window": 256, "block": unfolded_block,
