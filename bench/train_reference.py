@@ -85,7 +85,7 @@ def main() -> None:
     if args.out == weights_file("causal_lm").parent:
         for factory in (pretrained_lm, pretrained_encoder):
             if args.only in (None, "lm" if factory is pretrained_lm else "encoder"):
-                model, inputs, targets = factory()
+                model, inputs, targets, _ = factory()
                 with torch.no_grad():
                     print(f"{factory.__name__}: held-out loss {loss_of(model(*inputs), targets).item():.3f} nats/char")
 

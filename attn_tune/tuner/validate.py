@@ -250,6 +250,11 @@ class Validator:
     def batches(self) -> int:
         return len(self.built.batches)
 
+    @property
+    def loss_exact(self) -> float | None:
+        """The exact model's loss, the mean over the batches."""
+        return None if self.losses_exact is None else statistics.fmean(self.losses_exact)
+
     def require_loss(self) -> None:
         """Raise NoLoss unless the model has a loss to budget."""
         if self.loss_from is None:
