@@ -272,7 +272,8 @@ class _Line:
 
 
 _lines: dict[tuple, _Line] = {}
-_odd: dict[tuple, Route] = {}  # calls no line describes (not 4-D, shapes SDPA broadcasts), per exact signature
+_odd: dict[tuple, Route] = {}  # calls of fewer than 3 dimensions (never a problem), per exact signature
+_BY_LENGTH_KEPT = 4096  # routes kept per span for a supports() that reads the length: a long decode stays bounded
 _grad_enabled = torch.is_grad_enabled
 
 
@@ -299,6 +300,8 @@ def _resolve(span: _Span, line: _Line, problem: Problem, heads_axis: bool) -> Ro
     route, read = choose(problem, span.match, heads_axis)
     varying = "q_len" if line.diagonal else "kv_len"
     if varying in read or "n_kv_len" in read:
+        if len(span.by_length) >= _BY_LENGTH_KEPT:
+            span.by_length.clear()
         span.by_length[problem.q_len if line.diagonal else problem.n_kv_len] = route
     else:
         span.route = route
