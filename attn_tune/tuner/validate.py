@@ -78,8 +78,7 @@ class Validation:
 
     @property
     def metric_drop(self) -> float | None:
-        drops = self.metric_drops
-        return None if drops is None else statistics.fmean(drops)
+        return _mean(self.metric_drops)
 
     @property
     def metric_drop_interval(self) -> tuple[float, float] | None:
@@ -88,16 +87,15 @@ class Validation:
 
     def metric_within(self, max_metric_drop: float) -> bool:
         """Whether the metric drop's interval lies within the budget (its upper end decides)."""
-        interval = self.metric_drop_interval
-        return interval is None or interval[1] <= max_metric_drop
+        return _upper_within(self.metric_drop_interval, max_metric_drop)
 
     @property
     def loss_exact(self) -> float | None:
-        return None if self.losses_exact is None else statistics.fmean(self.losses_exact)
+        return _mean(self.losses_exact)
 
     @property
     def loss_tuned(self) -> float | None:
-        return None if self.losses_tuned is None else statistics.fmean(self.losses_tuned)
+        return _mean(self.losses_tuned)
 
     @property
     def changes(self) -> list[float] | None:
@@ -109,8 +107,7 @@ class Validation:
     @property
     def loss_change(self) -> float | None:
         """The mean relative loss change over the batches."""
-        changes = self.changes
-        return None if changes is None else statistics.fmean(changes)
+        return _mean(self.changes)
 
     @property
     def loss_change_interval(self) -> tuple[float, float] | None:
@@ -119,8 +116,7 @@ class Validation:
 
     def within(self, max_loss_change: float) -> bool:
         """Whether the loss change's interval lies within the budget (its upper end, not its mean, decides)."""
-        interval = self.loss_change_interval
-        return interval is None or interval[1] <= max_loss_change
+        return _upper_within(self.loss_change_interval, max_loss_change)
 
     def _loss_fields(self) -> dict[str, Any]:
         interval = self.loss_change_interval
@@ -147,6 +143,15 @@ class Validation:
         return {"factory": self.factory, "loss_from": self.loss_from, **self._loss_fields(),
                 "output_rel_error": self.output_error, "calls": len(self.calls),
                 "approximate_calls": len(approximate), "dropped": self.dropped}
+
+
+def _mean(values: list[float] | None) -> float | None:
+    return None if values is None else statistics.fmean(values)
+
+
+def _upper_within(interval: tuple[float, float] | None, budget: float) -> bool:
+    """A budget holds when the interval's upper end is within it (no figure: nothing to hold against)."""
+    return interval is None or interval[1] <= budget
 
 
 def _interval(values: list[float] | None) -> tuple[float, float] | None:
@@ -253,7 +258,7 @@ class Validator:
     @property
     def loss_exact(self) -> float | None:
         """The exact model's loss, the mean over the batches."""
-        return None if self.losses_exact is None else statistics.fmean(self.losses_exact)
+        return _mean(self.losses_exact)
 
     def require_loss(self) -> None:
         """Raise NoLoss unless the model has a loss to budget."""
