@@ -6,6 +6,7 @@ O(q_len x window), not O(q_len x kv_len). The block machinery is `chunked_attent
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any
 
@@ -55,60 +56,117 @@ def _windowed(q: Tensor, k: Tensor, v: Tensor, causal: bool, window: int, attn_m
 
 def unfolded_window_attention(q: Tensor, k: Tensor, v: Tensor, *, is_causal: bool, window: int,
                               scale: float | None = None, block: int = 128) -> Tensor:
-    """Sliding-window self-attention (q_len = kv_len) with every query block in one SDPA call.
+    """Sliding-window self-attention (q_len = kv_len) with the query blocks batched into SDPA calls, no loop.
 
-    The keys are padded by the window on each side it reaches and unfolded into one (block + reach) slice per
-    block of queries; the blocks go to SDPA as a batch, with one mask for all interior blocks (visibility depends
-    only on the query-key offset) and the edges' padding cut out. The same arithmetic as `chunked_attention`'s
-    loop of small calls, without the loop: faster where the calls are small. Keys are copied: memory grows as
-    q_len x (block + reach) per key head instead of q_len.
+    Each sequence's keys are padded by the window on each side it reaches and viewed (no copy) as one slice per
+    query block, `block + reach` long rounded up to a multiple of 16 (SDPA's CPU kernel runs ~20% slower on odd
+    widths). The blocks go to SDPA as its batch axis, heads as heads (GQA included), so a (batch, length, heads)
+    layout, as a projection leaves it, comes back in that layout. An additive mask, kept per shape, cuts each
+    slice to the window (see `_unfolded_masks` for how its memory stays bounded on long sequences). A batch of
+    sequences is a loop over its sequences. The same arithmetic as `chunked_attention`'s loop
+    of small calls, without the loop.
     """
-    batch, heads, length, dim = q.shape
+    if q.shape[0] > 1:
+        return torch.cat([unfolded_window_attention(q[i:i + 1], k[i:i + 1], v[i:i + 1], is_causal=is_causal,
+                                                    window=window, scale=scale, block=block)
+                          for i in range(q.shape[0])])
+    _, heads, length, dim = q.shape
     kv_heads, value_dim = k.shape[1], v.shape[-1]
-    before, after = window - 1, 0 if is_causal else window - 1
-    width, blocks = block + before + after, -(-length // block)
-    tail = blocks * block - length
-    keys = torch.nn.functional.pad(k, (0, 0, before, tail + after)).unfold(-2, width, block).transpose(-1, -2)
-    values = torch.nn.functional.pad(v, (0, 0, before, tail + after)).unfold(-2, width, block).transpose(-1, -2)
-    queries = torch.nn.functional.pad(q, (0, 0, 0, tail)).view(batch, heads, blocks, block, dim)
+    shape = _Unfolded.of(length, block, window, is_causal)
+    padded = (shape.blocks - 1) * block + shape.width  # key slots: every block's slice, the first `before` early
+    tail = shape.blocks * block - length
 
-    def batched(x: Tensor, n_heads: int, rows: int) -> Tensor:  # (b, h, blocks, rows, d) -> (b * blocks, h, rows, d)
-        return x.transpose(1, 2).reshape(batch * blocks, n_heads, rows, x.shape[-1])
+    def slices(x: Tensor) -> Tensor:  # (1, kv_heads, length, d) -> (blocks, kv_heads, width, d), a view
+        x = torch.nn.functional.pad(x[0].transpose(0, 1), (0, 0, 0, 0, shape.before, padded - shape.before - length))
+        return x.unfold(0, shape.width, block).transpose(-1, -2)
 
-    mask = _unfolded_mask(length, block, window, is_causal, q.device)
-    out = torch_sdpa(batched(queries, heads, block), batched(keys, kv_heads, width), batched(values, kv_heads, width),
-                     attn_mask=mask.repeat(batch, 1, 1, 1), scale=resolve_scale(q, scale),
-                     enable_gqa=kv_heads != heads)
-    out = out.view(batch, blocks, heads, block, value_dim).transpose(1, 2).reshape(batch, heads, -1, value_dim)
-    return out[:, :, :length]
+    queries = q[0].transpose(0, 1)  # (length, heads, dim)
+    queries = torch.nn.functional.pad(queries, (0, 0, 0, 0, 0, tail)) if tail else queries
+    queries = queries.reshape(shape.blocks, block, heads, dim).transpose(1, 2)
+    keys, values, scale = slices(k), slices(v), resolve_scale(q, scale)
+    parts = [torch_sdpa(queries[first:end], keys[first:end], values[first:end], attn_mask=mask, scale=scale,
+                        enable_gqa=kv_heads != heads)
+             for first, end, mask in _unfolded_masks(shape, q.dtype, q.device)]
+    out = parts[0] if len(parts) == 1 else torch.cat(parts)  # (blocks, heads, block, value_dim)
+    out = out.transpose(1, 2).reshape(1, shape.blocks * block, heads, value_dim).transpose(1, 2)
+    return out[:, :, :length] if tail else out
 
 
-def _unfolded_mask(length: int, block: int, window: int, causal: bool, device: torch.device) -> Tensor:
-    """(blocks, 1, block, width) bool: query i of block n sees slot j where the key is in its window and exists.
-    Padding queries past the end see every existing key of their slice (never a row with no key: no NaN, even
-    in backward); their outputs are cut off. Built once per shape outside torch.compile."""
+WIDTH_MULTIPLE = 16
+_CACHED_MASK_BYTES = 16 * 2**20  # one mask for every block up to this size; masks past it are not kept
+
+
+@dataclasses.dataclass(frozen=True)
+class _Unfolded:
+    """The geometry of `unfolded_window_attention`: blocks [interior, interior_end) see one shared pattern."""
+
+    length: int
+    block: int
+    window: int
+    causal: bool
+    before: int  # keys in a block's slice before its first query
+    width: int  # key slots per block
+    blocks: int
+    interior: int
+    interior_end: int
+
+    @classmethod
+    def of(cls, length: int, block: int, window: int, causal: bool) -> _Unfolded:
+        before, after = window - 1, 0 if causal else window - 1
+        width = -(-(block + before + after) // WIDTH_MULTIPLE) * WIDTH_MULTIPLE
+        blocks = -(-length // block)
+        interior = min(blocks, -(-before // block))  # the first block whose slice starts at a real key
+        end = blocks  # causal: slots past a block's queries are hidden anyway, padding queries' rows are cut off
+        if not causal:  # slices must end at a real key and hold real queries only
+            end = min(length // block, (length - width + before) // block + 1) if length >= width - before else 0
+        return cls(length, block, window, causal, before, width, blocks, interior, max(end, interior))
+
+
+def _unfolded_masks(shape: _Unfolded, dtype: torch.dtype, device: torch.device) -> list[tuple[int, int, Tensor]]:
+    """(first block, end block, additive mask) per SDPA call. While every block's own mask is small it is one call
+    with one (blocks, 1, block, width) mask; past that the interior shares one (1, 1, block, width) mask and only
+    the ends get their own (a `torch.cat` of the parts costs a copy of the output, the price of bounded memory).
+    Kept per shape while small; always built anew while torch.compile traces."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    split = shape.blocks * shape.block * shape.width * itemsize > _CACHED_MASK_BYTES
     if torch.compiler.is_compiling():
-        return _build_unfolded_mask(length, block, window, causal, device)
-    return _cached_unfolded_mask(length, block, window, causal, device)
+        return _build_unfolded_masks(shape, split, dtype, device)
+    edge_blocks = shape.blocks - (shape.interior_end - shape.interior) + 1 if split else shape.blocks
+    if edge_blocks * shape.block * shape.width * itemsize > _CACHED_MASK_BYTES:
+        return _build_unfolded_masks(shape, split, dtype, device)
+    return _kept_unfolded_masks(shape, split, dtype, device)
 
 
-def _build_unfolded_mask(length: int, block: int, window: int, causal: bool, device: torch.device) -> Tensor:
-    before, after = window - 1, 0 if causal else window - 1
-    width, blocks = block + before + after, -(-length // block)
-    start = torch.arange(blocks, device=device)[:, None, None] * block  # each block's first query position
-    query = start + torch.arange(block, device=device)[None, :, None]
-    key = start - before + torch.arange(width, device=device)[None, None, :]
+def _build_unfolded_masks(shape: _Unfolded, split: bool, dtype: torch.dtype,
+                          device: torch.device) -> list[tuple[int, int, Tensor]]:
+    if not split:
+        return [(0, shape.blocks, _block_masks(shape, range(shape.blocks), dtype, device))]
+    runs = [(0, shape.interior, False), (shape.interior, shape.interior_end, True),
+            (shape.interior_end, shape.blocks, False)]
+    return [(first, end, _block_masks(shape, range(first, first + 1 if shared else end), dtype, device))
+            for first, end, shared in runs if end > first]
+
+
+def _block_masks(shape: _Unfolded, blocks: range, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """(len(blocks), 1, block, width) additive mask: query i of block n sees slot j where the key is in its
+    window and exists. Padding queries past the end see every existing key of their slice (never a row with no
+    key: no NaN, even in backward); their outputs are cut off."""
+    start = torch.arange(blocks.start, blocks.stop, device=device)[:, None, None] * shape.block
+    query = start + torch.arange(shape.block, device=device)[None, :, None]
+    key = start - shape.before + torch.arange(shape.width, device=device)[None, None, :]
     offset = query - key
-    visible = (offset >= 0) & (offset < window) if causal else offset.abs() < window
-    exists = (key >= 0) & (key < length)
-    visible = torch.where(query < length, visible, torch.ones_like(visible)) & exists
-    return visible[:, None]
+    visible = (offset >= 0) & (offset < shape.window) if shape.causal else offset.abs() < shape.window
+    exists = (key >= 0) & (key < shape.length)
+    visible = torch.where(query < shape.length, visible, torch.ones_like(visible)) & exists
+    hidden = torch.full(visible.shape, float("-inf"), dtype=dtype, device=device)
+    return torch.where(visible, torch.zeros((), dtype=dtype, device=device), hidden)[:, None]
 
 
 @functools.lru_cache(maxsize=16)
-def _cached_unfolded_mask(length: int, block: int, window: int, causal: bool, device: torch.device) -> Tensor:
+def _kept_unfolded_masks(shape: _Unfolded, split: bool, dtype: torch.dtype,
+                         device: torch.device) -> list[tuple[int, int, Tensor]]:
     with torch.inference_mode(False), torch.no_grad():
-        return _build_unfolded_mask(length, block, window, causal, device)
+        return _build_unfolded_masks(shape, split, dtype, device)
 
 
 def local_attention(
@@ -177,7 +235,8 @@ def _local_supports(problem: Problem) -> str | None:
 def _local_space(problem: Problem) -> dict[str, Any]:
     from optuna.distributions import CategoricalDistribution
 
-    return {"local_window": CategoricalDistribution(local_window_choices(problem) or [LOCAL_WINDOW_CHOICES[0]])}
+    return {"local_window": CategoricalDistribution(local_window_choices(problem) or [LOCAL_WINDOW_CHOICES[0]]),
+            **_block_space(problem)}
 
 
 @hookimpl
