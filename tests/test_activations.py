@@ -354,7 +354,7 @@ def test_the_real_quick_preset_names_a_factory_and_variants_that_exist() -> None
     assert isinstance(model, torch.nn.Module) and targets is not None and callable(metric)
     assert quick.batches >= 2  # the loss change gets an interval
     assert all(isinstance(p, Problem) and p.causal for p in quick.problems)
-    assert 0 < quick.max_error < 1 and 0 < quick.max_loss_change < 0.05
+    assert 0 < quick.max_error < 1 and 0 < quick.max_loss_change < 0.05 and 0 < quick.max_metric_drop < 0.05
 
 
 def _stale(path: str) -> None:

@@ -155,3 +155,21 @@ def test_a_metric_budget_without_a_metric_is_one_line(tmp_path: Path) -> None:
     assert result.exit_code == 2 and result.output.startswith("Error: attn_tune.models:causal_lm_example gives no "
                                                               "metric: return it fourth from the factory")
     assert len(result.output.strip().splitlines()) == 1
+
+
+def test_a_re_choice_says_which_budget_the_model_broke(tmp_path: Path) -> None:
+    """The metric broke, the loss did not: the tune line names the metric's drop and its interval, `show` says
+    "over the metric budget", and neither speaks of the loss."""
+    from attn_tune.cli.tune_commands import _dropped_line
+
+    lines: list[str] = []
+    tuned = config([entry(LM, "local", {"local_window": 128}, max_error=0.5)])
+    kept = fit_loss_budget(tuned, _PlantedMetric([0.001] * 4), 0.01, on_drop=_dropped_line(0.01, 0.005, lines),
+                           max_metric_drop=0.005)[0]
+    (line,) = lines
+    assert line.startswith("validate: accuracy drop +0.0100 (interval up to +0.01") and "is over 0.0050;" in line
+    assert "loss change" not in line and "local(local_window=128)" in line and "sdpa serves it" in line
+    kept.save(tmp_path / "c.json")
+    shown = CliRunner().invoke(cli, ["show", str(tmp_path / "c.json")])
+    assert shown.exit_code == 0 and "over the metric budget, " in shown.output
+    assert "loss budget" not in shown.output

@@ -130,17 +130,17 @@ def _capture_for_factory(spec: str, samples: int, activations: str) -> list[Prob
     return captured
 
 
-def _dropped_line(max_loss_change: float, lines: list[str]) -> Any:
+def _dropped_line(max_loss_change: float | None, max_metric_drop: float | None, lines: list[str]) -> Any:
+    """The line a re-choice prints: which guard the model broke (loss, metric or both), and what replaced what."""
+    from attn_tune.tuner.validate import broken_budgets
+
     def say(record: dict[str, Any]) -> None:
         now, before = record["now"], named(record["variant"], record["params"])
         then = "sdpa serves it" if now is None else \
             f"chosen again with errors below it: {named(now['variant'], now['params'])} replaces {before}"
-        upper = record.get("loss_change_interval_before", [None, record["loss_change_before"]])[1]
-        change = f"{record['loss_change_before']:+.2%}" + (
-            f" (interval up to {upper:+.2%})" if upper != record["loss_change_before"] else "")
-        lines.append(f"validate: loss change {change} is over {max_loss_change:+.2%}; "
-                     f"{before} for {record['problem']} had the worst call (error {record['worst_call_error']:.2e}): "
-                     f"{then}")
+        broken = " and ".join(broken_budgets(record, max_loss_change, max_metric_drop).values()) or "over budget"
+        lines.append(f"validate: {broken}; {before} for {record['problem']} had the worst call "
+                     f"(error {record['worst_call_error']:.2e}): {then}")
     return say
 
 
@@ -222,6 +222,7 @@ def tune_command(ctx: click.Context, factory_spec: str | None, samples: int | No
             search["variants"] = [get_variant(name) for name in chosen.variants]
         search["max_error"] = chosen.max_error if max_error is None else max_error
         max_loss_change = chosen.max_loss_change if max_loss_change is None else max_loss_change
+        max_metric_drop = chosen.max_metric_drop if max_metric_drop is None else max_metric_drop
         batches = batches or chosen.batches
         problems = list(chosen.problems)
     written = None  # a file this run made, removed if the run fails: nothing half-written
@@ -244,7 +245,9 @@ def tune_command(ctx: click.Context, factory_spec: str | None, samples: int | No
         run["trials"] = trials or 5
         search = {k: v for k, v in search.items() if k in given or (k == "variants" and v)}  # the rest: as recorded
         budget = (earlier.validation or {}).get("max_loss_change")
-        run["on_drop"] = _dropped_line(budget, drops) if budget is not None else None
+        metric_budget = (earlier.validation or {}).get("max_metric_drop")
+        run["on_drop"] = _dropped_line(budget, metric_budget, drops) \
+            if budget is not None or metric_budget is not None else None
         if not problems:
             earlier.save(out)
             click.echo(f"nothing in {config_path} is stale and no problem is missing from it; wrote {out} unchanged")
@@ -260,7 +263,8 @@ def tune_command(ctx: click.Context, factory_spec: str | None, samples: int | No
             run.update(validator=build_validator(validate_spec, load_factory(validate_spec), batches or 1,
                                                  metric_spec),
                        max_loss_change=max_loss_change, max_metric_drop=max_metric_drop,
-                       on_drop=_dropped_line(max_loss_change, drops) if max_loss_change is not None else None)
+                       on_drop=_dropped_line(max_loss_change, max_metric_drop, drops)
+                       if max_loss_change is not None or max_metric_drop is not None else None)
         _run_and_report(problems, earlier, {**run, **search}, drops, out, plot_path)
     except BaseException:
         if written is not None:

@@ -287,6 +287,22 @@ class Validator:
                           metrics_tuned=None if self.metric is None else metrics)
 
 
+def broken_budgets(record: dict[str, Any], max_loss_change: float | None,
+                   max_metric_drop: float | None) -> dict[str, str]:
+    """What a re-choice record (`fit_loss_budget`'s `dropped`) broke, by guard ("loss", "metric"), said in words."""
+    broken = {}
+    change, drop = record.get("loss_change_before"), record.get("metric_drop_before")
+    change_upper = (record.get("loss_change_interval_before") or [None, change])[1]
+    drop_upper = (record.get("metric_drop_interval_before") or [None, drop])[1]
+    if max_loss_change is not None and change_upper is not None and change_upper > max_loss_change:
+        upper = f" (interval up to {change_upper:+.2%})" if change_upper != change else ""
+        broken["loss"] = f"loss change {change:+.2%}{upper} is over {max_loss_change:+.2%}"
+    if max_metric_drop is not None and drop_upper is not None and drop_upper > max_metric_drop:
+        upper = f" (interval up to {drop_upper:+.4f})" if drop_upper != drop else ""
+        broken["metric"] = f"{record.get('metric') or 'metric'} drop {drop:+.4f}{upper} is over {max_metric_drop:.4f}"
+    return broken
+
+
 def fit_loss_budget(config: TunedConfig, validator: Validator, max_loss_change: float | None,
                     on_drop: Callable[[dict[str, Any]], None] | None = None,
                     rechoose: Callable[[Problem, float], Entry | None] | None = None,
@@ -328,6 +344,9 @@ def fit_loss_budget(config: TunedConfig, validator: Validator, max_loss_change: 
                   "worst_call_error": worst[target], "loss_change_before": change,
                   "loss_change_interval_before": None if change is None else list(validation.loss_change_interval),
                   "metric_drop_before": validation.metric_drop,
+                  "metric_drop_interval_before": None if validation.metric_drop_interval is None
+                  else list(validation.metric_drop_interval),
+                  "metric": validation.metric,
                   "now": None if new is None else new.choice}
         dropped.append(record)
         if on_drop is not None:
