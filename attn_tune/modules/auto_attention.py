@@ -49,15 +49,13 @@ class AutoAttention(nn.Module):
         A position with no key left to see (all padding) gets zeros from attention, as SDPA gives.
         """
         batch, length, _ = x.shape
-        q, k, v = self.qkv(x).split(
-            [self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim, self.num_kv_heads * self.head_dim], dim=-1
-        )
-        q = q.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
-        k = k.view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = v.view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        if self.rope:
-            cos, sin = rotary_tables(length, self.head_dim, device=x.device, dtype=q.dtype, base=self.rope_base)
-            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        heads = self.qkv(x).view(batch, length, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
+        q_and_k, v = heads.split([self.num_heads + self.num_kv_heads, self.num_kv_heads], dim=2)
+        if self.rope:  # q and k rotated in one go, in the projection's (batch, length, heads, head_dim) layout
+            cos, sin = rotary_tables(length, self.head_dim, device=x.device, dtype=heads.dtype, base=self.rope_base)
+            q_and_k = apply_rotary(q_and_k, cos[:, None], sin[:, None])
+        q, k = (t.transpose(1, 2) for t in q_and_k.split([self.num_heads, self.num_kv_heads], dim=2))
+        v = v.transpose(1, 2)
         mask = None
         if key_padding_mask is not None:
             if key_padding_mask.shape != (batch, length) or key_padding_mask.dtype != torch.bool:
