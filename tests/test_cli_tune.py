@@ -175,7 +175,7 @@ def test_a_loss_budgets_line_names_the_knob_it_replaced() -> None:
     from attn_tune.cli.tune_commands import _dropped_line
 
     lines: list[str] = []
-    _dropped_line(0.01, lines)({"problem": "b1 h4 q2048 d32 float32 cpu causal", "variant": "local",
+    _dropped_line(0.01, None, lines)({"problem": "b1 h4 q2048 d32 float32 cpu causal", "variant": "local",
                                 "params": {"local_window": 128}, "worst_call_error": 0.31, "loss_change_before": 0.0101,
                                 "now": {"variant": "local", "params": {"local_window": 256}}})
     assert lines == ["validate: loss change +1.01% is over +1.00%; local(local_window=128) for b1 h4 q2048 d32 float32 "
