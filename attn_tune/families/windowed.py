@@ -67,8 +67,7 @@ def unfolded_window_attention(q: Tensor, k: Tensor, v: Tensor, *, is_causal: boo
     widths). The blocks go to SDPA as its batch axis, heads as heads (GQA included), so a (batch, length, heads)
     layout, as a projection leaves it, comes back in that layout. An additive mask, kept per shape, cuts each
     slice to the window (see `_unfolded_masks` for how its memory stays bounded on long sequences). A batch of
-    sequences is a loop over its sequences. The same arithmetic as `chunked_attention`'s loop
-    of small calls, without the loop.
+    sequences is a loop over its sequences. The same arithmetic as `chunked_attention`'s loop of small calls.
     """
     if q.shape[0] > 1:
         return torch.cat([unfolded_window_attention(q[i:i + 1], k[i:i + 1], v[i:i + 1], is_causal=is_causal,
