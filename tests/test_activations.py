@@ -36,6 +36,9 @@ def lm():
 def lm_without_targets():
     return lm()[:2]
 
+def top1(logits, targets):
+    return float((logits.argmax(-1) == targets).float().mean())
+
 class Sharp(torch.nn.Module):
     """Attention whose scores are large and peaked, as a trained model's are (random inputs' are not)."""
 
@@ -404,6 +407,24 @@ def test_stale_only_retunes_with_what_each_entry_was_tuned_with(user_module: Pat
     assert entry.settings == before.entries[0].settings and entry.measured_with["torch"] == torch.__version__
     assert after.validation["max_loss_change"] == 0.5 and after.validation["factory"] == "act_models:lm"
     assert after.validation["loss_tuned"] == pytest.approx(before.validation["loss_tuned"])  # run again, not copied
+
+
+def test_stale_only_validates_with_the_metric_it_was_tuned_with(user_module: Path) -> None:
+    """`--metric MODULE:FN` is recorded beside its budget, and the re-tune the staleness warning recommends loads
+    it again (this factory has no metric of its own: without the record the re-tune could not guard it)."""
+    assert run("capture", "act_models:lm", "--out", "s.json", "--activations", "a.safetensors").exit_code == 0
+    tuned = run("tune", "--shapes", "s.json", "--activations", "a.safetensors", "--variant", "sdpa", "--variant",
+                "local", "--max-error", "10", "--trials", "2", "--validate", "act_models:lm", "--metric",
+                "act_models:top1", "--max-metric-drop", "1.0", "--out", "tuned.json")
+    assert tuned.exit_code == 0, tuned.output
+    before = load_config("tuned.json").validation
+    assert before["metric"] == "top1" and before["metric_from"] == "act_models:top1"
+    _stale("tuned.json")
+    again = run("tune", "--config", "tuned.json", "--stale-only", "--out", "after.json")
+    assert again.exit_code == 0, again.output
+    after = load_config("after.json").validation
+    assert after["metric"] == "top1" and after["metric_from"] == "act_models:top1" and after["max_metric_drop"] == 1.0
+    assert after["metric_exact"] == pytest.approx(before["metric_exact"])
 
 
 def test_stale_only_refuses_in_one_line_what_it_cannot_repeat(user_module: Path) -> None:

@@ -118,4 +118,5 @@ def build_validator(spec: str, factory: Any, batches: int = 1, metric_spec: str 
     from attn_tune.tuner.validate import Validator
 
     metric = load_factory(metric_spec) if metric_spec else None
-    return users_code(spec, lambda: Validator(factory, label=spec, batches=batches, metric=metric))
+    return users_code(spec, lambda: Validator(factory, label=spec, batches=batches, metric=metric,
+                                              metric_from=metric_spec))

@@ -104,12 +104,15 @@ def _plans(config: TunedConfig, problems: Sequence[Problem], stale: set[int], ov
 
 
 def _validator_of(config: TunedConfig) -> tuple[Any, float | None]:
-    """The model the config was validated with, built again, and its loss budget (None, None: not validated)."""
+    """The model the config was validated with (its batches, its metric), built again, and its loss budget
+    (None, None: not validated)."""
     factory = (config.validation or {}).get("factory")
     if not factory:
         return None, None
-    batches = int(config.validation.get("batches", 1))
-    return Validator(load_factory(factory), label=factory, batches=batches), config.validation.get("max_loss_change")
+    batches, metric_from = int(config.validation.get("batches", 1)), config.validation.get("metric_from")
+    metric = load_factory(metric_from) if metric_from else None  # the --metric it was validated with, if any
+    return (Validator(load_factory(factory), label=factory, batches=batches, metric=metric, metric_from=metric_from),
+            config.validation.get("max_loss_change"))
 
 
 def retune(config: TunedConfig, problems: Sequence[Problem], **tune_kwargs: Any) -> TunedConfig:

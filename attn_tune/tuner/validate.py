@@ -66,6 +66,7 @@ class Validation:
     loss_from: str | None  # "model" (its own loss) | "targets" | None
     dropped: list[dict[str, Any]] = field(default_factory=list)
     metric: str | None = None  # the task metric's name (higher is better), when the factory or --metric gives one
+    metric_from: str | None = None  # the MODULE:FN it came from when not the factory's own (a re-tune loads it)
     metrics_exact: list[float] | None = None
     metrics_tuned: list[float] | None = None
 
@@ -128,6 +129,8 @@ class Validation:
             fields.update(metric=self.metric, metric_exact=statistics.fmean(self.metrics_exact),
                           metric_tuned=statistics.fmean(self.metrics_tuned), metric_drop=self.metric_drop,
                           metric_drop_interval=None if drop is None else list(drop))
+            if self.metric_from is not None:
+                fields["metric_from"] = self.metric_from
         return fields
 
     def to_dict(self) -> dict[str, Any]:
@@ -216,11 +219,14 @@ class Validator:
     `validate(config)` runs it with a config and compares."""
 
     def __init__(self, factory: Callable[..., Any], label: str = "", batches: int = 1,
-                 metric: Callable[[Any, Any], float] | None = None) -> None:
+                 metric: Callable[[Any, Any], float] | None = None, metric_from: str | None = None) -> None:
+        """`metric` replaces the factory's own (its fourth item); `metric_from` names where it came from
+        (MODULE:FN), recorded in the config so that a re-tune validates with the same metric."""
         self.label = label or getattr(factory, "__name__", "factory")
         self.built: ModelRun = call_factory(factory, batches)
         self.built.model.eval()
         self.metric = metric or self.built.metric
+        self.metric_from = metric_from if metric is not None else None
         self.exact_outputs, losses, metrics = [], [], []
         with use_config(None), torch.no_grad():
             for i, (_, _, targets) in enumerate(self.built.batches):
@@ -283,7 +289,7 @@ class Validator:
                 metrics.append(self._score(out, targets))
         return Validation(self.label, calls, max(errors), self.losses_exact,
                           None if self.losses_exact is None else losses, self.loss_from,
-                          metric=self.metric_name, metrics_exact=self.metrics_exact,
+                          metric=self.metric_name, metric_from=self.metric_from, metrics_exact=self.metrics_exact,
                           metrics_tuned=None if self.metric is None else metrics)
 
 
