@@ -2,8 +2,9 @@
 
 A config's error for an approximate choice was measured on the inputs it was tuned on (random or captured). Inputs
 drift in service; `shadow(rate)` (or `ATTN_TUNE_SHADOW=RATE`) recomputes that fraction of the calls that run an
-approximate variant in float64 with PyTorch's SDPA, keeps per-entry counts and the worst relative error seen, and
-warns once per entry when a live error exceeds the recorded error by more than `factor`. `stats()` reports them.
+approximate variant with PyTorch's SDPA (in float32, float64 for float64 inputs), keeps per-entry counts and the
+worst relative error seen, and warns once per entry when a live error exceeds the recorded error by more than
+`factor`. `stats()` reports them.
 
 Exact routes are never touched, and with the rate at 0 (the default) no route is wrapped: the check costs nothing
 when off. Routes are rebuilt when the rate changes. Calls traced by `torch.compile` are not shadowed.
@@ -144,16 +145,20 @@ def wrap(fn: Callable[..., Tensor], variant: str, params: dict[str, Any], entry:
 
 def _live_error(out: Tensor, q: Tensor, k: Tensor, v: Tensor, causal: bool, window: int | None,
                 mask: Tensor | None, scale: float | None) -> float:
-    """||out - exact|| / ||exact||, the exact attention computed in float64 by PyTorch's SDPA on the same inputs."""
+    """||out - exact|| / ||exact||, the exact attention computed by PyTorch's SDPA on the same inputs, in float32
+    (float64 inputs: float64). float32's rounding (~1e-6) is far below any error worth a warning, and it keeps
+    SDPA's fused kernels: a float64 reference cost 8 approximate calls per check here (docs/benchmarks.md), and
+    on CUDA it would materialise every score."""
+    precision = torch.float64 if q.dtype == torch.float64 else torch.float32
     with torch.no_grad():
         mask, causal = fold_for_sdpa(q.shape[-2], k.shape[-2], is_causal=causal, window=window, attn_mask=mask,
                                      device=q.device)
         if mask is not None and mask.is_floating_point():
-            mask = mask.double()
-        exact = torch_sdpa(q.double(), k.double(), v.double(), attn_mask=mask, is_causal=causal, scale=scale,
-                           enable_gqa=q.dim() == 4 and q.shape[1] != k.shape[1])
-        norm = float(torch.linalg.vector_norm(exact))
-        return float(torch.linalg.vector_norm(out.double() - exact)) / norm if norm else 0.0
+            mask = mask.to(precision)
+        exact = torch_sdpa(q.to(precision), k.to(precision), v.to(precision), attn_mask=mask, is_causal=causal,
+                           scale=scale, enable_gqa=q.dim() == 4 and q.shape[1] != k.shape[1])
+        norm = float(torch.linalg.vector_norm(exact, dtype=torch.float64))
+        return float(torch.linalg.vector_norm(out.to(precision) - exact, dtype=torch.float64)) / norm if norm else 0.0
 
 
 def _maybe_warn(record: EntryStats, error: float) -> None:
