@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 import sys
 from typing import Any
 
@@ -35,8 +36,6 @@ def metric_line(validation: Any) -> str | None:
     """The task metric in one line, or None without one."""
     if validation.metric is None:
         return None
-    import statistics
-
     drop = change_text(validation.metric_drop, validation.metric_drop_interval, len(validation.metrics_exact),
                        percent=False)
     return (f"metric {validation.metric}: exact {statistics.fmean(validation.metrics_exact):.4f}, tuned "

@@ -130,7 +130,7 @@ def _unfolded_masks(shape: _Unfolded, dtype: torch.dtype, device: torch.device) 
     with one (blocks, 1, block, width) mask; past that the interior shares one (1, 1, block, width) mask and only
     the ends get their own (a `torch.cat` of the parts costs a copy of the output, the price of bounded memory).
     Kept per shape while small; always built anew while torch.compile traces."""
-    itemsize = torch.empty((), dtype=dtype).element_size()
+    itemsize = dtype.itemsize
     split = shape.blocks * shape.block * shape.width * itemsize > _CACHED_MASK_BYTES
     if torch.compiler.is_compiling():
         return _build_unfolded_masks(shape, split, dtype, device)

@@ -69,7 +69,11 @@ def _set(value: float, factor: float) -> None:
         raise AttnTuneError(f"shadow rate must be a number from 0 to 1, got {value!r}")
     if isinstance(factor, bool) or not isinstance(factor, (int, float)) or factor < 1.0:
         raise AttnTuneError(f"shadow factor must be a number of at least 1, got {factor!r}")
-    _state["rate"], _state["factor"] = float(value), float(factor)
+    _apply(float(value), float(factor))
+
+
+def _apply(value: float, factor: float) -> None:
+    _state["rate"], _state["factor"] = value, factor
     for listener in _listeners:
         listener()
 
@@ -106,9 +110,7 @@ class shadow:  # noqa: N801 - used like a function, as use_config
         return self
 
     def __exit__(self, *exc: object) -> None:
-        _state["rate"], _state["factor"] = self._previous
-        for listener in _listeners:
-            listener()
+        _apply(*self._previous)
 
 
 def stats(reset: bool = False) -> dict[str, Any]:
