@@ -11,7 +11,7 @@ from torch._dynamo.testing import CompileCounter
 
 import attn_tune
 from attn_tune import Problem, UnsupportedProblem, Variant
-from attn_tune.runtime import routes
+from attn_tune.runtime import route_cache
 from attn_tune.runtime.lookup import MAX_LEN, ConfigIndex
 from tests.oracle import oracle, rel_error
 from tests.runtime_helpers import config, entry, registered
@@ -71,7 +71,7 @@ def test_a_decode_loop_resolves_a_few_routes_and_each_agrees_with_decide() -> No
             assert (decision.variant, decision.params, decision.rule, decision.entry) == \
                 (want.variant, want.params, want.rule, want.entry), n
             assert decision.problem == _p(1, n)  # explain names the call's own problem, not the span's first
-    (line,) = routes._lines.values()
+    (line,) = route_cache._lines.values()
     resolved = [s for s in line.spans if s.route is not None]
     # 1-99, 100 (own entry), 101-316, 317-999, 1000, 1001 on: 171 lengths, at most 6 routes
     assert [(s.lo, s.hi) for s in line.spans][:5] == [(1, 99), (100, 100), (101, 316), (317, 999), (1000, 1000)]

@@ -204,15 +204,15 @@ def test_environment_variable_sets_the_config(tmp_path) -> None:
 
 
 def test_routes_are_cached_per_call_signature_and_dropped_on_config_change() -> None:
-    from attn_tune.runtime import routes
+    from attn_tune.runtime import route_cache
 
     q, k, v = _qkv()
     attn_tune.attention(q, k, v)
-    size = len(routes._lines)
+    size = len(route_cache._lines)
     attn_tune.attention(torch.randn_like(q), k, v)  # same signature: no new route
-    assert len(routes._lines) == size
+    assert len(route_cache._lines) == size
     attn_tune.use_config(config([entry(_problem(), "dense")]))
-    assert len(routes._lines) == 0
+    assert len(route_cache._lines) == 0
     assert attn_tune.explain(q, k, v).variant == "dense"
 
 

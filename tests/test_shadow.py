@@ -12,7 +12,7 @@ import torch
 
 import attn_tune
 from attn_tune import Problem
-from attn_tune.runtime import routes, shadowing
+from attn_tune.runtime import route_cache, shadowing
 from tests.oracle import oracle, rel_error
 from tests.runtime_helpers import config, entry
 
@@ -93,7 +93,7 @@ def test_exact_routes_are_never_wrapped_and_off_means_no_wrapper() -> None:
 
 
 def _shadowed(q: torch.Tensor) -> bool:
-    return getattr(routes.eager_route(q, q, q, None, True, None, False).fn, "__name__", "") == "shadowed"
+    return getattr(route_cache.eager_route(q, q, q, None, True, None, False).fn, "__name__", "") == "shadowed"
 
 
 def test_the_rate_samples_about_that_fraction() -> None:

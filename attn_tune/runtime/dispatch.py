@@ -1,8 +1,9 @@
 """`attention`: SDPA's meaning, computed by the variant the config in use chose for the call's problem.
 
 A call's route (variant, params, and how it was found) is resolved once per call signature and span of lengths
-(`runtime.routes`), so a decode step costs a dict lookup and a bounds check over calling the variant directly,
-and under `torch.compile` the choice is made while tracing, guarded only on the span's bounds.
+(`runtime.route_cache`), so a decode step costs a dict lookup and a bounds check over calling the variant
+directly, and under `torch.compile` the choice is made while tracing, guarded only on the span's bounds
+(`runtime.compiled`).
 """
 
 from __future__ import annotations
@@ -11,13 +12,16 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Callable
 
-import torch
 from torch import Tensor
 
 from attn_tune.errors import UnsupportedProblem
 from attn_tune.families.torch_sdpa import sdpa as torch_sdpa
 from attn_tune.problem import Inputs, Problem
-from attn_tune.runtime.routes import Decision, Route, call_problem, choose, compiled_attention, eager_route, sdpa_as_is
+from attn_tune.runtime.call_problem import call_problem
+from attn_tune.runtime.choice import choose
+from attn_tune.runtime.compiled import trace_in_place_of
+from attn_tune.runtime.route import Decision, Route, sdpa_as_is
+from attn_tune.runtime.route_cache import eager_route
 
 __all__ = ["attention", "explain", "decide", "Decision"]
 
@@ -85,25 +89,7 @@ def _run(route: Route, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None
         return route.fn(q, k, v, is_causal=is_causal, window=window, attn_mask=attn_mask, scale=scale)
 
 
-@torch.compiler.substitute_in_graph(attention)
-def _attention_in_graph(
-    query: Tensor,
-    key: Tensor,
-    value: Tensor,
-    attn_mask: Tensor | None = None,
-    dropout_p: float = 0.0,
-    is_causal: bool = False,
-    *,
-    scale: float | None = None,
-    enable_gqa: bool = False,
-    window: int | None = None,
-) -> Tensor:
-    """What dynamo traces in place of `attention` (so the eager path never asks whether it is being compiled,
-    which costs a decode step microseconds): the choice made at trace time, the variant called in the graph."""
-    if dropout_p:
-        return sdpa_as_is(query, key, value, is_causal=is_causal, window=window, attn_mask=attn_mask, scale=scale,
-                          dropout_p=dropout_p, enable_gqa=enable_gqa)
-    return compiled_attention(query, key, value, attn_mask, is_causal, window, scale, enable_gqa)
+trace_in_place_of(attention)  # dynamo traces the choice made at trace time (when it loads; never loaded here)
 
 
 def _notify_observers(decision: Decision, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float | None,
