@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+from typing import Callable, TypeVar
+
+T = TypeVar("T")
+
 __all__ = [
     "AttnTuneError",
     "InvalidProblem",
     "UnsupportedProblem",
     "UnknownVariant",
     "UnavailableDevice",
+    "UsersCodeError",
     "one_line",
+    "users_code",
 ]
 
 
@@ -33,6 +39,21 @@ class UnknownVariant(AttnTuneError, KeyError):
 
 class UnavailableDevice(AttnTuneError):
     """The problem names a device this machine does not have."""
+
+
+class UsersCodeError(AttnTuneError):
+    """The user's factory, model or metric raised: the message names it and its error in one line."""
+
+
+def users_code(label: str, run: Callable[[], T]) -> T:
+    """Run the user's factory, model or metric (named `label`): its own failure becomes one line, not a traceback;
+    attn-tune's own errors pass as they are."""
+    try:
+        return run()
+    except AttnTuneError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the user's code failed
+        raise UsersCodeError(f"{label} raised {one_line(exc)}") from None
 
 
 def one_line(exc: BaseException, limit: int = 300) -> str:

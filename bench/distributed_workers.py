@@ -26,6 +26,7 @@ from attn_tune.registry.space import quiet_optuna
 from attn_tune.tuner.storage import open_storage, redact
 from attn_tune.tuner.tune import tune
 from attn_tune.tuner.workers import STORAGE_ENV
+from attn_tune.tuner.job import TuneJob
 
 sys.path.insert(0, os.getcwd())
 from tests.distributed_fakes import LOG_ENV, SECONDS_ENV, logged_measure  # noqa: E402
@@ -82,8 +83,9 @@ def main() -> None:
             start = time.perf_counter()
             if mode == "--workers N":
                 with quiet_optuna():
-                    tune([PROBLEM], trials=20, storage=url, variants=[get_variant(n) for n in POOL], seed=0,
-                         measure_fn=logged_measure, workers=count, finalists=1, rounds=1)
+                    job = TuneJob().updated(trials=20, storage=url, variants=[get_variant(n) for n in POOL], seed=0,
+                                            workers=count, finalists=1, rounds=1)
+                    tune([PROBLEM], job, measure_fn=logged_measure)
             else:
                 _independent(url, count, env)
             wall = time.perf_counter() - start

@@ -25,6 +25,7 @@ import attn_tune
 from attn_tune.integrations.transformers_examples import mistral_model
 from attn_tune.runtime import record
 from attn_tune.tuned_config import merge_configs
+from attn_tune.tuner.job import TuneJob
 
 WINDOW = 512
 
@@ -52,7 +53,7 @@ def _tuned_config(model: torch.nn.Module, ids: torch.Tensor, trials: int) -> att
     model.eval()
     problems = list(dict.fromkeys(forward + training))
     print(f"  tuning {', '.join(p.describe() for p in problems)}", flush=True)
-    return attn_tune.tune(problems, trials=trials, seed=0)
+    return attn_tune.tune(problems, TuneJob().updated(trials=trials, seed=0))
 
 
 def _prefill(models: dict[str, torch.nn.Module], ids: torch.Tensor, rounds: int) -> dict[str, Any]:

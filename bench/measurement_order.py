@@ -15,7 +15,7 @@ import statistics
 
 import attn_tune
 from attn_tune import Problem
-from attn_tune.tuner import measure
+from attn_tune.measurement import measure
 
 
 def main() -> None:

@@ -26,6 +26,7 @@ from attn_tune.measurement.memory import peak_bytes
 from attn_tune.models import CausalLM, Encoder
 from attn_tune.runtime import record
 from attn_tune.tuned_config import Entry, TunedConfig, device_info
+from attn_tune.tuner.job import TuneJob
 
 
 def _ints(text: str) -> list[int]:
@@ -85,10 +86,10 @@ def main() -> None:
     print(f"tuning {len(problems)} batch-1 problems ...", file=sys.stderr)
     with tempfile.TemporaryDirectory() as tmp:
         exact = [v for v in attn_tune.variants() if v.exact and attn_tune.availability(v) is None]
-        tuned = attn_tune.tune(problems, trials=args.trials, variants=exact,
-                               storage=f"sqlite:///{tmp}/bench.db", seed=0,
-                               measure_kwargs={"warmup": 1, "min_repeats": 3, "min_time_s": 0.05},
-                               final_kwargs={"warmup": 1, "min_repeats": 3, "min_time_s": 0.1}, rounds=2)
+        job = TuneJob().updated(trials=args.trials, variants=exact, storage=f"sqlite:///{tmp}/bench.db", seed=0,
+                                trial_measure={"warmup": 1, "min_repeats": 3, "min_time_s": 0.05},
+                                final_measure={"warmup": 1, "min_repeats": 3, "min_time_s": 0.1}, rounds=2)
+        tuned = attn_tune.tune(problems, job)
     every_batch = [dataclasses.replace(p, batch=b) for p in problems for b in args.batches]
     setups = {"dense": _dense_config(every_batch), "sdpa": None, "tuned": tuned}
 

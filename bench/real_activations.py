@@ -22,7 +22,7 @@ from attn_tune.measurement.measure import measure
 from attn_tune.registry import get_variant
 from attn_tune.runtime.capture import capture_activations
 from attn_tune.tuned_config import Entry, TunedConfig, device_info
-from attn_tune.tuner.validate import Validator
+from attn_tune.tuner.validator import Validator
 
 FACTORIES = {"lm": "attn_tune.models:pretrained_lm", "encoder": "attn_tune.models:pretrained_encoder"}
 POINTS = {

@@ -33,6 +33,7 @@ import torch._dynamo
 import attn_tune
 from attn_tune import Problem
 from attn_tune.tuned_config import Entry, TunedConfig, device_info
+from attn_tune.tuner.job import TuneJob
 
 raw_sdpa = torch._C._nn.scaled_dot_product_attention
 
@@ -147,7 +148,7 @@ def _tuned_for(model: Any, ids: torch.Tensor) -> TunedConfig:
     problems = list(dict.fromkeys(seen))
     decode = [p for p in problems if p.q_len == 1]
     chosen = [p for p in problems if p.q_len > 1] + [decode[0], decode[len(decode) // 2], decode[-1]]
-    return attn_tune.tune(chosen, trials=6, seed=0)
+    return attn_tune.tune(chosen, TuneJob().updated(trials=6, seed=0))
 
 
 def generate(rounds: int) -> list[dict[str, Any]]:

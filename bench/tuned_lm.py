@@ -24,7 +24,8 @@ from attn_tune.measurement.inputs import make_inputs
 from attn_tune.registry import get_variant
 from attn_tune.runtime.capture import capture_activations, load_factory
 from attn_tune.tuner.tune import tune
-from attn_tune.tuner.validate import Validator
+from attn_tune.tuner.job import TuneJob
+from attn_tune.tuner.validator import Validator
 
 FACTORY = "attn_tune.models:pretrained_lm"
 POOL = ("sdpa", "sdpa-math", "chunked", "local", "blocksparse")
@@ -55,10 +56,11 @@ def main() -> None:
         problems, kept = capture_activations(factory, 4)
         save_activations(acts, kept, source=FACTORY)
         validator = Validator(factory, FACTORY)
-        config = tune(problems, trials=args.trials, max_error=args.max_error, seed=0, activations=acts,
-                      variants=[get_variant(n) for n in POOL], validator=validator,
-                      max_loss_change=args.max_loss_change,
-                      measure_kwargs={"warmup": 1, "min_repeats": 3, "min_time_s": 0.05})
+        job = TuneJob().updated(trials=args.trials, max_error=args.max_error, seed=0, activations=str(acts),
+                                variants=[get_variant(n) for n in POOL], factory=FACTORY,
+                                max_loss_change=args.max_loss_change,
+                                trial_measure={"warmup": 1, "min_repeats": 3, "min_time_s": 0.05})
+        config = tune(problems, job)
     validation = validator.validate(config)
     for d in config.validation["dropped"]:
         print(f"over budget with {d['variant']} {d['params']} for {d['problem']} (loss change "

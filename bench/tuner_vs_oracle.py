@@ -21,6 +21,7 @@ from attn_tune import Problem
 from attn_tune.measurement.measure import measure
 from attn_tune.tuner.space import eligible_variants, grid_points
 from attn_tune.tuner.tune import tune
+from attn_tune.tuner.job import TuneJob
 
 SETTINGS = {"warmup": 1, "min_repeats": 3, "min_time_s": 0.0}
 FINAL = {"warmup": 1, "min_repeats": 5, "min_time_s": 0.2}  # the closing comparison: longer, 5 rounds
@@ -77,7 +78,8 @@ def main() -> None:
         oracle = _interleaved(points, problem, args.rounds)
         best = min(range(len(points)), key=oracle.__getitem__)
         trials = max(1, int(args.budget * len(points)))
-        config = tune([problem], trials=trials, seed=0, measure_kwargs=SETTINGS, final_kwargs=SETTINGS, rounds=args.rounds)
+        job = TuneJob().updated(trials=trials, seed=0, trial_measure=SETTINGS, final_measure=SETTINGS, rounds=args.rounds)
+        config = tune([problem], job)
         choice = config.entries[0].choice
         tuned = (attn_tune.get_variant(choice["variant"]), choice["params"])
         sdpa = (attn_tune.get_variant("sdpa"), {})

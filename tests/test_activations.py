@@ -18,8 +18,11 @@ from attn_tune.problem import Inputs
 from attn_tune.registry.variant import Variant
 from attn_tune.runtime.capture import capture_activations, load_factory, observe, spread
 from attn_tune.tuned_config import load_config
+from attn_tune.tuner.guard import guard_config
+from attn_tune.tuner.job import Guard
 from attn_tune.tuner.tune import tune
-from attn_tune.tuner.validate import NoLoss, Validator, fit_loss_budget
+from attn_tune.tuner.validator import NoLoss, Validator
+from tests.jobs import Heard, job
 from tests.oracle import oracle
 from tests.runtime_helpers import config, entry, registered
 
@@ -145,10 +148,10 @@ def test_tune_excludes_a_variant_wrong_on_real_calls_only_with_activations(user_
     save_activations("sharp.safetensors", kept)
     pool = [attn_tune.registry.get_variant("sdpa"), CLAMPED]
     settings = dict(trials=2, max_error=0.05, variants=pool, seed=0, rounds=1,
-                    measure_kwargs={"min_repeats": 1, "min_time_s": 0}, final_kwargs={"min_repeats": 1, "min_time_s": 0})
+                    trial_measure={"min_repeats": 1, "min_time_s": 0}, final_measure={"min_repeats": 1, "min_time_s": 0})
     with registered(CLAMPED):
-        blind = tune([SHARP_PROBLEM], **settings).entries[0]
-        seeing = tune([SHARP_PROBLEM], activations="sharp.safetensors", **settings).entries[0]
+        blind = tune([SHARP_PROBLEM], job(**settings)).entries[0]
+        seeing = tune([SHARP_PROBLEM], job(activations="sharp.safetensors", **settings)).entries[0]
     blind_status, seeing_status = ({c["variant"]: c["status"] for c in e.candidates} for e in (blind, seeing))
     assert blind_status["clamped"] == "ok" and blind.error_inputs == "random"
     assert seeing_status["clamped"] == "excluded" and seeing.error_inputs == "captured: 2 calls"
@@ -164,7 +167,7 @@ def test_validate_reports_each_call_and_the_loss_change(user_module: Path) -> No
     checked = validator.validate(bad)
     assert [c.variant for c in checked.calls] == ["local"] * 3 and min(c.rel_error for c in checked.calls) > 0.1
     assert checked.loss_change > 0.001 and checked.output_error > 0.01  # an untrained model: small loss changes
-    fitted, after = fit_loss_budget(bad, validator, 0.001)
+    fitted, after = guard_config(bad, validator, Guard(factory="act_models:lm", max_loss_change=0.001))
     assert fitted.entries == [] and after.loss_change == 0.0
     assert [d["variant"] for d in after.dropped] == ["local"] and fitted.validation["dropped"][0]["variant"] == "local"
 
@@ -208,7 +211,7 @@ def test_bad_activations_and_loss_budgets_are_one_line_and_write_nothing(user_mo
         ("--activations", "missing.safetensors"): "does not exist",
         ("--activations", "not.safetensors"): "is not a safetensors file",
         ("--activations", "s.json"): "is not a safetensors file",
-        ("--activations", "other.safetensors"): "which is not among the problems of s.json",
+        ("--activations", "other.safetensors"): "which is not among the problems tuned",
         ("--validate", "act_models:lm_without_targets", "--max-loss-change", "0.01"): "gives no loss",
         ("--max-loss-change", "0.01"): "give --validate",
     }
@@ -219,10 +222,10 @@ def test_bad_activations_and_loss_budgets_are_one_line_and_write_nothing(user_mo
         assert len(result.output.strip().splitlines()) == 1, result.output
         assert not Path("tuned.json").exists()
     with pytest.raises(ActivationsError, match="not among"):
-        tune([LM_PROBLEM], activations="other.safetensors", trials=1)
+        tune([LM_PROBLEM], job(activations="other.safetensors", trials=1))
     validator = Validator(load_factory("act_models:lm_without_targets"))
     with pytest.raises(NoLoss):
-        fit_loss_budget(config([]), validator, 0.01)
+        guard_config(config([]), validator, Guard(factory="act_models:lm_without_targets", max_loss_change=0.01))
 
 
 def test_a_preset_with_a_model_captures_tunes_and_validates_it(user_module: Path, monkeypatch) -> None:
@@ -232,9 +235,9 @@ def test_a_preset_with_a_model_captures_tunes_and_validates_it(user_module: Path
     window = Problem(batch=1, heads=2, q_len=64, head_dim=16, causal=True, window=8)
     light = {"warmup": 0, "min_repeats": 1, "min_time_s": 0}
     monkeypatch.setitem(presets.PRESETS, "quick", presets.Preset(
-        description="tiny", factory="act_models:lm", samples=2, max_error=0.5, max_loss_change=0.01,
-        problems=(window,), variants=("sdpa", "local", "window-chunked"), trials=3, measure_kwargs=light,
-        final_kwargs=light, rounds=1))
+        description="tiny", samples=2, problems=(window,), variants=("sdpa", "local", "window-chunked"),
+        job=job(max_error=0.5, factory="act_models:lm", max_loss_change=0.01, trials=3, trial_measure=light,
+                final_measure=light, rounds=1)))
     result = run("tune", "--preset", "quick", "--out", "tuned.json")
     assert result.exit_code == 0, result.output
     assert "captured 1 problem(s) of act_models:lm, up to 2 real calls each" in result.stdout
@@ -257,13 +260,13 @@ def test_a_loss_budget_chooses_a_safer_knob_from_the_study_before_dropping(user_
         return dataclasses.replace(m, latency_ms=params["local_window"] / 8 if variant.name == "local" else 10.0)
 
     assert run("capture", "act_models:lm", "--out", "s.json", "--activations", "a.safetensors").exit_code == 0
-    validator = Validator(load_factory("act_models:lm"), "act_models:lm")
     drops: list[dict] = []
     full = attn_tune.get_variant("local")  # the window is the knob here; block and unfolding only change speed
     local = dataclasses.replace(full, space=lambda problem: {"local_window": full.space(problem)["local_window"]})
-    tuned = tune([LM_PROBLEM], variants=[attn_tune.get_variant("sdpa"), local], trials=3,
-                 max_error=10.0, seed=0, rounds=1, measure_fn=measure_fn, activations="a.safetensors",
-                 validator=validator, max_loss_change=0.002, on_drop=drops.append)
+    tuned = tune([LM_PROBLEM], job(variants=[attn_tune.get_variant("sdpa"), local], trials=3, max_error=10.0, seed=0,
+                                   rounds=1, activations="a.safetensors", factory="act_models:lm",
+                                   max_loss_change=0.002),
+                 measure_fn=measure_fn, listener=Heard(rechosen=drops.append))
     assert [(d["params"], d["now"]) for d in drops] == [
         ({"local_window": 16}, {"variant": "local", "params": {"local_window": 32}})]
     assert tuned.entries[0].choice == {"variant": "local", "params": {"local_window": 32}}
@@ -297,10 +300,10 @@ def test_a_second_tune_with_activations_does_not_reuse_the_random_input_studies(
     save_activations("sharp.safetensors", kept)
     storage = "sqlite:///studies.db"
     settings = dict(trials=2, max_error=0.05, variants=[attn_tune.registry.get_variant("sdpa"), CLAMPED], seed=0,
-                    rounds=1, storage=storage, measure_kwargs=LIGHT, final_kwargs=LIGHT)
+                    rounds=1, storage=storage, trial_measure=LIGHT, final_measure=LIGHT)
     with registered(CLAMPED):
-        blind = tune([SHARP_PROBLEM], **settings).entries[0]
-        seeing = tune([SHARP_PROBLEM], activations="sharp.safetensors", **settings).entries[0]
+        blind = tune([SHARP_PROBLEM], job(**settings)).entries[0]
+        seeing = tune([SHARP_PROBLEM], job(activations="sharp.safetensors", **settings)).entries[0]
     assert {c["variant"]: c["status"] for c in blind.candidates}["clamped"] == "ok"
     assert {c["variant"]: c["status"] for c in seeing.candidates}["clamped"] == "excluded"
     import optuna
@@ -353,11 +356,12 @@ def test_the_real_quick_preset_names_a_factory_and_variants_that_exist() -> None
 
     quick = presets.PRESETS["quick"]
     assert quick.variants and all(attn_tune.get_variant(name).name == name for name in quick.variants)
-    model, inputs, targets, metric = load_factory(quick.factory)()
+    guard = presets.preset_job(quick).guard
+    model, inputs, targets, metric = load_factory(guard.factory)()
     assert isinstance(model, torch.nn.Module) and targets is not None and callable(metric)
-    assert quick.batches >= 2  # the loss change gets an interval
+    assert guard.batches >= 2  # the loss change gets an interval
     assert all(isinstance(p, Problem) and p.causal for p in quick.problems)
-    assert 0 < quick.max_error < 1 and 0 < quick.max_loss_change < 0.05 and 0 < quick.max_metric_drop < 0.05
+    assert 0 < quick.job.search.max_error < 1 and 0 < guard.max_loss_change < 0.05 and 0 < guard.max_metric_drop < 0.05
 
 
 def _stale(path: str) -> None:
@@ -389,15 +393,13 @@ def test_stale_only_retunes_with_what_each_entry_was_tuned_with(user_module: Pat
         keyed = {"local_window": params["local_window"]} if variant.name == "local" else params
         return FakeMeasure(table)(variant, problem, keyed, **kwargs)
 
-    light = dict(measure_fn=fake, rounds=1, seed=0)
-    tune([LM_PROBLEM], trials=5, max_error=0.1, variants=pool, activations="a.safetensors",
-         validator=Validator(load_factory("act_models:lm"), "act_models:lm"), max_loss_change=0.5, **light
-         ).save("tuned.json")
+    tune([LM_PROBLEM], job(trials=5, max_error=0.1, variants=pool, activations="a.safetensors", rounds=1, seed=0,
+                           factory="act_models:lm", max_loss_change=0.5), measure_fn=fake).save("tuned.json")
     before = load_config("tuned.json")
     assert before.entries[0].choice["variant"] == "local" and before.entries[0].settings["max_error"] == 0.1
     _stale("tuned.json")
     seen.clear()
-    after = retune(load_config("tuned.json"), [LM_PROBLEM], trials=3, **light)
+    after = retune(load_config("tuned.json"), [LM_PROBLEM], job(trials=3, rounds=1, seed=0), measure_fn=fake)
     first_variant, first_params, first_kwargs = seen[0]
     assert (first_variant, first_params) == ("local", before.entries[0].choice["params"])  # the earlier choice first
     assert first_kwargs["activations"] == str(Path("a.safetensors").resolve())

@@ -12,8 +12,9 @@ import attn_tune
 from attn_tune import Problem, UnsupportedProblem
 from attn_tune.families.blocksparse import BlockPattern
 from attn_tune.families.linformer import linformer_projections
-from attn_tune.tuner import make_inputs, measure
+from attn_tune.measurement import make_inputs, measure
 from tests.oracle import oracle, rel_error
+from tests.jobs import job
 
 APPROXIMATE = [v.name for v in attn_tune.variants() if not v.exact]
 BLOCK_PATTERN = ["blocksparse", "flex-blocksparse", "xformers-blocksparse"]
@@ -343,11 +344,7 @@ def test_tuner_searches_the_approximate_knobs_under_max_error(tmp_path) -> None:
 
     problem = Problem(batch=1, heads=2, q_len=512, head_dim=16)
     names = ["sdpa", "local", "blocksparse", "linformer"]
-    config = tune(
-        [problem], trials=8, max_error=1.2, objective="memory", storage=f"sqlite:///{tmp_path / 's.db'}", seed=1,
-        variants=[attn_tune.get_variant(n) for n in names], measure_kwargs={"min_repeats": 1, "min_time_s": 0.0},
-        final_kwargs={"min_repeats": 1, "min_time_s": 0.0}, rounds=1,
-    )
+    config = tune([problem], job(trials=8, max_error=1.2, objective="memory", storage=f"sqlite:///{tmp_path / 's.db'}", seed=1, variants=[attn_tune.get_variant(n) for n in names], trial_measure={"min_repeats": 1, "min_time_s": 0.0}, final_measure={"min_repeats": 1, "min_time_s": 0.0}, rounds=1))
     (entry,) = config.entries
     approximate = [c for c in entry.candidates if c["variant"] in names[1:] and c.get("rel_error") is not None]
     assert approximate, entry.candidates

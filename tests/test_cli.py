@@ -156,20 +156,20 @@ def test_tables_fit_the_terminal_and_json_keeps_every_word() -> None:
     assert not any(r.endswith("...") for r in reasons)
 
 
-def test_the_sections_messages_point_to_are_in_the_readme() -> None:
-    """An error that sends the user to a README section names one that exists (here: a loss budget for a model
+def test_the_pages_messages_point_to_are_in_the_docs() -> None:
+    """An error that sends the user to a page of the docs names one that exists (here: a loss budget for a model
     with no loss)."""
     import re
     from pathlib import Path
 
-    from attn_tune.tuner.validate import NoLoss, Validator
+    from attn_tune.tuner.validator import NoLoss, Validator
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    headings = {line.lstrip("#").strip() for line in readme.splitlines() if line.startswith("#")}
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text()
     validator = Validator(lambda: (torch.nn.Identity(), (torch.randn(2, 3),)), "identity")
     with pytest.raises(NoLoss) as raised:
         validator.require_loss()
-    cited = re.findall(r'README: "([^"]+)"', str(raised.value))
-    assert cited and all(c in headings for c in cited), (cited, headings)
+    cited = re.findall(r"\((docs/[\w-]+\.md)\)", str(raised.value))
+    assert cited and all((root / c).is_file() for c in cited), cited
     assert "../shared" not in readme  # a user's clone has no such folder: the design document is docs/design.md
     assert (Path(__file__).resolve().parents[1] / "docs" / "design.md").is_file()

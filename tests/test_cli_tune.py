@@ -172,12 +172,13 @@ def test_the_plot_always_draws_the_choice_even_when_its_knobs_were_not_the_faste
 
 
 def test_a_loss_budgets_line_names_the_knob_it_replaced() -> None:
-    from attn_tune.cli.tune_commands import _dropped_line
+    from attn_tune.cli.guard_text import rechoice_line
+    from attn_tune.tuner.job import Guard
 
-    lines: list[str] = []
-    _dropped_line(0.01, None, lines)({"problem": "b1 h4 q2048 d32 float32 cpu causal", "variant": "local",
-                                "params": {"local_window": 128}, "worst_call_error": 0.31, "loss_change_before": 0.0101,
-                                "now": {"variant": "local", "params": {"local_window": 256}}})
+    lines = [rechoice_line({"problem": "b1 h4 q2048 d32 float32 cpu causal", "variant": "local",
+                            "params": {"local_window": 128}, "worst_call_error": 0.31, "loss_change_before": 0.0101,
+                            "now": {"variant": "local", "params": {"local_window": 256}}},
+                           Guard(factory="m:f", max_loss_change=0.01))]
     assert lines == ["validate: loss change +1.01% is over +1.00%; local(local_window=128) for b1 h4 q2048 d32 float32 "
                      "cpu causal had the worst call (error 3.10e-01): chosen again with errors below it: "
                      "local(local_window=256) replaces local(local_window=128)"]

@@ -27,6 +27,7 @@ from attn_tune.tuned_config import device_info
 from attn_tune.tuner.storage import HEARTBEAT_ENV, open_storage, redact
 from attn_tune.tuner.workers import STORAGE_ENV
 from tests.distributed_fakes import LOG_ENV, SECONDS_ENV
+from tests.jobs import job
 
 URL = os.environ.get("ATTN_TUNE_TEST_POSTGRES_URL")
 needs_server = pytest.mark.skipif(not URL, reason="no PostgreSQL server: set ATTN_TUNE_TEST_POSTGRES_URL (.ci/run does)")
@@ -238,14 +239,14 @@ def test_redaction() -> None:
 
 def test_workers_need_a_storage() -> None:
     with pytest.raises(attn_tune.AttnTuneError, match="several workers share a study through a storage"):
-        attn_tune.tune([PROBLEM], workers=2, storage=None)
+        attn_tune.tune([PROBLEM], job(workers=2, storage=None))
 
 
 def test_workers_on_an_sqlite_storage_are_refused_in_one_line_before_anything_runs(tmp_path) -> None:
     """SQLite has no row locks: a queued trial could go to two workers (seen: a point measured twice), and a worker
     killed mid-write stalled the others past two minutes on a loaded machine. So --workers needs a server."""
     with pytest.raises(attn_tune.AttnTuneError, match="several workers need a server storage"):
-        attn_tune.tune([PROBLEM], workers=2, storage=f"sqlite:///{tmp_path / 's.db'}")
+        attn_tune.tune([PROBLEM], job(workers=2, storage=f"sqlite:///{tmp_path / 's.db'}"))
     result = CliRunner().invoke(cli, ["tune", "--seq-len", "64", "--heads", "2", "--head-dim", "16", "--workers", "2",
                                       "--out", str(tmp_path / "tuned.json")])  # the default storage is SQLite
     assert result.exit_code == 2 and "several workers need a server storage" in result.output

@@ -10,7 +10,7 @@ import torch
 
 import attn_tune
 from attn_tune import InvalidProblem, Problem, UnsupportedProblem
-from attn_tune.tuner import make_inputs
+from attn_tune.measurement import make_inputs
 from tests.conftest import DEVICES
 from tests.oracle import oracle, rel_error
 

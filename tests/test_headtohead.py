@@ -15,9 +15,11 @@ from click.testing import CliRunner
 from attn_tune import Problem
 from attn_tune.cli.main import cli
 from attn_tune.measurement.measure import Measurement
-from attn_tune.tuner.headtohead import head_to_head, ratio_interval, t_quantile
+from attn_tune.tuner.headtohead import head_to_head, ratio_interval
+from attn_tune.tuner.intervals import t_quantile
 from attn_tune.tuner.tune import tune
 from tests.test_tune import MiB, _variant
+from tests.jobs import job
 
 PROBLEM = Problem(batch=1, heads=2, q_len=64, head_dim=16)
 
@@ -41,8 +43,7 @@ class NoisyMeasure:
 def _tune(latency: dict[str, float], seed: int, **kwargs):
     pool = [_variant(name) for name in latency]
     measure = NoisyMeasure(latency, kwargs.pop("noise", 0.08), seed, kwargs.pop("digests", None))
-    entry = tune([PROBLEM], trials=len(pool), variants=pool, measure_fn=measure, seed=seed,
-                 final_kwargs={"phase": "final"}, **kwargs).entries[0]
+    entry = tune([PROBLEM], job(trials=len(pool), variants=pool, seed=seed, final_measure={"phase": "final"}, **kwargs), measure_fn=measure).entries[0]
     return entry, measure
 
 

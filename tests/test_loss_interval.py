@@ -12,13 +12,19 @@ from click.testing import CliRunner
 
 from attn_tune import Problem
 from attn_tune.cli.main import cli
-from attn_tune.tuner.headtohead import t_quantile
-from attn_tune.tuner.validate import CallReport, Validation, fit_loss_budget
+from attn_tune.tuner.intervals import t_quantile
+from attn_tune.tuner.guard import guard_config
+from attn_tune.tuner.job import Guard
+from attn_tune.tuner.validation import CallReport, Validation
 from tests.runtime_helpers import config, entry
 
 pytestmark = pytest.mark.usefixtures("no_config")
 
 LM = Problem(batch=1, heads=4, q_len=2048, head_dim=32, causal=True)
+
+
+def _budget(max_loss_change: float, max_metric_drop: float | None = None) -> Guard:
+    return Guard(factory="planted", max_loss_change=max_loss_change, max_metric_drop=max_metric_drop)
 
 
 def _validation(changes: list[float], calls: list[CallReport] | None = None) -> Validation:
@@ -68,11 +74,11 @@ class _Planted:
 
 def test_tune_chooses_again_when_the_interval_is_over_though_the_mean_is_within() -> None:
     tuned = config([entry(LM, "local", {"local_window": 128}, max_error=0.5)])
-    kept, validation = fit_loss_budget(tuned, _Planted([0.000, 0.016, 0.002, 0.014]), 0.01)
+    kept, validation = guard_config(tuned, _Planted([0.000, 0.016, 0.002, 0.014]), _budget(0.01))
     assert [e.choice["variant"] for e in kept.entries] == []  # no study to choose from: dropped, sdpa serves it
     assert kept.validation["dropped"][0]["loss_change_interval_before"][1] > 0.01
     assert kept.validation["batches"] == 4 and validation.within(0.01)
-    tight = fit_loss_budget(tuned, _Planted([0.0079, 0.0081, 0.0080, 0.0080]), 0.01)[0]
+    tight = guard_config(tuned, _Planted([0.0079, 0.0081, 0.0080, 0.0080]), _budget(0.01))[0]
     assert [e.choice["variant"] for e in tight.entries] == ["local"]
 
 
@@ -133,10 +139,10 @@ class _PlantedMetric(_Planted):
 
 def test_tune_chooses_again_for_the_metric_when_the_loss_is_within() -> None:
     tuned = config([entry(LM, "local", {"local_window": 128}, max_error=0.5)])
-    kept = fit_loss_budget(tuned, _PlantedMetric([0.001, 0.001, 0.001, 0.001]), 0.01, max_metric_drop=0.005)[0]
+    kept = guard_config(tuned, _PlantedMetric([0.001, 0.001, 0.001, 0.001]), _budget(0.01, 0.005))[0]
     assert kept.entries == [] and kept.validation["max_metric_drop"] == 0.005
     assert kept.validation["dropped"][0]["metric_drop_before"] == pytest.approx(0.01, abs=1e-3)
-    assert fit_loss_budget(tuned, _PlantedMetric([0.001] * 4), 0.01, max_metric_drop=0.02)[0].entries != []
+    assert guard_config(tuned, _PlantedMetric([0.001] * 4), _budget(0.01, 0.02))[0].entries != []
 
 
 def test_the_bundled_lm_reports_next_character_accuracy_and_guards_it(tmp_path: Path) -> None:
@@ -160,12 +166,13 @@ def test_a_metric_budget_without_a_metric_is_one_line(tmp_path: Path) -> None:
 def test_a_re_choice_says_which_budget_the_model_broke(tmp_path: Path) -> None:
     """The metric broke, the loss did not: the tune line names the metric's drop and its interval, `show` says
     "over the metric budget", and neither speaks of the loss."""
-    from attn_tune.cli.tune_commands import _dropped_line
+    from attn_tune.cli.guard_text import rechoice_line
 
     lines: list[str] = []
     tuned = config([entry(LM, "local", {"local_window": 128}, max_error=0.5)])
-    kept = fit_loss_budget(tuned, _PlantedMetric([0.001] * 4), 0.01, on_drop=_dropped_line(0.01, 0.005, lines),
-                           max_metric_drop=0.005)[0]
+    guard = _budget(0.01, 0.005)
+    kept = guard_config(tuned, _PlantedMetric([0.001] * 4), guard,
+                        on_rechoice=lambda record: lines.append(rechoice_line(record, guard)))[0]
     (line,) = lines
     assert line.startswith("validate: accuracy drop +0.0100 (interval up to +0.01") and "is over 0.0050;" in line
     assert "loss change" not in line and "local(local_window=128)" in line and "sdpa serves it" in line

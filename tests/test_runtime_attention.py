@@ -17,6 +17,7 @@ from attn_tune import InvalidProblem
 from attn_tune.measurement.inputs import relative_error
 from tests.oracle import oracle, rel_error
 from tests.runtime_helpers import config, entry
+from tests.jobs import job
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 
@@ -210,8 +211,7 @@ def test_training_calls_are_training_problems_and_backprop() -> None:
 def test_a_tuned_approximate_choice_stays_within_its_tolerance(tmp_path) -> None:
     """A real tune with --max-error lets `local` win at q_len 512; the runtime then answers within that tolerance."""
     problem = attn_tune.Problem(batch=1, heads=2, q_len=512, head_dim=32)
-    tuned = attn_tune.tune([problem], trials=4, max_error=1.5, storage=f"sqlite:///{tmp_path}/t.db", seed=0,
-                           variants=[attn_tune.get_variant("sdpa"), attn_tune.get_variant("local")])
+    tuned = attn_tune.tune([problem], job(trials=4, max_error=1.5, storage=f"sqlite:///{tmp_path}/t.db", seed=0, variants=[attn_tune.get_variant("sdpa"), attn_tune.get_variant("local")]))
     chosen = tuned.entries[0]
     attn_tune.use_config(tuned)
     q, k, v = _inputs(batch=1, heads=2, kv_heads=2, q_len=512, kv_len=512, dim=32, seed=7)  # fresh numbers

@@ -22,6 +22,7 @@ from attn_tune.tuner.retune import retune, stale_problems
 from attn_tune.tuner.tune import tune
 from tests.runtime_helpers import config, entry, registered
 from tests.test_tune import POOL, TABLE, FakeMeasure, MiB
+from tests.jobs import Heard, job
 
 EXACT = Problem(batch=1, heads=2, q_len=64, head_dim=16, causal=True)       # chunked, measured under torch 2.0.0
 APPROX = Problem(batch=1, heads=2, q_len=512, head_dim=16)                  # local, under attn-tune 0.0.1
@@ -129,8 +130,8 @@ def test_stale_only_retunes_only_the_stale_entries_earlier_choice_first() -> Non
         calls.append((problem, variant.name, dict(params), kwargs.get("phase", "trial")))
         return FakeMeasure(TABLE)(variant, problem, params, **kwargs)
 
-    new = retune(old, problems, trials=5, variants=POOL, measure_fn=fake, seed=0, rounds=1,
-                 final_kwargs={"phase": "final"})
+    new = retune(old, problems, job(trials=5, variants=POOL, seed=0, rounds=1, final_measure={"phase": "final"}),
+                 given={"variants"}, measure_fn=fake)
     assert {c[0] for c in calls} == {p_stale, p_missing}  # the current problem is not measured at all
     stale_trials = [c[1:3] for c in calls if c[0] == p_stale and c[3] == "trial"]
     assert stale_trials[0] == ("knobby", {"k": 2}) and len(stale_trials) <= 5  # the old choice first; a repeat is copied
@@ -174,8 +175,7 @@ def test_a_run_timeout_stops_within_the_limit_plus_one_trial_with_a_valid_config
     wide = {("sdpa", ()): (5.0, MiB, 1e-7), **{("knobby", (("k", k),)): (2.0 + abs(k - 5), MiB, 1e-7) for k in range(1, 9)}}
     problems = [Problem(batch=1, heads=2, q_len=n, head_dim=16) for n in (64, 128)]
     started = time.monotonic()
-    tuned = tune(problems, trials=50, variants=[POOL[0], POOL[2]], measure_fn=SlowMeasure(wide, 0.3), timeout=1.0,
-                 seed=0)
+    tuned = tune(problems, job(trials=50, variants=[POOL[0], POOL[2]], timeout=1.0, seed=0), measure_fn=SlowMeasure(wide, 0.3))
     took = time.monotonic() - started
     assert took < 1.0 + 0.3 + 0.5  # the limit, one trial, and bookkeeping
     (first,) = tuned.entries  # the second problem had no time left: no entry
@@ -195,7 +195,7 @@ def test_a_first_call_longer_than_the_time_left_is_reported_not_waited_out() -> 
         measure(variant, problem, first_call_limit_s=0.2)
     notes = []
     started = time.monotonic()
-    tuned = tune([problem], variants=[variant], problem_timeout=0.2, on_result=lambda p, e, n: notes.append(n))
+    tuned = tune([problem], job(variants=[variant], problem_timeout=0.2), listener=Heard(result=lambda p, e, n: notes.append(n)))
     assert time.monotonic() - started < 2.0 and tuned.entries == []
     assert "TimeoutError: the first call alone took" in notes[0]
 
@@ -209,7 +209,7 @@ def test_tuning_records_where_the_time_went() -> None:
         return torch.nn.functional.scaled_dot_product_attention(q, k, v)
 
     variant = attn_tune.Variant(name="cold-start", family="dense", fn=cold_start, exact=True)
-    tuned = tune([Problem(batch=1, heads=2, q_len=32, head_dim=8)], variants=[variant], trials=1)
+    tuned = tune([Problem(batch=1, heads=2, q_len=32, head_dim=8)], job(variants=[variant], trials=1))
     record = tuned.entries[0].tuning
     assert record["wall_s"] >= record["first_calls_s"] >= 0.2 and "cut_short" not in record
     assert record["other_s"] == pytest.approx(record["wall_s"] - record["first_calls_s"], abs=2e-3)
@@ -251,8 +251,7 @@ def test_the_problem_timeout_counts_for_each_problem_from_the_api() -> None:
     problems = [Problem(batch=1, heads=2, q_len=n, head_dim=16) for n in (64, 128)]
     notes = []
     started = time.monotonic()
-    tuned = tune(problems, trials=50, variants=[POOL[0], POOL[2]], measure_fn=SlowMeasure(wide, 0.3),
-                 problem_timeout=1.0, seed=0, on_result=lambda p, e, n: notes.append(n))
+    tuned = tune(problems, job(trials=50, variants=[POOL[0], POOL[2]], problem_timeout=1.0, seed=0), measure_fn=SlowMeasure(wide, 0.3), listener=Heard(result=lambda p, e, n: notes.append(n)))
     took = time.monotonic() - started
     assert [e.problem for e in tuned.entries] == problems, notes
     for tuned_entry in tuned.entries:
@@ -280,7 +279,8 @@ def test_stale_only_on_a_merged_config_keeps_the_other_machines_entry_byte_for_b
     theirs.measured_with, ours.measured_with = _with("dense"), _with("chunked", torch="2.0.0")
     merged = config([theirs, ours], device={"type": "mixed", "name": "2 devices"})
     assert stale_problems(merged) == [EXACT]
-    new = retune(merged, [EXACT], trials=2, variants=POOL[:2], measure_fn=FakeMeasure(TABLE), seed=0, rounds=1)
+    new = retune(merged, [EXACT], job(trials=2, variants=POOL[:2], seed=0, rounds=1), given={"variants"},
+                 measure_fn=FakeMeasure(TABLE))
     assert len(new.entries) == 2 and json.dumps(new.entries[0].to_dict()) == json.dumps(theirs.to_dict())
     assert new.entries[1].device["name"] == here["name"] and new.entries[1].measured_with["torch"] == torch.__version__
     ours.measured_with = _with("chunked")

@@ -23,6 +23,7 @@ from attn_tune.tuned_config import load_config
 from attn_tune.tuner.space import eligible_variants, space_size
 from attn_tune.tuner.storage import HEARTBEAT_ENV
 from attn_tune.tuner.tune import tune
+from tests.jobs import job
 
 PROBLEM = Problem(batch=1, heads=2, q_len=64, head_dim=16)
 MiB = 2**20
@@ -57,12 +58,12 @@ KNOB = lambda p: {"k": CategoricalDistribution([1, 2, 3, 4, 5, 6, 7, 8])}  # noq
 POOL = [_variant("sdpa"), _variant("slow"), _variant("knobby", space=KNOB)]
 TABLE = {("sdpa", ()): (5.0, 1 * MiB, 1e-7), ("slow", ()): (20.0, 1 * MiB, 1e-7)}
 TABLE.update({("knobby", (("k", k),)): (2.0 + abs(k - 5), 4 * MiB, 1e-7) for k in range(1, 9)})
-FINAL = {"final_kwargs": {"phase": "final"}, "rounds": 2}
+FINAL = {"final_measure": {"phase": "final"}, "rounds": 2}
 
 
 def test_small_space_is_enumerated_and_the_known_best_found() -> None:
     fake = FakeMeasure(TABLE)
-    config = tune([PROBLEM], trials=50, variants=POOL, measure_fn=fake, seed=1, **FINAL)
+    config = tune([PROBLEM], job(trials=50, variants=POOL, seed=1, **FINAL), measure_fn=fake)
     (entry,) = config.entries
     assert entry.choice == {"variant": "knobby", "params": {"k": 5}}
     assert entry.measured["latency_ms"] == 2.0
@@ -77,7 +78,7 @@ def test_large_space_is_sampled_within_the_budget() -> None:
     table = {("sdpa", ()): (5.0, MiB, 1e-7)}
     table.update({("wide", (("k", k),)): (1.0 + abs(k - 300) / 50, MiB, 1e-7) for k in range(1, 401)})
     fake = FakeMeasure(table)
-    config = tune([PROBLEM], trials=30, variants=[POOL[0], wide], measure_fn=fake, seed=3, **FINAL)
+    config = tune([PROBLEM], job(trials=30, variants=[POOL[0], wide], seed=3, **FINAL), measure_fn=fake)
     assert config.entries[0].trials == 30
     measured = fake.trial_points()
     assert len(measured) == len(set(measured)) <= 30  # a point the sampler proposes again is not measured again
@@ -88,20 +89,20 @@ def test_large_space_is_sampled_within_the_budget() -> None:
 def test_approximate_variants_only_within_max_error() -> None:
     pool = POOL + [_variant("approx", exact=False)]
     table = {**TABLE, ("approx", ()): (0.5, MiB, 0.05)}
-    exact_only = tune([PROBLEM], trials=50, variants=pool, measure_fn=FakeMeasure(table), **FINAL).entries[0]
+    exact_only = tune([PROBLEM], job(trials=50, variants=pool, **FINAL), measure_fn=FakeMeasure(table)).entries[0]
     assert exact_only.choice["variant"] == "knobby"
     assert {"variant": "approx", "status": "unsupported",
             "reason": "approximate: takes part only when a max_error is given"} in exact_only.candidates
-    loose = tune([PROBLEM], trials=50, max_error=0.1, variants=pool, measure_fn=FakeMeasure(table), **FINAL).entries[0]
+    loose = tune([PROBLEM], job(trials=50, max_error=0.1, variants=pool, **FINAL), measure_fn=FakeMeasure(table)).entries[0]
     assert loose.choice["variant"] == "approx" and loose.max_error == 0.1
-    strict = tune([PROBLEM], trials=50, max_error=0.01, variants=pool, measure_fn=FakeMeasure(table), **FINAL).entries[0]
+    strict = tune([PROBLEM], job(trials=50, max_error=0.01, variants=pool, **FINAL), measure_fn=FakeMeasure(table)).entries[0]
     assert strict.choice["variant"] == "knobby"
     (approx,) = [c for c in strict.candidates if c["variant"] == "approx"]
     assert approx["status"] == "excluded" and "above max_error" in approx["reason"]
 
 
 def test_memory_budget_excludes_what_does_not_fit() -> None:
-    entry = tune([PROBLEM], trials=50, memory_budget=2 * MiB, variants=POOL, measure_fn=FakeMeasure(TABLE), **FINAL).entries[0]
+    entry = tune([PROBLEM], job(trials=50, memory_budget=2 * MiB, variants=POOL, **FINAL), measure_fn=FakeMeasure(TABLE)).entries[0]
     assert entry.choice["variant"] == "sdpa"  # knobby is faster but needs 4 MiB
     assert all(c["status"] == "excluded" for c in entry.candidates if c["variant"] == "knobby")
     assert {c["reason"] for c in entry.candidates if c["variant"] == "knobby"} == {
@@ -111,7 +112,7 @@ def test_memory_budget_excludes_what_does_not_fit() -> None:
 def test_failures_are_recorded_and_the_study_goes_on(tmp_path) -> None:
     storage = f"sqlite:///{tmp_path / 'study.db'}"
     fake = FakeMeasure(TABLE, fail={"slow"})
-    entry = tune([PROBLEM], trials=50, storage=storage, variants=POOL, measure_fn=fake, **FINAL).entries[0]
+    entry = tune([PROBLEM], job(trials=50, storage=storage, variants=POOL, **FINAL), measure_fn=fake).entries[0]
     assert entry.choice["variant"] == "knobby"
     (slow,) = [c for c in entry.candidates if c["variant"] == "slow"]
     assert slow["status"] == "failed" and "CUDA out of memory" in slow["reason"]
@@ -124,10 +125,9 @@ def test_objectives_memory_and_balanced() -> None:
     table = {("fast-fat", ()): (1.0, 64 * MiB, 1e-7), ("lean", ()): (9.0, 1 * MiB, 1e-7),
              ("middle", ()): (3.0, 8 * MiB, 1e-7), ("dominated", ()): (4.0, 16 * MiB, 1e-7)}
     pool = [_variant(n) for n, _ in table]
-    memory = tune([PROBLEM], trials=10, objective="memory", variants=pool, measure_fn=FakeMeasure(table), **FINAL)
+    memory = tune([PROBLEM], job(trials=10, objective="memory", variants=pool, **FINAL), measure_fn=FakeMeasure(table))
     assert memory.entries[0].choice["variant"] == "lean"
-    balanced = tune([PROBLEM], trials=10, objective="balanced", memory_budget=32 * MiB, variants=pool,
-                    measure_fn=FakeMeasure(table), **FINAL).entries[0]
+    balanced = tune([PROBLEM], job(trials=10, objective="balanced", memory_budget=32 * MiB, variants=pool, **FINAL), measure_fn=FakeMeasure(table)).entries[0]
     assert balanced.choice["variant"] == "middle"  # the fastest point of the front within the budget
     front = {c["variant"] for c in balanced.candidates if c.get("pareto")}
     assert front == {"lean", "middle"}  # fast-fat broke the budget; dominated is dominated
@@ -137,7 +137,7 @@ def test_head_to_head_corrects_a_lucky_trial() -> None:
     table = {**TABLE, ("lucky", ()): (1.0, MiB, 1e-7)}
     final = {("lucky", ()): (8.0, MiB, 1e-7)}  # measured again, it is really slower
     fake = FakeMeasure(table, final_table=final)
-    entry = tune([PROBLEM], trials=50, variants=POOL + [_variant("lucky")], measure_fn=fake, finalists=2, **FINAL).entries[0]
+    entry = tune([PROBLEM], job(trials=50, variants=POOL + [_variant("lucky")], finalists=2, **FINAL), measure_fn=fake).entries[0]
     assert entry.choice["variant"] == "knobby"
     finals = [(name, p) for phase, name, p in fake.calls if phase == "final"]
     assert finals == [("lucky", {}), ("knobby", {"k": 5}), ("sdpa", {})] * 2  # interleaved rounds, sdpa as baseline
@@ -149,7 +149,7 @@ def test_default_is_kept_unless_clearly_beaten(speedup: float, chosen: str) -> N
     """Within TIE_MARGIN (3%) of sdpa is noise, not a reason to leave the default: both sides of the boundary."""
     table = {("sdpa", ()): (10.0, MiB, 1e-7), ("rival", ()): (10.0 * speedup, MiB, 1e-7)}
     pool = [_variant("sdpa"), _variant("rival")]
-    entry = tune([PROBLEM], trials=5, variants=pool, measure_fn=FakeMeasure(table), **FINAL).entries[0]
+    entry = tune([PROBLEM], job(trials=5, variants=pool, **FINAL), measure_fn=FakeMeasure(table)).entries[0]
     assert entry.choice["variant"] == chosen
 
 
@@ -158,19 +158,18 @@ def test_the_memory_objective_is_not_held_to_the_latency_margin(objective: str, 
     """Half sdpa's peak at 1% less latency: a memory tune takes it; a latency tune calls the 1% noise."""
     table = {("sdpa", ()): (10.0, 8 * MiB, 1e-7), ("lean", ()): (9.9, 4 * MiB, 1e-7)}
     pool = [_variant("sdpa"), _variant("lean")]
-    entry = tune([PROBLEM], trials=5, variants=pool, measure_fn=FakeMeasure(table), objective=objective,
-                 **FINAL).entries[0]
+    entry = tune([PROBLEM], job(trials=5, variants=pool, objective=objective, **FINAL), measure_fn=FakeMeasure(table)).entries[0]
     assert entry.choice["variant"] == chosen
 
 
 def test_resume_reuses_the_study(tmp_path) -> None:
     storage = f"sqlite:///{tmp_path / 'study.db'}"
-    tune([PROBLEM], trials=50, storage=storage, variants=POOL, measure_fn=FakeMeasure(TABLE), **FINAL)
+    tune([PROBLEM], job(trials=50, storage=storage, variants=POOL, **FINAL), measure_fn=FakeMeasure(TABLE))
     again = FakeMeasure(TABLE)
-    entry = tune([PROBLEM], trials=50, storage=storage, variants=POOL, measure_fn=again, **FINAL).entries[0]
+    entry = tune([PROBLEM], job(trials=50, storage=storage, variants=POOL, **FINAL), measure_fn=again).entries[0]
     assert again.trial_points() == [] and entry.choice["variant"] == "knobby"
     other = Problem(batch=1, heads=2, q_len=128, head_dim=16)  # another problem: its own study
-    tune([other], trials=50, storage=storage, variants=POOL, measure_fn=(third := FakeMeasure(TABLE)), **FINAL)
+    tune([other], job(trials=50, storage=storage, variants=POOL, **FINAL), measure_fn=(third := FakeMeasure(TABLE)))
     assert len(third.trial_points()) == 10
 
 
@@ -181,6 +180,7 @@ KILLABLE = textwrap.dedent(
     from attn_tune import Problem, Variant
     from attn_tune.families.dense import dense_attention
     from attn_tune.measurement.measure import Measurement
+    from attn_tune.tuner.job import TuneJob
     from attn_tune.tuner.tune import tune
 
     storage, log = sys.argv[1], sys.argv[2]
@@ -197,8 +197,8 @@ KILLABLE = textwrap.dedent(
         return Measurement(latency_ms=1.0 + params["k"], latency_iqr_ms=0.0, peak_bytes=1, rel_error=0.0, repeats=1)
 
     problem = Problem(batch=1, heads=2, q_len=64, head_dim=16)
-    config = tune([problem], trials=12, storage=storage, variants=pool, measure_fn=slow_measure,
-                  final_kwargs={"phase": "final"}, rounds=1)
+    job = TuneJob().updated(trials=12, storage=storage, variants=pool, final_measure={"phase": "final"}, rounds=1)
+    config = tune([problem], job, measure_fn=slow_measure)
     print(json.dumps(config.entries[0].choice))
     """
 )
@@ -272,8 +272,7 @@ def test_a_trial_killed_before_its_first_heartbeat_is_retried(tmp_path, monkeypa
 
 def test_real_tune_on_tiny_cpu_problems_writes_a_config_that_loads_back(tmp_path) -> None:
     problems = [Problem(batch=1, heads=2, q_len=n, head_dim=16, causal=True) for n in (32, 96)]
-    config = tune(problems, trials=6, seed=0, measure_kwargs={"warmup": 1, "min_repeats": 3, "min_time_s": 0.0},
-                  final_kwargs={"min_repeats": 3, "min_time_s": 0.0}, rounds=1)
+    config = tune(problems, job(trials=6, seed=0, trial_measure={"warmup": 1, "min_repeats": 3, "min_time_s": 0.0}, final_measure={"min_repeats": 3, "min_time_s": 0.0}, rounds=1))
     out = tmp_path / "tuned.json"
     config.save(out)
     loaded = load_config(out)
@@ -289,9 +288,9 @@ def test_real_tune_on_tiny_cpu_problems_writes_a_config_that_loads_back(tmp_path
 
 def test_bad_arguments_are_one_line_errors() -> None:
     with pytest.raises(attn_tune.AttnTuneError, match="unknown objective 'speed'"):
-        tune([PROBLEM], objective="speed")
+        tune([PROBLEM], job(objective="speed"))
     with pytest.raises(attn_tune.AttnTuneError, match="cannot open storage nosuchdb://u:\\*\\*\\*@h/x"):
-        tune([PROBLEM], storage="nosuchdb://u:secret@h/x")
+        tune([PROBLEM], job(storage="nosuchdb://u:secret@h/x"))
 
 
 def test_a_point_queued_twice_is_measured_once_and_the_twin_says_so() -> None:
@@ -318,7 +317,7 @@ def test_an_exact_variant_beyond_its_dtypes_rounding_is_never_chosen() -> None:
     """Fastest by far, but 1e-3 off in float32 (tolerance 1e-4): a bug, not an option; the reason is recorded."""
     table = {**TABLE, ("sloppy", ()): (0.5, MiB, 1e-3), ("tight", ()): (0.6, MiB, 9e-5)}
     pool = POOL + [_variant("sloppy"), _variant("tight")]
-    entry = tune([PROBLEM], trials=50, variants=pool, measure_fn=FakeMeasure(table), **FINAL).entries[0]
+    entry = tune([PROBLEM], job(trials=50, variants=pool, **FINAL), measure_fn=FakeMeasure(table)).entries[0]
     assert entry.choice["variant"] == "tight"
     (sloppy,) = [c for c in entry.candidates if c["variant"] == "sloppy"]
     assert sloppy["status"] == "excluded" and "beyond float32 rounding for an exact variant" in sloppy["reason"]
@@ -332,7 +331,7 @@ def test_the_seed_makes_the_search_reproducible() -> None:
 
     def points(seed):
         fake = FakeMeasure(table)
-        tune([PROBLEM], trials=12, variants=[POOL[0], wide], measure_fn=fake, seed=seed, **FINAL)
+        tune([PROBLEM], job(trials=12, variants=[POOL[0], wide], seed=seed, **FINAL), measure_fn=fake)
         return fake.trial_points()
 
     first = points(7)
@@ -344,7 +343,7 @@ def test_the_seed_makes_the_search_reproducible() -> None:
 def test_a_budget_smaller_than_the_space_tries_every_variant_first_and_no_point_twice(seed: int) -> None:
     """10 points, 5 trials: sdpa, then every other variant at its default knobs, then refined knobs; no repeats."""
     fake = FakeMeasure(TABLE)
-    entry = tune([PROBLEM], trials=5, variants=POOL, measure_fn=fake, seed=seed, **FINAL).entries[0]
+    entry = tune([PROBLEM], job(trials=5, variants=POOL, seed=seed, **FINAL), measure_fn=fake).entries[0]
     points = fake.trial_points()
     assert points[:3] == [("sdpa", ()), ("slow", ()), ("knobby", (("k", 1),))]
     assert len(points) == len(set(points)) == 5 and entry.trials == 5

@@ -6,9 +6,10 @@ from pathlib import Path
 
 import click
 
-from attn_tune.cli.group import cli, users_code
+from attn_tune.cli.group import cli
 from attn_tune.cli.render import echo_json, table
-from attn_tune.errors import AttnTuneError
+from attn_tune.errors import AttnTuneError, users_code
+from attn_tune.tuner.job import CAPTURED_SAMPLES
 
 
 @cli.command("capture")
@@ -19,7 +20,7 @@ from attn_tune.errors import AttnTuneError
               help="Also keep the real q, k, v (and mask) of a few calls per problem here (safetensors), for "
                    "`attn-tune tune --activations`: errors measured on what the model computes.")
 @click.option("--samples", type=click.IntRange(min=1), default=None,
-              help="Calls kept per problem with --activations, spread across layers.  [default: 4]")
+              help=f"Calls kept per problem with --activations, spread across layers.  [default: {CAPTURED_SAMPLES}]")
 @click.option("--training", is_flag=True, help="Run forward and backward in train mode (problems marked training).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output only.")
 def capture_command(factory_spec: str, out: str, activations: str | None, samples: int | None, training: bool,
@@ -39,7 +40,8 @@ def capture_command(factory_spec: str, out: str, activations: str | None, sample
     if activations is None:
         problems = users_code(factory_spec, lambda: capture_factory(factory, training=training))
     else:
-        problems, kept = users_code(factory_spec, lambda: capture_activations(factory, samples or 4, training=training))
+        problems, kept = users_code(factory_spec, lambda: capture_activations(factory, samples or CAPTURED_SAMPLES,
+                                                                                   training=training))
     if not problems:
         raise AttnTuneError(f"{factory_spec} {NO_CALLS}; nothing written")
     save_shapes(problems, out, source=factory_spec)

@@ -94,22 +94,10 @@ def show_command(ctx: click.Context, config_path: str, why: bool, as_json: bool,
     headers += (("DEVICE",) if device.get("type") == "mixed" else ()) + (("STATUS",) if status else ())
     click.echo(table(headers, rows))
     if config.validation:
-        from attn_tune.cli.validate_command import summary_line
-        from attn_tune.tuner.validate import broken_budgets
+        from attn_tune.cli.guard_text import rechoices, summary_line
 
         v = config.validation
-
-        def choice(record: dict[str, Any] | None) -> str:
-            return "dropped" if record is None else named(record["variant"], record.get("params"))
-
-        def over(record: dict[str, Any]) -> str:
-            broken = broken_budgets(record, v.get("max_loss_change"), v.get("max_metric_drop"))
-            return {("loss",): "the loss budget", ("metric",): "the metric budget"}.get(
-                tuple(broken), "the loss and metric budgets" if broken else "budget")
-
-        changed = "".join(f"; over {over(d)}, {d['problem']}: {choice(d)} -> {choice(d.get('now'))}"
-                          for d in v.get("dropped") or ())
-        click.echo(f"validated on {v.get('factory')}: {summary_line(v)}{changed}")
+        click.echo(f"validated on {v.get('factory')}: {summary_line(v)}{rechoices(v)}")
 
 
 @cli.command("merge")

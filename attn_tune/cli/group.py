@@ -1,17 +1,16 @@
-"""The `attn-tune` click group: every command module registers on it; errors are one line, exit 2."""
+"""The `attn-tune` click group: every command module registers on it; errors are one line, exit 2 (1 when the
+user's own model failed)."""
 
 from __future__ import annotations
 
 import sys
-from typing import Any, Callable, TypeVar
+from typing import Any
 
 import click
 
-from attn_tune.errors import AttnTuneError, one_line
+from attn_tune.errors import AttnTuneError, UsersCodeError
 
-T = TypeVar("T")
-
-__all__ = ["cli", "users_code"]
+__all__ = ["cli"]
 
 
 class _OneLineErrors(click.Group):
@@ -28,7 +27,7 @@ class _OneLineErrors(click.Group):
             sys.exit(exc.exit_code)
         except AttnTuneError as exc:
             click.echo(f"Error: {exc}", err=True)
-            sys.exit(2)
+            sys.exit(1 if isinstance(exc, UsersCodeError) else 2)  # the user's model failed: not a usage error
         if not standalone_mode:
             return rv
         sys.exit(rv if isinstance(rv, int) else 0)
@@ -38,13 +37,3 @@ class _OneLineErrors(click.Group):
 @click.version_option(package_name="attn-tune")
 def cli() -> None:
     """Find the fastest attention for each shape on this machine, by measuring it."""
-
-
-def users_code(spec: str, run: Callable[[], T]) -> T:
-    """Run the user's factory or model (MODULE:FACTORY): its own failure is one line, not a traceback."""
-    try:
-        return run()
-    except AttnTuneError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - the user's model failed
-        raise click.ClickException(f"{spec} raised {one_line(exc)}") from None

@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from attn_tune.cli import capture_command, config_commands, tune_commands, validate_command  # noqa: F401  (they register)
+from attn_tune.cli import capture_command, config_commands, tune_command, validate_command  # noqa: F401  (they register)
 from attn_tune.cli.group import cli
 from attn_tune.cli.options import options_given, problem_options, problems_from_options
 from attn_tune.cli.render import echo_json, mib, table

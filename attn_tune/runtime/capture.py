@@ -12,6 +12,7 @@ import sys
 from typing import Any, Callable, Iterator
 
 from attn_tune.errors import AttnTuneError
+from attn_tune.outputs import first_tensor
 from attn_tune.problem import Inputs, Problem
 from attn_tune.runtime import dispatch
 from attn_tune.runtime.patch import patch_sdpa
@@ -156,7 +157,10 @@ def _run(built: ModelRun, training: bool) -> None:
     with torch.set_grad_enabled(training):
         out = built()
         if training:
-            _first_tensor(out).float().square().mean().backward()
+            loss_from = first_tensor(out, wanted=lambda t: t.requires_grad)
+            if loss_from is None:
+                raise CaptureError("the model's output holds no tensor to run backward from")
+            loss_from.float().square().mean().backward()
 
 
 def capture_factory(factory: Callable[[], Any], training: bool = False) -> list[Problem]:
@@ -208,18 +212,6 @@ def capture_activations(factory: Callable[[], Any], samples: int, training: bool
     with observe(keep):
         _run(built, training)
     return list(calls), kept
-
-
-def _first_tensor(out: Any) -> Any:
-    import torch
-
-    if isinstance(out, torch.Tensor):
-        return out
-    values = out.values() if isinstance(out, dict) else out if isinstance(out, (tuple, list)) else vars(out).values()
-    for value in values:
-        if isinstance(value, torch.Tensor) and value.requires_grad:
-            return value
-    raise CaptureError("the model's output holds no tensor to run backward from")
 
 
 def save_shapes(problems: list[Problem], path: str | os.PathLike, source: str = "") -> None:

@@ -1,10 +1,15 @@
-"""The autotuner: one Optuna study per problem, the head-to-head, selection, storage, workers, export and plots.
+"""The autotuner: the tuning job, one Optuna study per problem, the head-to-head, the guard, storage, workers,
+export and plots. Measurement lives in `attn_tune.measurement`."""
 
-Measurement lives in `attn_tune.measurement`; its names are re-exported here because `from attn_tune.tuner import
-measure` is how the README and plugin authors have called it.
-"""
+from __future__ import annotations
 
-from attn_tune import measurement
-from attn_tune.measurement import *  # noqa: F403 - the re-export this module promises
+from typing import Any
 
-__all__ = list(measurement.__all__)
+
+def __getattr__(name: str) -> Any:
+    """`from attn_tune.tuner import measure`, as plugin authors have called it, still works (loaded when asked)."""
+    if name == "measure":
+        from attn_tune.measurement import measure
+
+        return measure
+    raise AttributeError(f"module 'attn_tune.tuner' has no attribute {name!r}")

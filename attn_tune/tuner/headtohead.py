@@ -19,9 +19,9 @@ from attn_tune.errors import one_line
 from attn_tune.measurement.measure import Measurement
 from attn_tune.problem import Problem
 from attn_tune.registry.variant import Variant
+from attn_tune.tuner.intervals import CONFIDENCE, t_quantile
 
-__all__ = ["CONFIDENCE", "TIE_MARGIN", "FAILURES", "Ratio", "t_quantile", "ratio_interval",
-           "head_to_head"]
+__all__ = ["TIE_MARGIN", "FAILURES", "Ratio", "ratio_interval", "head_to_head"]
 
 FAILURES = (Exception,)  # anything a variant raises is a recorded failure, never the end of the study
 
@@ -29,7 +29,6 @@ FAILURES = (Exception,)  # anything a variant raises is a recorded failure, neve
 # The default stays unless a candidate's whole interval is faster than it by more than this: two dispatch paths
 # to one kernel differ by noise alone, and a config should not flip between them.
 TIE_MARGIN = 0.03
-CONFIDENCE = 0.95
 
 
 @dataclass(frozen=True)
@@ -51,18 +50,6 @@ class Ratio:
     def to_dict(self) -> dict[str, Any]:
         return {"ratio": round(self.ratio, 4), "low": round(self.low, 4), "high": round(self.high, 4),
                 "rounds": self.rounds}
-
-
-def t_quantile(p: float, df: int) -> float:
-    """Student's t quantile, so no SciPy is needed: exact for df 1 and 2, else the Cornish-Fisher expansion around
-    the normal's (a little low, within 4% of the exact value, for df >= 3 at the levels used here)."""
-    if df == 1:
-        return math.tan(math.pi * (p - 0.5))
-    if df == 2:
-        return (2 * p - 1) / math.sqrt(2 * p * (1 - p))
-    z = statistics.NormalDist().inv_cdf(p)
-    return (z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
-            + (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / (384 * df**3))
 
 
 def ratio_interval(ratios: list[float], compared: int = 1, confidence: float = CONFIDENCE) -> Ratio:

@@ -1,32 +1,33 @@
-"""Named problem sets with measurement settings: `attn-tune tune --preset quick`."""
+"""Named tuning jobs with their problems: `attn-tune tune --preset quick`."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 from attn_tune.problem import Problem
+from attn_tune.registry.catalog import get_variant
+from attn_tune.tuner.job import Effort, Guard, Search, TuneJob
 
-__all__ = ["Preset", "PRESETS"]
+__all__ = ["Preset", "PRESETS", "preset_job"]
 
 
 @dataclass(frozen=True)
 class Preset:
-    """Problems plus how hard to measure them."""
+    """A tuning job, its problems, and for a job guarded by a model, the real calls captured of each of its
+    problems (`samples`); variants are named, resolved when the job is made (a plugin's may be missing here)."""
 
     description: str
-    problems: tuple[Problem, ...]
-    trials: int
-    measure_kwargs: dict[str, Any] = field(default_factory=dict)
-    final_kwargs: dict[str, Any] = field(default_factory=dict)
-    rounds: int = 3
-    factory: str | None = None  # a model whose problems are captured (with `samples` real calls each) and tuned
+    job: TuneJob
+    problems: tuple[Problem, ...] = ()
+    variants: tuple[str, ...] | None = None  # the pool by name (default: every registered variant)
     samples: int = 4
-    max_error: float | None = None  # the per-call search filter for approximate variants
-    max_loss_change: float | None = None  # the end-to-end guard: the factory's model validated against it
-    max_metric_drop: float | None = None  # and the factory's task metric may drop by at most this
-    batches: int = 1  # held-out batches the guard validates on (the loss change's interval needs 2 or more)
-    variants: tuple[str, ...] | None = None  # the pool (default: every registered variant)
+
+
+def preset_job(preset: Preset) -> TuneJob:
+    """The preset's job with its variant pool resolved."""
+    if preset.variants is None:
+        return preset.job
+    return preset.job.updated(variants=tuple(get_variant(name) for name in preset.variants))
 
 
 PRESETS: dict[str, Preset] = {
@@ -35,17 +36,15 @@ PRESETS: dict[str, Preset] = {
                     "budget and a 0.5-point next-character accuracy budget checked end to end on all 20 held-out "
                     "batches (each interval's upper end decides), and a sliding-window problem: about a minute "
                     "on 2 CPU cores",
-        factory="attn_tune.models:pretrained_lm",
-        samples=4,
-        max_error=0.35,
-        max_loss_change=0.01,
-        max_metric_drop=0.005,
-        batches=20,
+        job=TuneJob(
+            search=Search(max_error=0.35),
+            effort=Effort(trials=20, rounds=3, trial_measure={"warmup": 1, "min_repeats": 3, "min_time_s": 0.05},
+                          final_measure={"warmup": 1, "min_repeats": 5, "min_time_s": 0.1}),
+            guard=Guard(factory="attn_tune.models:pretrained_lm", batches=20, max_loss_change=0.01,
+                        max_metric_drop=0.005),
+        ),
         problems=(Problem(batch=1, heads=4, q_len=2048, head_dim=32, causal=True, window=256),),
         variants=("sdpa", "sdpa-math", "chunked", "local", "window-chunked", "window-flex"),
-        trials=20,
-        measure_kwargs={"warmup": 1, "min_repeats": 3, "min_time_s": 0.05},
-        final_kwargs={"warmup": 1, "min_repeats": 5, "min_time_s": 0.1},
-        rounds=3,
+        samples=4,
     ),
 }

@@ -1,4 +1,5 @@
-"""One problem's Optuna study: create or load it, run trials on it (from any number of workers), choose from it.
+"""One problem's Optuna study: create or load it, run trials on it (from any number of workers; each trial is
+`trial.measure_trial`), choose from it.
 
 `tune` drives these for each problem in this process; `workers` runs `run_trials` in other processes on the same
 studies. Neither imports the other's module: both import this one.
@@ -16,20 +17,18 @@ from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import optuna
-import torch
 
-from attn_tune.errors import one_line
-from attn_tune.measurement.measure import Measurement
 from attn_tune.problem import Problem
-from attn_tune.registry.space import knob_name, suggest
+from attn_tune.registry.space import knob_name
 from attn_tune.registry.variant import Variant
 from attn_tune.tuned_config import Entry
-from attn_tune.tuner.selection import FAILURES, MeasureFn, Point, choose, constraint_violation
+from attn_tune.tuner.selection import MeasureFn, Point, choose
 from attn_tune.tuner.space import eligible_variants, first_points, grid_points, space_size
-from attn_tune.tuner.storage import fail_dead_trials, mark_started
+from attn_tune.tuner.storage import fail_dead_trials
+from attn_tune.tuner.trial import DONE, NotMeasured, finished_trials, measure_trial, point_key
 
 __all__ = ["PreparedStudy", "study_name", "file_digest", "inputs_key", "prepare_study", "run_trials", "finish_study",
-           "finished_trials", "first_calls_s"]
+           "first_calls_s"]
 
 
 def study_name(problem: Problem, device: dict[str, Any], variant_names: Sequence[str], objective: str,
@@ -55,39 +54,16 @@ def inputs_key(measure_kwargs: dict[str, Any]) -> str:
     return "" if path is None else "|captured:" + file_digest(path)
 
 
-def _values(m: Measurement, objective: str) -> tuple[float, ...]:
-    if objective == "latency":
-        return (m.latency_ms,)
-    if objective == "memory":
-        return (float(m.peak_bytes),)
-    return (m.latency_ms, float(m.peak_bytes))
-
-
 def _points(study: optuna.Study) -> list[Point]:
     points = []
     for t in study.trials:
-        if t.state not in _DONE or "variant" not in t.params:
+        if t.state not in DONE or "variant" not in t.params:
             continue
         name = t.params["variant"]
         params = {k.split(":", 1)[1]: v for k, v in t.params.items() if k.startswith(knob_name(name, ""))}
         points.append(Point(name, params, t.user_attrs.get("status", "failed"), t.user_attrs.get("reason"),
                              t.user_attrs.get("measured")))
     return points
-
-
-_DONE = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)  # measured, or failed with a reason
-
-
-def finished_trials(study: optuna.Study) -> int:
-    """Distinct points measured, or failed with a reason (a twin, a repeat or a crash is not counted)."""
-    return len({_point_key(t) for t in study.trials if t.state in _DONE})
-
-
-def _point_key(trial: optuna.trial.FrozenTrial) -> str:
-    """The point a trial measures: the params it was queued with (a running trial may have suggested only some of
-    them yet), else its params."""
-    fixed = trial.system_attrs.get("fixed_params")
-    return json.dumps(trial.params if fixed is None else fixed, sort_keys=True)
 
 
 def _queue_missing(study: optuna.Study, points: list[dict[str, Any]]) -> None:
@@ -97,7 +73,7 @@ def _queue_missing(study: optuna.Study, points: list[dict[str, Any]]) -> None:
     queued again by the storage's retry callback, so the point is never measured by two live workers.
     """
     pending = (optuna.trial.TrialState.WAITING, optuna.trial.TrialState.RUNNING)
-    present = {_point_key(t) for t in study.trials if t.state in _DONE or t.state in pending}
+    present = {point_key(t) for t in study.trials if t.state in DONE or t.state in pending}
     for point in points:
         if json.dumps(point, sort_keys=True) not in present:
             study.enqueue_trial(point)
@@ -107,14 +83,10 @@ def _queue_unmeasured(prepared: PreparedStudy, seed: int) -> None:
     """Queue one point of a finite space that no trial has measured yet (picked at random, seeded)."""
     if math.isinf(space_size(prepared.problem, prepared.chosen)):
         return  # a continuous knob: the sampler's next proposal is new
-    taken = {_point_key(t) for t in prepared.study.trials}
+    taken = {point_key(t) for t in prepared.study.trials}
     fresh = [p for p in grid_points(prepared.problem, prepared.chosen) if json.dumps(p, sort_keys=True) not in taken]
     if fresh:
         prepared.study.enqueue_trial(random.Random(seed).choice(fresh))
-
-
-class _NotMeasured(Exception):
-    """A trial that must not be measured: a twin of an earlier one, or one past the study's budget."""
 
 
 @dataclass
@@ -165,21 +137,9 @@ def prepare_study(
     if enumerate_all:
         grid = grid_points(problem, chosen)
         _queue_missing(study, [p for p in first if p in grid] + [p for p in grid if p not in first])
-    elif not any(t.state in _DONE for t in study.trials):  # a resumed study has queued them already
+    elif not any(t.state in DONE for t in study.trials):  # a resumed study has queued them already
         _queue_missing(study, first[:budget])
     return PreparedStudy(problem, study, chosen, excluded, budget, enumerate_all)
-
-
-def _copy_of(trial: optuna.Trial, twin: optuna.trial.FrozenTrial, objective: str) -> tuple[float, ...] | float:
-    """Finish `trial` with `twin`'s figures, not measuring the same point twice."""
-    for key in ("status", "reason", "measured"):
-        if key in twin.user_attrs:
-            trial.set_user_attr(key, twin.user_attrs[key])
-    trial.set_user_attr("copy_of", twin.number)
-    if twin.state == optuna.trial.TrialState.PRUNED:
-        raise optuna.TrialPruned(twin.user_attrs.get("reason", "failed"))
-    trial.set_constraint("within-limits", 0.0 if twin.user_attrs.get("status") == "ok" else 1.0)
-    return tuple(twin.values) if objective == "balanced" else twin.values[0]
 
 
 def run_trials(
@@ -195,54 +155,14 @@ def run_trials(
     """
     problem, study, budget = prepared.problem, prepared.study, prepared.budget
 
-    def not_measured(trial: optuna.Trial, variant: str | None, params: dict[str, Any], reason: str) -> None:
-        study.set_user_attr(f"failure:{trial.number}", {"variant": variant, "params": params, "reason": reason})
-        raise _NotMeasured(reason)
-
     def objective_fn(trial: optuna.Trial) -> tuple[float, ...] | float:
-        mark_started(trial)
-        trials = study.get_trials(deepcopy=False)
-        queued = "fixed_params" in next(t for t in trials if t.number == trial.number).system_attrs
-        live = _DONE + (optuna.trial.TrialState.RUNNING,)
-        earlier = [t for t in trials if t.number < trial.number and t.state in live]
-        # A point belongs to its lowest-numbered trial not failed; a later twin (two processes queued the point at
-        # once) is never measured, whatever order the twins are taken in.
-        owners = [t for t in trials if t.number < trial.number and t.state != optuna.trial.TrialState.FAIL]
-        if prepared.enumerated and not queued:
-            not_measured(trial, None, {}, "not measured: the queue was empty when this trial asked (another worker "
-                                          "took the last point)")
-        if not prepared.enumerated and len({_point_key(t) for t in earlier}) >= budget:
-            not_measured(trial, None, {}, "not measured: the study already had its trials (another worker took the last)")
-        variant, params = suggest(trial, problem, prepared.chosen)
-        twin = next((t for t in owners if _point_key(t) == json.dumps(trial.params, sort_keys=True)), None)
-        if twin is not None and not prepared.enumerated and twin.state in _DONE:
-            return _copy_of(trial, twin, objective)  # the sampler proposed a measured point again: tell it the figures
-        if twin is not None:
-            not_measured(trial, variant.name, params, f"not measured: the same point as trial {twin.number}")
-        try:
-            m = measure_fn(variant, problem, params, **measure_kwargs)
-        except FAILURES as exc:
-            reason = one_line(exc)
-            if isinstance(exc, torch.OutOfMemoryError):
-                torch.cuda.empty_cache()
-            trial.set_user_attr("status", "failed")
-            trial.set_user_attr("reason", reason)
-            study.set_user_attr(f"failure:{trial.number}", {"variant": variant.name, "params": params, "reason": reason})
-            raise optuna.TrialPruned(reason) from None
-        violation = constraint_violation(variant, problem, m, max_error, memory_budget)
-        trial.set_user_attr("measured", {k: v for k, v in m.to_dict().items() if k != "repeats"})
-        trial.set_user_attr("status", "ok" if violation is None else "excluded")
-        trial.set_constraint("within-limits", 0.0 if violation is None else 1.0)  # TPE learns what is infeasible
-        if violation is not None:
-            trial.set_user_attr("reason", violation)
-            study.set_user_attr(f"failure:{trial.number}", {"variant": variant.name, "params": params, "reason": violation})
-        values = _values(m, objective)
-        return values if objective == "balanced" else values[0]
+        return measure_trial(prepared, trial, measure_fn=measure_fn, measure_kwargs=measure_kwargs,
+                             max_error=max_error, memory_budget=memory_budget, objective=objective)
 
     asked = 0
     while True:
         trials = study.get_trials(deepcopy=False)
-        finished = len({_point_key(t) for t in trials if t.state in _DONE})  # a repeat is not a new point
+        finished = len({point_key(t) for t in trials if t.state in DONE})  # a repeat is not a new point
         if on_trial is not None:
             on_trial(problem, finished, budget)
         waiting = any(t.state == optuna.trial.TrialState.WAITING for t in trials)
@@ -273,7 +193,7 @@ def _optimize_one(study: optuna.Study, objective_fn: Callable[[optuna.Trial], An
     """Run one trial. A trial that another worker settled first (on a loaded machine its heartbeat can look stale,
     so it was failed and queued again) cannot be told: that is not this worker's failure, and the study goes on."""
     try:
-        study.optimize(objective_fn, n_trials=1, catch=(_NotMeasured,))
+        study.optimize(objective_fn, n_trials=1, catch=(NotMeasured,))
     except ValueError as exc:
         if not str(exc).startswith("Cannot tell a "):
             raise

@@ -23,7 +23,8 @@ from attn_tune.registry.space import quiet_optuna
 from attn_tune.registry.variant import Variant
 from attn_tune.tuned_config import device_info
 from attn_tune.tuner.storage import open_storage, redact
-from attn_tune.tuner.study import finished_trials, inputs_key, prepare_study, run_trials
+from attn_tune.tuner.study import inputs_key, prepare_study, run_trials
+from attn_tune.tuner.trial import finished_trials
 
 __all__ = ["run_workers", "work", "STORAGE_ENV"]
 
