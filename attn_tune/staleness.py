@@ -1,6 +1,6 @@
 """What a tuned entry was measured with, and what has changed since: the basis of stale-config warnings.
 
-Policy (README, "When things change"): an entry measured under another torch, attn-tune, plugin version or
+Policy (docs/staleness.md): an entry measured under another torch, attn-tune, plugin version or
 device is *stale*. A stale exact choice is still used: it stays correct, only its speed is in doubt. A stale
 approximate choice whose variant's package changed version is not used: its error is no longer known, so the
 exact fallback runs. One warning per config names what changed.

@@ -171,5 +171,5 @@ def _maybe_warn(record: EntryStats, error: float) -> None:
     recorded = f"{record.recorded_error:.2e}" if record.recorded_error is not None else "no error"
     warnings.warn(f"attn-tune shadow: {record.variant} {record.params} for {record.entry}: a live call's error "
                   f"{error:.2e} exceeds {_state['factor']:g}x the {recorded} the config recorded; the inputs differ "
-                  "from those it was tuned on: re-tune on captured activations (README: Shadow checks)",
+                  "from those it was tuned on: re-tune on captured activations (docs/runtime.md, Shadow checks)",
                   RuntimeWarning, stacklevel=5)
