@@ -150,9 +150,7 @@ def tune_command(ctx: click.Context, factory_spec: str | None, shapes: str | Non
     from attn_tune.tuner.storage import default_storage_url
     from attn_tune.tuner.tune import tune
 
-    given = {field: options.pop(name) for name, field in _JOB_OPTIONS.items() if options.get(name) is not None}
-    for name in _JOB_OPTIONS:
-        options.pop(name, None)
+    given = {field: value for name, field in _JOB_OPTIONS.items() if (value := options.pop(name)) is not None}
     _refuse_conflicts(ctx, factory_spec, shapes, preset, stale_only, config_path, given, samples)
     if not Path(out).resolve().parent.is_dir():
         raise click.BadParameter(f"folder {Path(out).parent} does not exist", param_hint="'--out'")
@@ -166,7 +164,7 @@ def tune_command(ctx: click.Context, factory_spec: str | None, shapes: str | Non
     job = job.updated(**{"storage": default_storage_url(out), **given})
     report = TuneReport(job.guard)
     if stale_only:
-        wanted = problems or (_problems(shapes, options) if shapes or options_given(ctx) else [])
+        wanted = _problems(shapes, options) if shapes or options_given(ctx) else []
         _retune(config_path, wanted, job, set(given), report, out, plot_path)
         return
     written = None  # a file this run made, removed if the run fails: nothing half-written
@@ -230,6 +228,8 @@ def _refuse_conflicts(ctx: click.Context, factory_spec: str | None, shapes: str 
         raise click.UsageError("--samples is the number of real calls kept per problem of MODULE:FACTORY")
     if stale_only and not config_path:
         raise click.UsageError("--stale-only re-tunes a tuned config: give it with --config")
+    if stale_only and preset:
+        raise click.UsageError("--stale-only re-tunes with the job the config records, not a preset's")
     if validate_spec and stale_only:
         raise click.UsageError("--validate checks a whole tuning run; a re-tune validates again with the model and "
                                "budget the config records")

@@ -1,0 +1,73 @@
+"""The tuning job: typed sections whose values are checked where the job is made, each default written once and
+shown by the command line's help as it is written, and read back by a re-tune."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+
+import pytest
+from click.testing import CliRunner
+
+from attn_tune.cli.main import cli
+from attn_tune.errors import AttnTuneError
+from attn_tune.tuner.guard import guard_from_record
+from attn_tune.tuner.job import RETUNE_EFFORT, Effort, Execution, Guard, Search, TuneJob, default_text
+from attn_tune.tuner.presets import PRESETS, preset_job
+from attn_tune.tuner.tune import tune
+
+
+def test_tune_takes_the_problems_and_one_job() -> None:
+    parameters = inspect.signature(tune).parameters
+    assert len(parameters) <= 8 and list(parameters)[:2] == ["problems", "job"]
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: Search(objective="speed"), "unknown objective 'speed'"),
+    (lambda: Effort(trials=0), "trials must be positive, got 0"),
+    (lambda: Effort(problem_timeout=-1.0), "problem_timeout must be positive"),
+    (lambda: Execution(workers=2), "several workers share a study through a storage"),
+    (lambda: Execution(workers=2, storage="sqlite:///x.db"), "several workers need a server storage"),
+    (lambda: Guard(max_loss_change=0.01), "a loss or metric budget is checked by running a model"),
+    (lambda: Guard(factory="m:f", batches=0), "batches must be positive"),
+    (lambda: TuneJob(effort=Effort(timeout=5.0), execution=Execution(workers=2, storage="postgresql://h/db")),
+     "time limits apply to one process"),
+    (lambda: TuneJob().updated(trails=5), "a tuning job has no field 'trails'"),
+])
+def test_a_bad_job_is_refused_in_one_line_where_it_is_made(make, message) -> None:
+    with pytest.raises(AttnTuneError) as raised:
+        make()
+    assert message in str(raised.value) and "\n" not in str(raised.value)
+
+
+def test_updated_sets_fields_by_name_in_their_sections_and_makes_a_guard_when_asked() -> None:
+    job = TuneJob().updated(trials=5, max_error=0.3, seed=1, factory="m:f", batches=4)
+    assert (job.effort.trials, job.search.max_error, job.execution.seed) == (5, 0.3, 1)
+    assert job.guard == Guard(factory="m:f", batches=4)
+    assert job.effort.rounds == Effort().rounds and TuneJob().guard is None  # the rest keeps its defaults
+
+
+def test_the_help_shows_the_defaults_the_job_holds() -> None:
+    """Help texts are generated from the dataclasses and the preset, so they cannot drift from the code."""
+    quick = preset_job(PRESETS["quick"])
+    shown = " ".join(CliRunner().invoke(cli, ["tune", "--help"], terminal_width=1000).output.split())
+    assert f"[default: {Effort().trials}, stale only: {RETUNE_EFFORT.trials}, quick: {quick.effort.trials}]" in shown
+    assert f"[default: {Guard().batches}, quick: {quick.guard.batches}]" in shown
+    assert f"[quick: {quick.guard.max_metric_drop}]" in shown and f"[default: {Search().objective}]" in shown
+    assert default_text("batches") == f"[default: {Guard().batches}]"
+
+
+def test_a_validation_record_gives_its_guard_back() -> None:
+    guard = Guard(factory="m:f", batches=6, metric="m:top1", max_loss_change=0.01, max_metric_drop=0.005)
+    record = {"factory": "m:f", "batches": 6, "metric_from": "m:top1", "max_loss_change": 0.01,
+              "max_metric_drop": 0.005, "loss_change": 0.001}
+    assert guard_from_record(record) == guard
+    assert guard_from_record(None) is None and guard_from_record({"loss_change": 0.0}) is None
+
+
+def test_jobs_are_values() -> None:
+    """Frozen: a preset's job cannot be changed by the run that uses it."""
+    job = PRESETS["quick"].job
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        job.effort.trials = 1  # type: ignore[misc]
+    assert hash(Search(max_error=0.1)) == hash(Search(max_error=0.1))
