@@ -79,6 +79,17 @@ def test_a_decode_loop_resolves_a_few_routes_and_each_agrees_with_decide() -> No
     assert {s.route.decision.variant for s in resolved} == {"sdpa", "chunked"}
 
 
+def test_self_attention_at_any_length_is_one_line_and_a_3d_call_never_takes_a_4d_ones() -> None:
+    for n in (8, 9, 30):
+        x = torch.randn(2, n, 16)  # 3-D: batch 2, no heads axis
+        y = torch.randn(2, 2, n, 16)  # 4-D: batch 2, heads 2 (its shape[-3] is the 3-D call's batch)
+        torch.testing.assert_close(attn_tune.attention(x, x, x, is_causal=True), raw_sdpa(x, x, x, is_causal=True))
+        torch.testing.assert_close(attn_tune.attention(y, y, y, is_causal=True), raw_sdpa(y, y, y, is_causal=True))
+        assert attn_tune.explain(x, x, x, is_causal=True).problem == Problem(batch=2, heads=1, q_len=n, head_dim=16,
+                                                                          causal=True)
+    assert len(route_cache._lines) == 2
+
+
 def test_a_supports_that_reads_the_length_is_asked_at_every_length() -> None:
     asked: list[int] = []
 

@@ -117,7 +117,8 @@ def eager_route(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, is_ca
     """The route for a call outside torch.compile: a dict lookup by signature, then the span holding its length.
 
     Every tensor attribute read costs a decode step time, so the signature is what decides the route and no more:
-    q's shape (its length dropped on the diagonal), k's batch, heads and head_dim, whether v is shaped as k,
+    q's shape (on the diagonal its length dropped: a plain tuple, as slicing a torch.Size costs half a
+    microsecond, with None so it never equals a shape), k's batch, heads and head_dim, whether v is shaped as k,
     q's dtype and device, the flags. The first call of a signature checks the rest (k and v share q's dtype and
     device); a later call that breaks that reaches the variant, and PyTorch rejects it with its own message.
     """
@@ -125,8 +126,8 @@ def eager_route(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, is_ca
     qs, ks = q.shape, k.shape
     try:
         n = ks[-2]
-        key = (qs if qs[-2] != n else qs[:-2] + qs[-1:], ks[0], ks[-3], ks[-1], v.shape == ks, q.dtype, q.device,
-               attn_mask is not None, is_causal, window, enable_gqa, training)
+        key = (qs if qs[-2] != n else (len(qs), qs[0], qs[-3], qs[-1], None), ks[0], ks[-3], ks[-1], v.shape == ks,
+               q.dtype, q.device, attn_mask is not None, is_causal, window, enable_gqa, training)
     except IndexError:  # fewer than 3 dimensions: never an attention problem
         return _odd_route(q, k, v, attn_mask is not None, is_causal, window, enable_gqa, training)
     line = _lines.get(key)
