@@ -6,7 +6,7 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: setup run test clean
+.PHONY: setup run test test-fast clean
 
 setup: $(VENV)/.installed
 
@@ -20,7 +20,11 @@ run: setup
 	$(BIN)/attn-tune tune --preset quick --out tuned.json
 
 test: setup
-	$(BIN)/python -m pytest -q -rs
+	$(BIN)/python -m pytest -q -rs --durations=25
+
+# Development: every test but those marked slow (pip installs, subprocesses, training, torch.compile); `make test` runs all.
+test-fast: setup
+	$(BIN)/python -m pytest -q -rs -m "not slow"
 
 clean:
 	rm -rf $(VENV) build *.egg-info
