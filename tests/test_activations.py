@@ -228,6 +228,7 @@ def test_bad_activations_and_loss_budgets_are_one_line_and_write_nothing(user_mo
         guard_config(config([]), validator, Guard(factory="act_models:lm_without_targets", max_loss_change=0.01))
 
 
+@pytest.mark.slow
 def test_a_preset_with_a_model_captures_tunes_and_validates_it(user_module: Path, monkeypatch) -> None:
     """The main job's path (`tune --preset quick`) on a tiny stand-in for the reference LM."""
     from attn_tune.tuner import presets
@@ -250,6 +251,7 @@ def test_a_preset_with_a_model_captures_tunes_and_validates_it(user_module: Path
     assert Path("report.png").read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.slow
 def test_a_loss_budget_chooses_a_safer_knob_from_the_study_before_dropping(user_module: Path) -> None:
     """Latency faked (narrower windows faster), errors real: the fastest window breaks the budget; the study's
     next choice, with errors below that call's, is the wider window, and the model's loss then holds."""
@@ -411,6 +413,7 @@ def test_stale_only_retunes_with_what_each_entry_was_tuned_with(user_module: Pat
     assert after.validation["loss_tuned"] == pytest.approx(before.validation["loss_tuned"])  # run again, not copied
 
 
+@pytest.mark.slow
 def test_stale_only_validates_with_the_metric_it_was_tuned_with(user_module: Path) -> None:
     """`--metric MODULE:FN` is recorded beside its budget, and the re-tune the staleness warning recommends loads
     it again (this factory has no metric of its own: without the record the re-tune could not guard it)."""

@@ -13,6 +13,7 @@ from attn_tune import Problem, UnsupportedProblem
 from attn_tune.families.blocksparse import BlockPattern
 from attn_tune.families.linformer import linformer_projections
 from attn_tune.measurement import make_inputs, measure
+from tests.conftest import slow_cases
 from tests.oracle import oracle, rel_error
 from tests.jobs import job
 
@@ -78,7 +79,7 @@ for _name in BLOCK_PATTERN:
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("name,fields,params", CASES, ids=lambda x: x if isinstance(x, str) else None)
+@pytest.mark.parametrize("name,fields,params", slow_cases(CASES, {"flex-blocksparse"}), ids=lambda x: x if isinstance(x, str) else None)
 def test_approximate_variant_equals_its_own_pattern(name: str, fields: dict, params: dict, dtype: str) -> None:
     problem = Problem(batch=2, heads=4, head_dim=32, dtype=dtype, **fields)
     variant = _variant(name, problem)
@@ -98,7 +99,7 @@ def test_every_approximate_variant_has_pattern_cases(name: str) -> None:
     assert name in {case[0] for case in CASES}, f"{name} is approximate but has no pattern test case"
 
 
-@pytest.mark.parametrize("name", APPROXIMATE)
+@pytest.mark.parametrize("name", slow_cases(APPROXIMATE, {"flex-blocksparse"}))
 def test_error_against_full_attention_is_measured(name: str) -> None:
     problem = Problem(batch=1, heads=2, q_len=512, head_dim=32)  # longer than every default window or rank
     variant = _variant(name, problem)
@@ -125,7 +126,7 @@ def test_peak_memory_per_doubling(name: str, fields: dict) -> None:
         assert growth <= 2.3, f"{name} grew {growth:.2f}x per doubling ({peaks[0]} -> {peaks[1]} bytes)"
 
 
-@pytest.mark.parametrize("name", BLOCK_PATTERN)
+@pytest.mark.parametrize("name", slow_cases(BLOCK_PATTERN, {"flex-blocksparse"}))
 def test_sparse_path_is_really_sparse(name: str) -> None:
     """At ~10% block density the peak is under a third of dense attention's, and only the pattern's blocks are
     computed: `blocksparse` gathers exactly the kept key blocks of each query block (falling with the density) and
@@ -273,6 +274,7 @@ def test_refusals_say_why_and_calls_raise(name: str, fields: dict, fragment: str
         variant.fn(inputs.q, inputs.k, inputs.v, **inputs.call_kwargs(problem))
 
 
+@pytest.mark.slow
 def test_window_flex_builds_its_block_mask_once_per_shape() -> None:
     from attn_tune.families.flex import window_block_mask
 
@@ -291,6 +293,7 @@ def test_window_flex_builds_its_block_mask_once_per_shape() -> None:
 FLEX_LENGTHS = [(17, 40), (40, 17), (33, 120), (1, 24), (100, 72), (130, 136)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_window_flex_compiled_at_one_shape_is_exact_at_others(dtype: str) -> None:
     """What the nearest-entry runtime does: one compiled window-flex serves lengths it was not first called with.
@@ -309,6 +312,7 @@ def test_window_flex_compiled_at_one_shape_is_exact_at_others(dtype: str) -> Non
         assert err < TOLERANCE[dtype], f"{problem.describe()}: {err:.2e} from float64 attention"
 
 
+@pytest.mark.slow
 def test_flex_blocksparse_is_exact_to_its_pattern_at_key_tails() -> None:
     """flex-blocksparse at key lengths that are not whole blocks, and its refusal of blocks the kernel gets wrong."""
     variant = _variant("flex-blocksparse", Problem(batch=1, heads=4, q_len=256, head_dim=16))
@@ -323,7 +327,7 @@ def test_flex_blocksparse_is_exact_to_its_pattern_at_key_tails() -> None:
         variant.fn(inputs.q, inputs.k, inputs.v, block=24)
 
 
-@pytest.mark.parametrize("name", ["local", "blocksparse", "linformer"])
+@pytest.mark.parametrize("name", slow_cases(["local", "blocksparse", "linformer"], {"blocksparse"}))
 def test_knob_space_samples_only_runnable_params(name: str) -> None:
     """Every point of the search space runs and yields a finite output (the tuner never draws a broken knob)."""
     from attn_tune.tuner.space import grid_points
@@ -337,6 +341,7 @@ def test_knob_space_samples_only_runnable_params(name: str) -> None:
         assert torch.isfinite(out).all(), f"{name} {params} gave non-finite output"
 
 
+@pytest.mark.slow
 def test_tuner_searches_the_approximate_knobs_under_max_error(tmp_path) -> None:
     """A real tune: with a max_error every family takes part, its knobs come from its space, its error is measured
     (never assumed), and what breaks the bound is recorded as excluded, with the reason."""

@@ -112,6 +112,7 @@ def test_bad_input_is_one_line_and_exit_code_2(args, fragment) -> None:
     assert len(lines) == 1 and fragment in lines[0] and lines[0].startswith("Error: ")
 
 
+@pytest.mark.slow
 def test_real_subprocess_json_and_clean_stderr() -> None:
     cmd = [sys.executable, "-m", "attn_tune", "bench", "--json", "--training", *TINY, "--variant", "chunked"]
     done = subprocess.run(cmd, capture_output=True, text=True)

@@ -30,6 +30,7 @@ def tuned(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_tune_writes_config_plot_and_a_summary_line_per_problem(tuned: Path) -> None:
     config = load_config(tuned)
     assert [e.problem.q_len for e in config.entries] == [32, 64]
@@ -42,6 +43,7 @@ def test_tune_writes_config_plot_and_a_summary_line_per_problem(tuned: Path) -> 
     assert lines[-1].startswith(f"wrote {tuned} (2 entries")
 
 
+@pytest.mark.slow
 def test_show_table_and_json(tuned: Path) -> None:
     table = run("show", tuned)
     assert table.exit_code == 0
@@ -51,6 +53,7 @@ def test_show_table_and_json(tuned: Path) -> None:
     assert data["format"] == "attn-tune/config" and len(data["entries"]) == 2
 
 
+@pytest.mark.slow
 def test_merge_keeps_each_entry_device(tuned: Path, tmp_path: Path) -> None:
     other = json.loads(tuned.read_text())
     other["device"] = {"type": "cuda", "name": "NVIDIA H100 80GB HBM3", "capability": "9.0"}
@@ -65,11 +68,13 @@ def test_merge_keeps_each_entry_device(tuned: Path, tmp_path: Path) -> None:
     assert "NVIDIA H100 80GB HBM3" in run("show", tmp_path / "all.json").stdout
 
 
+@pytest.mark.slow
 def test_plot_command(tuned: Path, tmp_path: Path) -> None:
     result = run("plot", tuned, "--out", tmp_path / "r.png")
     assert result.exit_code == 0 and (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.slow
 def test_tune_from_a_shapes_file(tmp_path: Path) -> None:
     shapes = [{"batch": 1, "heads": 2, "q_len": 16, "head_dim": 8, "kv_heads": 1, "window": 4}]
     (tmp_path / "shapes.json").write_text(json.dumps(shapes))
@@ -122,6 +127,7 @@ def test_tune_bad_input_is_one_line_and_writes_nothing(tmp_path: Path, args, fra
     assert not (tmp_path / "t.json").exists()
 
 
+@pytest.mark.slow
 def test_tune_variant_option_restricts_the_pool(tmp_path: Path) -> None:
     out = tmp_path / "t.json"
     result = run("tune", "--seq-len", "64", "--heads", "2", "--head-dim", "8", "--trials", "3", "--variant", "sdpa",
@@ -184,6 +190,7 @@ def test_a_loss_budgets_line_names_the_knob_it_replaced() -> None:
                      "local(local_window=256) replaces local(local_window=128)"]
 
 
+@pytest.mark.slow
 def test_merge_refuses_conflicting_choices_unless_told_which_to_keep(tuned: Path, tmp_path: Path) -> None:
     other = json.loads(tuned.read_text())
     other["entries"][0]["choice"] = {"variant": "sdpa-math", "params": {}}
@@ -199,6 +206,7 @@ def test_merge_refuses_conflicting_choices_unless_told_which_to_keep(tuned: Path
         assert load_config(tmp_path / "all.json").entries[0].choice["variant"] == winner
 
 
+@pytest.mark.slow
 def test_show_why_on_a_stale_config_says_so_in_one_clean_line(tuned: Path, tmp_path: Path) -> None:
     stale = json.loads(tuned.read_text())
     for entry in stale["entries"]:

@@ -11,6 +11,7 @@ import attn_tune
 from attn_tune import Problem, UnsupportedProblem, Variant
 from attn_tune.families.dense import dense_attention
 from attn_tune.testing import CHECKS, check_variant, conformance_cases, conformance_problems
+from tests.conftest import slow_cases
 
 AVAILABLE = [v for v in attn_tune.variants() if attn_tune.availability(v) is None]
 UNAVAILABLE = [v.name for v in attn_tune.variants() if attn_tune.availability(v) is not None]
@@ -18,7 +19,7 @@ RUNS_HERE = [v for v in AVAILABLE if any(v.supports(p) is None for p in conforma
 REFUSES_HERE = [v for v in AVAILABLE if v not in RUNS_HERE]  # CUDA-only kernels on a CPU
 
 
-@pytest.mark.parametrize("variant", RUNS_HERE, ids=lambda v: v.name)
+@pytest.mark.parametrize("variant", slow_cases(RUNS_HERE, {"flex-blocksparse", "window-flex"}), ids=lambda v: v.name)
 def test_builtin_variant_passes_the_kit(variant: Variant) -> None:
     findings = check_variant(variant)
     assert not findings, "\n".join(str(f) for f in findings)

@@ -95,6 +95,7 @@ def _assert_every_trial_accounted_for(study: optuna.Study) -> None:
             assert study.user_attrs[f"failure:{t.number}"]["reason"], t.number
 
 
+@pytest.mark.slow
 @needs_server
 def test_three_workers_share_one_study_without_measuring_twice(shared, tmp_path) -> None:
     url, storage = shared
@@ -111,6 +112,7 @@ def test_three_workers_share_one_study_without_measuring_twice(shared, tmp_path)
     assert len({c["pid"] for c in calls}) >= 2  # the work was really shared
 
 
+@pytest.mark.slow
 @needs_server
 def test_a_worker_killed_mid_trial_is_retried_and_the_study_finishes(shared, tmp_path) -> None:
     url, storage = shared
@@ -147,6 +149,7 @@ def test_a_worker_killed_mid_trial_is_retried_and_the_study_finishes(shared, tmp
     assert len(done) == 9 and set(done.values()) == {1}
 
 
+@pytest.mark.slow
 @needs_server
 def test_workers_option_tunes_and_export_writes_the_config(shared, tmp_path) -> None:
     url, storage = shared
@@ -193,6 +196,7 @@ def test_export_merges_devices_and_the_runtime_picks_this_one(clean_db, tmp_path
         assert attn_tune.explain(q, q, q).variant == "chunked"
 
 
+@pytest.mark.slow
 @needs_server
 def test_password_from_the_environment(clean_db, tmp_path) -> None:
     password = _password(URL)

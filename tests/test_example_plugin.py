@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # pip installs a package, then runs attn-tune in subprocesses
+
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "attn-tune-nystrom"
 
 

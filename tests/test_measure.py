@@ -49,6 +49,7 @@ def test_peak_memory_is_above_the_baseline_only() -> None:
     assert held.numel() == 2**20
 
 
+@pytest.mark.slow
 def test_same_figures_in_either_order() -> None:
     problem = Problem(batch=1, heads=4, q_len=256, head_dim=32, causal=True)
     a, b = attn_tune.get_variant("dense"), attn_tune.get_variant("chunked")
@@ -110,6 +111,7 @@ def test_profiler_noise_stays_off_the_terminal(capfd) -> None:
     assert captured.out == ""
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("device", DEVICES)
 def test_flash_kernel_holds_no_score_matrix(device: str) -> None:
     """The allocator (CUDA) or profiler (CPU) sees dense's q_len x kv_len scores and not flash's."""

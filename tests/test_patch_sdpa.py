@@ -272,6 +272,7 @@ def test_capture_finds_an_unchanged_models_problems(user_models: Path, factory: 
     assert not is_patched()  # patched for the model's run only
 
 
+@pytest.mark.slow
 def test_tune_a_users_own_model_in_one_command(user_models: Path) -> None:
     result = _run("tune", "usermodels:gpt", "--trials", "2", "--samples", "2", "--max-error", "0.5",
                   "--max-loss-change", "0.5", "--out", "tuned.json")

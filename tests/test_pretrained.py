@@ -49,6 +49,7 @@ def test_pretrained_encoder_fills_in_masked_characters() -> None:
     assert torch.equal(again[1][0], ids)  # seeded: the same masked positions every time
 
 
+@pytest.mark.slow
 def test_the_training_script_writes_weights_the_models_load(tmp_path: Path) -> None:
     result = subprocess.run([sys.executable, str(ROOT / "bench" / "train_reference.py"), "--steps", "1", "--batch", "1",
                              "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)

@@ -65,6 +65,7 @@ ORDERS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("order", list(ORDERS))
 def test_compile_traces_the_chosen_variant_whichever_loads_first(order: str, tmp_path: Path) -> None:
     setup = textwrap.indent(ORDERS[order], "        ")

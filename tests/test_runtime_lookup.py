@@ -196,6 +196,7 @@ def _run_with_env(tmp_path, env_value: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path)
 
 
+@pytest.mark.slow
 def test_environment_variable_sets_the_config(tmp_path) -> None:
     config([entry(_problem(), "dense")]).save(tmp_path / "tuned.json")
     assert _run_with_env(tmp_path, "tuned.json").stdout.strip() == "dense"

@@ -114,6 +114,7 @@ def test_a_bad_rate_or_factor_is_one_line(bad) -> None:
         attn_tune.shadow(0.1, factor=0.5)
 
 
+@pytest.mark.slow
 def test_the_environment_variable_sets_the_rate(tmp_path) -> None:
     code = "import attn_tune; print(attn_tune.stats()['rate'])"
     def run(value: str) -> subprocess.CompletedProcess:

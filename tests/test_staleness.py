@@ -141,6 +141,7 @@ def test_stale_only_retunes_only_the_stale_entries_earlier_choice_first() -> Non
     assert new.entries[0].measured_with["torch"] == torch.__version__
 
 
+@pytest.mark.slow
 def test_stale_only_from_the_command_line(tmp_path: Path) -> None:
     path = tmp_path / "tuned.json"
     stale = Problem(batch=1, heads=2, q_len=16, head_dim=8, causal=True)
@@ -200,6 +201,7 @@ def test_a_first_call_longer_than_the_time_left_is_reported_not_waited_out() -> 
     assert "TimeoutError: the first call alone took" in notes[0]
 
 
+@pytest.mark.slow
 def test_tuning_records_where_the_time_went() -> None:
     calls = []
 
@@ -228,6 +230,7 @@ def test_bad_time_and_stale_options_are_one_line(tmp_path: Path, args, fragment)
     assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "t.json").exists()
 
 
+@pytest.mark.slow
 def test_timeout_from_the_command_line_bounds_a_run_that_would_take_minutes(tmp_path: Path) -> None:
     """Three problems x 50 trials of real measurements (minutes); --timeout 4 ends it within the limit plus one
     trial (a few seconds here), writes a valid config and says what was cut short."""
@@ -244,6 +247,7 @@ def test_timeout_from_the_command_line_bounds_a_run_that_would_take_minutes(tmp_
     assert lines[-2].startswith("time: ") and "cut short by the time limit" in lines[-2]
 
 
+@pytest.mark.slow
 def test_the_problem_timeout_counts_for_each_problem_from_the_api() -> None:
     """Two problems of 9 trials x 0.3 s each, 1 s per problem: each gets its own second (the second problem is not
     starved by the first's time), each is cut short, and the run takes about two limits."""
@@ -260,6 +264,7 @@ def test_the_problem_timeout_counts_for_each_problem_from_the_api() -> None:
     assert took < 2 * (1.0 + 0.3) + 1.0, took
 
 
+@pytest.mark.slow
 def test_the_problem_timeout_counts_for_each_problem_from_the_command_line(tmp_path: Path) -> None:
     out = tmp_path / "t.json"
     result = CliRunner().invoke(cli, ["tune", "--seq-len", "256,512", "--heads", "2", "--head-dim", "32",

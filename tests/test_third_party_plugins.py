@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # pip installs a package, then runs attn-tune in subprocesses
+
 PLUGINS = Path(__file__).resolve().parent / "plugins"
 
 

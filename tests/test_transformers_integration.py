@@ -140,6 +140,7 @@ def _compiled_generate(make, attn: str, ids: torch.Tensor) -> tuple[torch.Tensor
     return tokens, counter.frame_count
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("make", [_llama, _mistral], ids=["llama", "mistral-window-8"])
 def test_compiled_generation_with_a_static_cache_runs_the_choice_in_one_graph(make) -> None:
     """torch.compile(fullgraph=True) over generate with a static cache: no graph break, no more frames than

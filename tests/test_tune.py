@@ -216,6 +216,7 @@ def _complete_trials(storage: str) -> list[optuna.trial.FrozenTrial]:
     return [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_without_repeating_finished_trials(tmp_path) -> None:
     script, log = tmp_path / "run.py", tmp_path / "calls.log"
     script.write_text(KILLABLE)
@@ -245,6 +246,7 @@ def test_killed_run_resumes_without_repeating_finished_trials(tmp_path) -> None:
     assert sorted(t.params["knobby:k"] for t in _complete_trials(storage)) == list(range(12))  # each point once
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used with Study.optimize")  # ask() on purpose
 def test_a_trial_killed_before_its_first_heartbeat_is_retried(tmp_path, monkeypatch) -> None:
     """Optuna counts a trial stale only once it has a heartbeat row; a worker killed between creating a trial and its
@@ -270,6 +272,7 @@ def test_a_trial_killed_before_its_first_heartbeat_is_retried(tmp_path, monkeypa
     assert retry.system_attrs["fixed_params"] == {"x": 1.0} and retry.system_attrs["failed_trial"] == orphan.number
 
 
+@pytest.mark.slow
 def test_real_tune_on_tiny_cpu_problems_writes_a_config_that_loads_back(tmp_path) -> None:
     problems = [Problem(batch=1, heads=2, q_len=n, head_dim=16, causal=True) for n in (32, 96)]
     config = tune(problems, job(trials=6, seed=0, trial_measure={"warmup": 1, "min_repeats": 3, "min_time_s": 0.0}, final_measure={"min_repeats": 3, "min_time_s": 0.0}, rounds=1))
