@@ -36,7 +36,7 @@ IMPORT_PROBE = (
 )
 
 
-def _over_raw(raw: Callable, calls: list[tuple], fns: dict[str, Callable], reps: int,
+def over_raw(raw: Callable, calls: list[tuple], fns: dict[str, Callable], reps: int,
               kwargs: dict[str, Any]) -> dict[str, float]:
     """Median microseconds each fn takes over raw SDPA on the same call, raw and fn alternating per call."""
     clock = time.perf_counter_ns
@@ -84,7 +84,7 @@ def worker() -> dict[str, Any]:
         for label, config in (("no config", None), ("config", keeps_sdpa)):
             with attn_tune.use_config(config):
                 for pattern, calls, kwargs, reps in (("decode", decode, {}, 12), ("tiny", tiny, {"is_causal": True}, 25)):
-                    over = _over_raw(raw, calls, {"bare": bare_wrapper, "attention": attn_tune.attention}, reps,
+                    over = over_raw(raw, calls, {"bare": bare_wrapper, "attention": attn_tune.attention}, reps,
                                      kwargs)
                     out[f"{pattern}, {label}: bare wrapper"] = over["bare"]
                     out[f"{pattern}, {label}: attention"] = over["attention"]

@@ -34,6 +34,7 @@ import attn_tune
 from attn_tune import Problem
 from attn_tune.tuned_config import Entry, TunedConfig, device_info
 from attn_tune.tuner.job import TuneJob
+from decode_overhead import over_raw  # bench/ is on the path when this script runs
 
 raw_sdpa = torch._C._nn.scaled_dot_product_attention
 
@@ -50,22 +51,6 @@ def bare_wrapper(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=Fal
                     enable_gqa=enable_gqa)
 
 
-def _over_raw(calls: list[tuple], fns: dict[str, Callable], reps: int, **kwargs: Any) -> dict[str, float]:
-    """Median microseconds each fn takes over raw SDPA on the same call, raw and fn alternating per call."""
-    clock = time.perf_counter_ns
-    diffs: dict[str, list[int]] = {name: [] for name in fns}
-    for _ in range(reps):
-        for args in calls:
-            for name, fn in fns.items():
-                t0 = clock()
-                raw_sdpa(*args, **kwargs)
-                t1 = clock()
-                fn(*args, **kwargs)
-                t2 = clock()
-                diffs[name].append((t2 - t1) - (t1 - t0))
-    return {name: statistics.median(d) / 1000 for name, d in diffs.items()}
-
-
 def per_call() -> list[dict[str, Any]]:
     torch.set_num_threads(1)
     q = torch.randn(1, 2, 16, 8)
@@ -80,8 +65,9 @@ def per_call() -> list[dict[str, Any]]:
             with attn_tune.use_config(config):
                 for pattern, calls, kwargs in (("tiny call", tiny, {"is_causal": True}), ("decode", decode, {})):
                     raw_us = statistics.median(_time_each(calls, raw_sdpa, kwargs))
-                    over = _over_raw(calls, {"bare wrapper": bare_wrapper, "attn_tune.attention": attn_tune.attention},
-                                     reps=20 if pattern == "decode" else 40, **kwargs)
+                    over = over_raw(raw_sdpa, calls, {"bare wrapper": bare_wrapper,
+                                                      "attn_tune.attention": attn_tune.attention},
+                                    20 if pattern == "decode" else 40, kwargs)
                     rows.append({"pattern": pattern, "config": label, "raw_us": raw_us, **over})
                     print(f"  {pattern}, {label}: raw {raw_us:.1f} us; bare wrapper +{over['bare wrapper']:.2f} us, "
                           f"attention +{over['attn_tune.attention']:.2f} us", flush=True)
