@@ -9,7 +9,7 @@ import click
 
 from attn_tune.cli.group import cli
 from attn_tune.cli.options import options_given, problem_options, problems_from_options
-from attn_tune.cli.render import echo_json, mib, named, table, versus_default
+from attn_tune.cli.render import echo_json, mib, table, versus_default
 from attn_tune.errors import AttnTuneError
 from attn_tune.problem import Problem
 

@@ -141,7 +141,8 @@ def retune(config: TunedConfig, problems: Sequence[Problem], job: TuneJob | None
         raise AttnTuneError("the stale entries were tuned with different settings but share one loss budget: re-tune "
                             "the config from scratch")
     kept = [e for i, e in enumerate(config.entries) if i not in stale and i not in other_machine]
-    fresh, validation, heard = _run_plans(config, plans, job, guard, kept, measure_fn, _Heard(listener))
+    heard = _Heard(listener)
+    fresh, validation = _run_plans(config, plans, job, guard, kept, measure_fn, heard)
     kept = [k for k in kept if any(k is e for e in validation[1])] if validation else kept
     entries = []
     merged = config.device.get("type") == "mixed"
@@ -158,10 +159,9 @@ def retune(config: TunedConfig, problems: Sequence[Problem], job: TuneJob | None
 
 
 def _run_plans(config: TunedConfig, plans: list[tuple[Search, list[Problem]]], job: TuneJob, guard: Any,
-               kept: list[Entry], measure_fn: MeasureFn, heard: _Heard) -> tuple[dict[Problem, Entry], Any, _Heard]:
+               kept: list[Entry], measure_fn: MeasureFn, heard: _Heard) -> tuple[dict[Problem, Entry], Any]:
     """One `tune` per plan; the model is guarded once, with the last run, every entry used here by then (kept and
-    fresh) beside it. Returns the fresh entries, (the validation record, the entries it kept) or None, the
-    listener."""
+    fresh) beside it. Returns the fresh entries, and (the validation record, the entries it kept) or None."""
     earlier = {e.problem: e.choice for e in config.entries}
     fresh: dict[Problem, Entry] = {}
     validation = None
@@ -179,4 +179,4 @@ def _run_plans(config: TunedConfig, plans: list[tuple[Search, list[Problem]]], j
             device = entry.device or result.device
             entry.device = None if device == config.device else device
             fresh[entry.problem] = entry
-    return fresh, validation, heard
+    return fresh, validation
