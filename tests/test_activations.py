@@ -211,7 +211,7 @@ def test_bad_activations_and_loss_budgets_are_one_line_and_write_nothing(user_mo
         ("--activations", "missing.safetensors"): "does not exist",
         ("--activations", "not.safetensors"): "is not a safetensors file",
         ("--activations", "s.json"): "is not a safetensors file",
-        ("--activations", "other.safetensors"): "which is not among the problems tuned",
+        ("--activations", "other.safetensors"): "which is not among the problems of s.json",
         ("--validate", "act_models:lm_without_targets", "--max-loss-change", "0.01"): "gives no loss",
         ("--max-loss-change", "0.01"): "give --validate",
     }

@@ -28,7 +28,8 @@ def test_tune_takes_the_problems_and_one_job() -> None:
     (lambda: Effort(problem_timeout=-1.0), "problem_timeout must be positive"),
     (lambda: Execution(workers=2), "several workers share a study through a storage"),
     (lambda: Execution(workers=2, storage="sqlite:///x.db"), "several workers need a server storage"),
-    (lambda: Guard(max_loss_change=0.01), "a loss or metric budget is checked by running a model"),
+    (lambda: Guard(factory=None, max_loss_change=0.01), "a guard runs a model"),
+    (lambda: TuneJob().updated(batches=4), "a guard runs a model"),
     (lambda: Guard(factory="m:f", batches=0), "batches must be positive"),
     (lambda: TuneJob(effort=Effort(timeout=5.0), execution=Execution(workers=2, storage="postgresql://h/db")),
      "time limits apply to one process"),
@@ -52,9 +53,10 @@ def test_the_help_shows_the_defaults_the_job_holds() -> None:
     quick = preset_job(PRESETS["quick"])
     shown = " ".join(CliRunner().invoke(cli, ["tune", "--help"], terminal_width=1000).output.split())
     assert f"[default: {Effort().trials}, stale only: {RETUNE_EFFORT.trials}, quick: {quick.effort.trials}]" in shown
-    assert f"[default: {Guard().batches}, quick: {quick.guard.batches}]" in shown
+    batches = Guard(factory="m:f").batches
+    assert f"[default: {batches}, quick: {quick.guard.batches}]" in shown
     assert f"[quick: {quick.guard.max_metric_drop}]" in shown and f"[default: {Search().objective}]" in shown
-    assert default_text("batches") == f"[default: {Guard().batches}]"
+    assert default_text("batches") == f"[default: {batches}]"
 
 
 def test_a_validation_record_gives_its_guard_back() -> None:
@@ -66,8 +68,10 @@ def test_a_validation_record_gives_its_guard_back() -> None:
 
 
 def test_jobs_are_values() -> None:
-    """Frozen: a preset's job cannot be changed by the run that uses it."""
+    """Frozen, its measurement settings read-only: a preset's job cannot be changed by the run that uses it."""
     job = PRESETS["quick"].job
     with pytest.raises(dataclasses.FrozenInstanceError):
         job.effort.trials = 1  # type: ignore[misc]
-    assert hash(Search(max_error=0.1)) == hash(Search(max_error=0.1))
+    with pytest.raises(TypeError):
+        job.effort.trial_measure["min_repeats"] = 1  # type: ignore[index]
+    assert hash(Search(max_error=0.1)) == hash(Search(max_error=0.1))  # a re-tune groups problems by their search

@@ -48,6 +48,17 @@ def test_the_intervals_upper_end_decides_the_budget(changes, within) -> None:
     assert summary["batches"] == 4 and summary["loss_change_interval"] == pytest.approx(list(v.loss_change_interval))
 
 
+def test_a_nan_loss_or_metric_is_over_every_budget() -> None:
+    """An approximation that makes the model's loss NaN must not pass the guard (NaN compares False both ways)."""
+    from attn_tune.tuner.guard import broken_budgets
+
+    v = _validation([0.001, float("nan"), 0.001, 0.001])
+    assert not v.within(0.5)
+    assert set(broken_budgets(v.summary(), _budget(0.5))) == {"loss"}
+    v.metric, v.metrics_exact, v.metrics_tuned = "accuracy", [0.6] * 4, [0.6, float("nan"), 0.6, 0.6]
+    assert set(broken_budgets(v.summary(), _budget(0.5, 0.5))) == {"loss", "metric"}
+
+
 def test_one_batch_has_no_interval_and_its_change_decides() -> None:
     v = _validation([0.009])
     assert v.loss_change_interval == pytest.approx((0.009, 0.009)) and v.within(0.01) and not v.within(0.008)

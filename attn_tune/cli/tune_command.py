@@ -145,7 +145,9 @@ def tune_command(ctx: click.Context, factory_spec: str | None, shapes: str | Non
     attention problems and a few real calls of each are captured, tuned, and validated end to end (report.png
     beside the config). --preset quick is this applied to the bundled LM.
     """
+    from attn_tune.activations import check_against
     from attn_tune.cli.tune_report import TuneReport, run_and_report
+    from attn_tune.measurement.inputs import load_captured
     from attn_tune.registry import get_variant
     from attn_tune.tuner.storage import default_storage_url
     from attn_tune.tuner.tune import tune
@@ -162,10 +164,9 @@ def tune_command(ctx: click.Context, factory_spec: str | None, shapes: str | Non
         plot_path = plot_path or str(Path(out).with_name("report.png"))
         given.update(factory=factory_spec, activations=str(Path(out).with_suffix(".activations.safetensors")))
     job = job.updated(**{"storage": default_storage_url(out), **given})
-    report = TuneReport(job.guard)
     if stale_only:
         wanted = _problems(shapes, options) if shapes or options_given(ctx) else []
-        _retune(config_path, wanted, job, set(given), report, out, plot_path)
+        _retune(config_path, wanted, job, set(given), out, plot_path)
         return
     written = None  # a file this run made, removed if the run fails: nothing half-written
     if factory_spec:
@@ -174,8 +175,11 @@ def tune_command(ctx: click.Context, factory_spec: str | None, shapes: str | Non
         problems = _capture_for_factory(factory_spec, count, job.search.activations) + problems
     else:
         problems = _problems(shapes, options)
+        if shapes and job.search.activations:  # tune() checks this too; here the message can name the file
+            check_against(load_captured(job.search.activations), problems, job.search.activations,
+                          f"the problems of {shapes}")
     try:
-        run_and_report(lambda listener: tune(problems, job, listener=listener), problems, report,
+        run_and_report(lambda listener: tune(problems, job, listener=listener), problems, TuneReport(job.guard),
                        job.execution.storage, out, plot_path)
     except BaseException:
         if written is not None:
@@ -196,11 +200,11 @@ def _problems(shapes: str | None, options: dict[str, Any]) -> list[Problem]:
     return problems_from_options(options, check_devices=False)
 
 
-def _retune(config_path: str, wanted: list[Problem], job: TuneJob, given: set[str], report: Any, out: str,
+def _retune(config_path: str, wanted: list[Problem], job: TuneJob, given: set[str], out: str,
             plot_path: str | None) -> None:
     """`--stale-only`: the config's stale entries (and `wanted` problems it lacks) tuned again with what they were
     tuned with; the search options given replace what the config records."""
-    from attn_tune.cli.tune_report import run_and_report
+    from attn_tune.cli.tune_report import TuneReport, run_and_report
     from attn_tune.tuned_config import load_config
     from attn_tune.tuner.guard import guard_from_record
     from attn_tune.tuner.retune import retune, stale_problems
@@ -211,10 +215,9 @@ def _retune(config_path: str, wanted: list[Problem], job: TuneJob, given: set[st
         earlier.save(out)
         click.echo(f"nothing in {config_path} is stale and no problem is missing from it; wrote {out} unchanged")
         return
-    report.guard = guard_from_record(earlier.validation)
     search = given & {f.name for f in dataclasses.fields(Search)}
     run_and_report(lambda listener: retune(earlier, problems, job, given=search, listener=listener), problems,
-                   report, job.execution.storage, out, plot_path)
+                   TuneReport(guard_from_record(earlier.validation)), job.execution.storage, out, plot_path)
 
 
 def _refuse_conflicts(ctx: click.Context, factory_spec: str | None, shapes: str | None, preset: str | None,

@@ -9,6 +9,7 @@ from typing import Any, Callable
 from attn_tune.problem import Problem
 from attn_tune.runtime.capture import load_factory
 from attn_tune.tuned_config import Entry, TunedConfig
+from attn_tune.tuner.intervals import upper_within
 from attn_tune.tuner.job import Guard
 from attn_tune.tuner.validation import Validation, is_exact
 from attn_tune.tuner.validator import Validator
@@ -53,10 +54,11 @@ def broken_budgets(figures: dict[str, Any], guard: Guard, suffix: str = "") -> d
     change_upper = (figures.get("loss_change_interval" + suffix) or [None, change])[1]
     drop_upper = (figures.get("metric_drop_interval" + suffix) or [None, drop])[1]
     budget, metric_budget = guard.max_loss_change, guard.max_metric_drop
-    if budget is not None and change_upper is not None and change_upper > budget:
+    # upper_within: a NaN figure is over any budget
+    if budget is not None and change_upper is not None and not upper_within((change, change_upper), budget):
         upper = f" (interval up to {change_upper:+.2%})" if change_upper != change else ""
         broken["loss"] = f"loss change {change:+.2%}{upper} is over {budget:+.2%}"
-    if metric_budget is not None and drop_upper is not None and drop_upper > metric_budget:
+    if metric_budget is not None and drop_upper is not None and not upper_within((drop, drop_upper), metric_budget):
         upper = f" (interval up to {drop_upper:+.4f})" if drop_upper != drop else ""
         broken["metric"] = f"{figures.get('metric') or 'metric'} drop {drop:+.4f}{upper} is over {metric_budget:.4f}"
     return broken

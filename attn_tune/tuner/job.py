@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any, Callable, Mapping
 
 from attn_tune.errors import AttnTuneError
@@ -56,6 +57,8 @@ class Effort:
     def __post_init__(self) -> None:
         for name in ("trials", "finalists", "rounds", "max_rounds", "timeout", "problem_timeout"):
             _positive(name, getattr(self, name), allow_zero=name == "rounds")
+        for name in ("trial_measure", "final_measure"):  # read-only, so a preset's job stays as written
+            object.__setattr__(self, name, MappingProxyType(dict(getattr(self, name))))
 
 
 @dataclass(frozen=True)
@@ -81,27 +84,26 @@ class Guard:
     """The end-to-end guard: the model run with exact attention and with the config over held-out batches; within a
     budget, approximate choices are chosen again until the loss change (and the metric's drop) holds."""
 
-    factory: str | Callable[..., Any] | None = None  # MODULE:FACTORY, or the factory itself
+    factory: str | Callable[..., Any] | None = None  # the model: MODULE:FACTORY or the factory itself (required)
     batches: int = 1  # held-out batches (the factory takes `batches`); 2 or more give each figure an interval
     metric: str | Callable[[Any, Any], float] | None = None  # MODULE:FN or fn(outputs, targets); else the factory's
     max_loss_change: float | None = None  # relative: 0.01 is 1%; the loss change's interval must lie within it
     max_metric_drop: float | None = None  # the metric may drop by at most this (its interval's upper end)
 
     def __post_init__(self) -> None:
+        if not (isinstance(self.factory, str) and self.factory) and not callable(self.factory):
+            raise AttnTuneError("a guard runs a model, a loss or metric budget is checked on it: give its factory "
+                                "(MODULE:FACTORY or the function)")
         _positive("batches", self.batches)
         for name in ("max_loss_change", "max_metric_drop"):
             value = getattr(self, name)
             if value is not None and not value >= 0:
                 raise AttnTuneError(f"{name} must be 0 or more, got {value}")
-        if self.factory is None and (self.max_loss_change is not None or self.max_metric_drop is not None):
-            raise AttnTuneError("a loss or metric budget is checked by running a model: give the guard a factory")
 
     @property
     def label(self) -> str:
         """How the model is named in messages and in the config's `validation.factory`."""
-        if isinstance(self.factory, str) or self.factory is None:
-            return self.factory or ""
-        return getattr(self.factory, "__name__", "factory")
+        return self.factory if isinstance(self.factory, str) else getattr(self.factory, "__name__", "factory")
 
     @property
     def budgeted(self) -> bool:
@@ -136,8 +138,8 @@ class TuneJob:
         for name, section in _SECTIONS.items():
             mine = {k: v for k, v in changes.items() if _FIELD_SECTION[k] == name}
             if mine:
-                current = getattr(self, name) or section()
-                sections[name] = dataclasses.replace(current, **mine)
+                current = getattr(self, name)
+                sections[name] = section(**mine) if current is None else dataclasses.replace(current, **mine)
         return dataclasses.replace(self, **sections)
 
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from attn_tune.problem import Problem
 from attn_tune.registry.catalog import get_variant
-from attn_tune.tuner.job import Effort, Guard, Search, TuneJob
+from attn_tune.tuner.job import CAPTURED_SAMPLES, Effort, Guard, Search, TuneJob
 
 __all__ = ["Preset", "PRESETS", "preset_job"]
 
@@ -20,7 +20,7 @@ class Preset:
     job: TuneJob
     problems: tuple[Problem, ...] = ()
     variants: tuple[str, ...] | None = None  # the pool by name (default: every registered variant)
-    samples: int = 4
+    samples: int = CAPTURED_SAMPLES
 
 
 def preset_job(preset: Preset) -> TuneJob:

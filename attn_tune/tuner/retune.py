@@ -19,6 +19,7 @@ from attn_tune.measurement.measure import measure
 from attn_tune.problem import Problem
 from attn_tune.registry.catalog import catalog
 from attn_tune.registry.plugins import own_version
+from attn_tune.runtime.capture import load_factory
 from attn_tune.staleness import changes, local_devices, stale_report
 from attn_tune.tuned_config import Entry, TunedConfig
 from attn_tune.tuner.guard import guard_from_record
@@ -138,8 +139,11 @@ def retune(config: TunedConfig, problems: Sequence[Problem], job: TuneJob | None
     plans = _plans(config, problems, stale, job, given)
     guard = job.guard or guard_from_record(config.validation)
     if guard is not None and guard.budgeted and len(plans) > 1:
-        raise AttnTuneError("the stale entries were tuned with different settings but share one loss budget: re-tune "
-                            "the config from scratch")
+        raise AttnTuneError("the stale entries were tuned with different settings but share one loss or metric "
+                            "budget: re-tune the config from scratch")
+    for spec in (guard.factory, guard.metric) if guard is not None else ():
+        if isinstance(spec, str):
+            load_factory(spec)  # the model is run with the last plan: a factory gone is one line before the first
     kept = [e for i, e in enumerate(config.entries) if i not in stale and i not in other_machine]
     heard = _Heard(listener)
     fresh, validation = _run_plans(config, plans, job, guard, kept, measure_fn, heard)
