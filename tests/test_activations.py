@@ -236,9 +236,9 @@ def test_a_preset_with_a_model_captures_tunes_and_validates_it(user_module: Path
     window = Problem(batch=1, heads=2, q_len=64, head_dim=16, causal=True, window=8)
     light = {"warmup": 0, "min_repeats": 1, "min_time_s": 0}
     monkeypatch.setitem(presets.PRESETS, "quick", presets.Preset(
-        description="tiny", samples=2, problems=(window,), variants=("sdpa", "local", "window-chunked"),
-        job=job(max_error=0.5, factory="act_models:lm", max_loss_change=0.01, trials=3, trial_measure=light,
-                final_measure=light, rounds=1)))
+        description="tiny", samples=2, problems=(window,),
+        job=job(max_error=0.5, variants=("sdpa", "local", "window-chunked"), factory="act_models:lm",
+                max_loss_change=0.01, trials=3, trial_measure=light, final_measure=light, rounds=1)))
     result = run("tune", "--preset", "quick", "--out", "tuned.json")
     assert result.exit_code == 0, result.output
     assert "captured 1 problem(s) of act_models:lm, up to 2 real calls each" in result.stdout
@@ -357,8 +357,9 @@ def test_the_real_quick_preset_names_a_factory_and_variants_that_exist() -> None
     from attn_tune.tuner import presets
 
     quick = presets.PRESETS["quick"]
-    assert quick.variants and all(attn_tune.get_variant(name).name == name for name in quick.variants)
-    guard = presets.preset_job(quick).guard
+    names = quick.job.search.variants
+    assert names and all(attn_tune.get_variant(name).name == name for name in names)
+    guard = quick.job.guard
     model, inputs, targets, metric = load_factory(guard.factory)()
     assert isinstance(model, torch.nn.Module) and targets is not None and callable(metric)
     assert guard.batches >= 2  # the loss change gets an interval

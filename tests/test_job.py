@@ -9,11 +9,12 @@ import inspect
 import pytest
 from click.testing import CliRunner
 
+from attn_tune import Problem
 from attn_tune.cli.main import cli
 from attn_tune.errors import AttnTuneError
 from attn_tune.tuner.guard import guard_from_record
 from attn_tune.tuner.job import RETUNE_EFFORT, Effort, Execution, Guard, Search, TuneJob, default_text
-from attn_tune.tuner.presets import PRESETS, preset_job
+from attn_tune.tuner.presets import PRESETS
 from attn_tune.tuner.tune import tune
 
 
@@ -34,11 +35,31 @@ def test_tune_takes_the_problems_and_one_job() -> None:
     (lambda: TuneJob(effort=Effort(timeout=5.0), execution=Execution(workers=2, storage="postgresql://h/db")),
      "time limits apply to one process"),
     (lambda: TuneJob().updated(trails=5), "a tuning job has no field 'trails'"),
+    (lambda: Effort(trials=2.5), "trials must be a whole number, got 2.5"),
+    (lambda: Search(memory_budget="2GiB"), "memory_budget must be a whole number of bytes, got '2GiB'"),
+    (lambda: Search(max_error="0.3"), "max_error must be a number, got '0.3'"),
+    (lambda: Search(variants="sdpa"), "variants is a list of variants or their names"),
+    (lambda: TuneJob(search={"max_error": 0.3}), "a TuneJob's search is a Search, got dict"),
+    (lambda: tune(Problem(batch=1, heads=2, q_len=8, head_dim=4), TuneJob()), "tune takes a list of Problem"),
+    (lambda: tune([Problem(batch=1, heads=2, q_len=8, head_dim=4)], TuneJob(search=Search(variants=("sdpa", "nope")))),
+     "unknown variant 'nope'"),
 ])
 def test_a_bad_job_is_refused_in_one_line_where_it_is_made(make, message) -> None:
     with pytest.raises(AttnTuneError) as raised:
         make()
     assert message in str(raised.value) and "\n" not in str(raised.value)
+
+
+def test_a_pool_may_name_its_variants() -> None:
+    """Names (as the command line and presets give them) and variants alike; the config records names."""
+    from tests.test_tune import TABLE, FakeMeasure
+
+    problem = Problem(batch=1, heads=2, q_len=64, head_dim=16)
+    config = tune([problem], TuneJob(search=Search(variants=("sdpa", "chunked")), effort=Effort(trials=4, rounds=1)),
+                  measure_fn=FakeMeasure(TABLE))
+    (entry,) = config.entries
+    assert entry.settings["variants"] == ["sdpa", "chunked"]
+    assert {c["variant"] for c in entry.candidates} <= {"sdpa", "chunked"}
 
 
 def test_updated_sets_fields_by_name_in_their_sections_and_makes_a_guard_when_asked() -> None:
@@ -50,7 +71,7 @@ def test_updated_sets_fields_by_name_in_their_sections_and_makes_a_guard_when_as
 
 def test_the_help_shows_the_defaults_the_job_holds() -> None:
     """Help texts are generated from the dataclasses and the preset, so they cannot drift from the code."""
-    quick = preset_job(PRESETS["quick"])
+    quick = PRESETS["quick"].job
     shown = " ".join(CliRunner().invoke(cli, ["tune", "--help"], terminal_width=1000).output.split())
     assert f"[default: {Effort().trials}, stale only: {RETUNE_EFFORT.trials}, quick: {quick.effort.trials}]" in shown
     batches = Guard(factory="m:f").batches

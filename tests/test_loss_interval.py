@@ -193,3 +193,20 @@ def test_a_re_choice_says_which_budget_the_model_broke(tmp_path: Path) -> None:
     shown = CliRunner().invoke(cli, ["show", str(tmp_path / "c.json")])
     assert shown.exit_code == 0 and "over the metric budget, " in shown.output
     assert "loss budget" not in shown.output
+
+
+def test_targets_that_do_not_fit_the_output_are_one_line() -> None:
+    """The factory's targets one position short of the logits: the user's mistake, named, not a traceback."""
+    import torch
+
+    from attn_tune.errors import UsersCodeError
+    from attn_tune.tuner.validator import Validator
+
+    def short_targets():
+        return torch.nn.Identity(), (torch.randn(1, 8, 5),), torch.zeros(1, 7, dtype=torch.long)
+
+    with pytest.raises(UsersCodeError) as raised:
+        Validator(short_targets, "mymodels:short_targets")
+    message = str(raised.value)
+    assert message.startswith("the loss of mymodels:short_targets's output against its targets raised ValueError")
+    assert "\n" not in message

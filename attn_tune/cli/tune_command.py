@@ -17,7 +17,7 @@ from attn_tune.cli.options import options_given, problem_options, problems_from_
 from attn_tune.errors import AttnTuneError, InvalidProblem, users_code
 from attn_tune.problem import Problem
 from attn_tune.tuner.job import CAPTURED_SAMPLES, OBJECTIVES, RETUNE_EFFORT, Search, TuneJob, default_text
-from attn_tune.tuner.presets import PRESETS, preset_job
+from attn_tune.tuner.presets import PRESETS
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -103,7 +103,9 @@ _JOB_OPTIONS = {
               help="Let approximate variants take part within this relative error per call (a search filter). "
                    + default_text("max_error", quick=_QUICK_JOB.search.max_error))
 @click.option("--memory-budget", type=ByteSize(), default=None, help="Never choose a candidate whose peak memory exceeds this (2GiB, 512MB).")
-@click.option("--objective", type=click.Choice(OBJECTIVES), default=None, help=default_text("objective"))
+@click.option("--objective", type=click.Choice(OBJECTIVES), default=None,
+              help="What the choice minimises: latency, peak memory, or balanced (the fastest point of the Pareto "
+                   "front of both). " + default_text("objective"))
 @click.option("--storage", default=None, help="Optuna storage URL (sqlite:///..., postgresql://user@host/db). [default: an SQLite file beside --out]")
 @click.option("--workers", type=click.IntRange(min=1), default=None,
               help="Processes measuring trials at once, sharing each study through the storage. "
@@ -190,7 +192,7 @@ def tune_command(ctx: click.Context, factory_spec: str | None, shapes: str | Non
 def _base_job(preset: str | None, stale_only: bool) -> TuneJob:
     """The job the options change: the preset's, a re-tune's (fewer trials), or the defaults."""
     if preset:
-        return preset_job(PRESETS[preset])
+        return PRESETS[preset].job
     return TuneJob(effort=RETUNE_EFFORT) if stale_only else TuneJob()
 
 

@@ -28,16 +28,17 @@ class Search:
     objective: str = "latency"  # "latency", "memory", or "balanced" (the fastest point of the Pareto front)
     max_error: float | None = None  # approximate variants take part, chosen only within this measured error
     memory_budget: int | None = None  # bytes: a candidate whose measured peak exceeds it is never chosen
-    variants: tuple[Variant, ...] | None = None  # the pool; None: every registered variant
+    variants: tuple[Variant | str, ...] | None = None  # the pool, variants or their names; None: every registered
     activations: str | None = None  # `capture --activations` file: errors are the worst over its real calls
 
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES:
             raise AttnTuneError(f"unknown objective {self.objective!r}; choose one of {', '.join(OBJECTIVES)}")
         _positive("memory_budget", self.memory_budget)
-        if self.max_error is not None and not self.max_error >= 0:
-            raise AttnTuneError(f"max_error must be 0 or more, got {self.max_error}")
+        _positive("max_error", self.max_error, allow_zero=True)
         if self.variants is not None:
+            if isinstance(self.variants, (str, Variant)) or not all(isinstance(v, (str, Variant)) for v in self.variants):
+                raise AttnTuneError(f"variants is a list of variants or their names, got {self.variants!r}")
             object.__setattr__(self, "variants", tuple(self.variants))
 
 
@@ -96,9 +97,7 @@ class Guard:
                                 "(MODULE:FACTORY or the function)")
         _positive("batches", self.batches)
         for name in ("max_loss_change", "max_metric_drop"):
-            value = getattr(self, name)
-            if value is not None and not value >= 0:
-                raise AttnTuneError(f"{name} must be 0 or more, got {value}")
+            _positive(name, getattr(self, name), allow_zero=True)
 
     @property
     def label(self) -> str:
@@ -124,6 +123,10 @@ class TuneJob:
     guard: Guard | None = None
 
     def __post_init__(self) -> None:
+        for name, section in _SECTIONS.items():
+            value = getattr(self, name)
+            if not isinstance(value, section) and not (name == "guard" and value is None):
+                raise AttnTuneError(f"a TuneJob's {name} is a {section.__name__}, got {type(value).__name__}")
         if self.execution.workers > 1 and (self.effort.timeout or self.effort.problem_timeout):
             raise AttnTuneError("time limits apply to one process; with --workers, bound the run by --trials")
 
@@ -154,8 +157,17 @@ def default_text(name: str, **others: Any) -> str:
     return f"[{', '.join(parts)}]" if parts else ""
 
 
+_WHOLE = {"trials", "finalists", "rounds", "max_rounds", "workers", "batches", "memory_budget"}
+
+
 def _positive(name: str, value: float | None, allow_zero: bool = False) -> None:
-    if value is not None and not (value >= 0 if allow_zero else value > 0):
+    if value is None:
+        return
+    kinds = (int,) if name in _WHOLE else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds):
+        kind = "a whole number" if name in _WHOLE else "a number"
+        raise AttnTuneError(f"{name} must be {kind}{' of bytes' if name == 'memory_budget' else ''}, got {value!r}")
+    if not (value >= 0 if allow_zero else value > 0):
         raise AttnTuneError(f"{name} must be {'0 or more' if allow_zero else 'positive'}, got {value}")
 
 

@@ -5,29 +5,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from attn_tune.problem import Problem
-from attn_tune.registry.catalog import get_variant
 from attn_tune.tuner.job import CAPTURED_SAMPLES, Effort, Guard, Search, TuneJob
 
-__all__ = ["Preset", "PRESETS", "preset_job"]
+__all__ = ["Preset", "PRESETS"]
 
 
 @dataclass(frozen=True)
 class Preset:
-    """A tuning job, its problems, and for a job guarded by a model, the real calls captured of each of its
-    problems (`samples`); variants are named, resolved when the job is made (a plugin's may be missing here)."""
+    """A tuning job and its problems; for a job guarded by a model, the real calls captured of each of its problems
+    (`samples`)."""
 
     description: str
     job: TuneJob
     problems: tuple[Problem, ...] = ()
-    variants: tuple[str, ...] | None = None  # the pool by name (default: every registered variant)
     samples: int = CAPTURED_SAMPLES
-
-
-def preset_job(preset: Preset) -> TuneJob:
-    """The preset's job with its variant pool resolved."""
-    if preset.variants is None:
-        return preset.job
-    return preset.job.updated(variants=tuple(get_variant(name) for name in preset.variants))
 
 
 PRESETS: dict[str, Preset] = {
@@ -37,14 +28,14 @@ PRESETS: dict[str, Preset] = {
                     "batches (each interval's upper end decides), and a sliding-window problem: about a minute "
                     "on 2 CPU cores",
         job=TuneJob(
-            search=Search(max_error=0.35),
+            search=Search(max_error=0.35, variants=("sdpa", "sdpa-math", "chunked", "local", "window-chunked",
+                                                   "window-flex")),
             effort=Effort(trials=20, rounds=3, trial_measure={"warmup": 1, "min_repeats": 3, "min_time_s": 0.05},
                           final_measure={"warmup": 1, "min_repeats": 5, "min_time_s": 0.1}),
             guard=Guard(factory="attn_tune.models:pretrained_lm", batches=20, max_loss_change=0.01,
                         max_metric_drop=0.005),
         ),
         problems=(Problem(batch=1, heads=4, q_len=2048, head_dim=32, causal=True, window=256),),
-        variants=("sdpa", "sdpa-math", "chunked", "local", "window-chunked", "window-flex"),
         samples=4,
     ),
 }

@@ -10,9 +10,11 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from attn_tune.activations import check_against, describe_inputs
+from attn_tune.errors import AttnTuneError
 from attn_tune.measurement.inputs import load_captured
 from attn_tune.measurement.measure import measure
 from attn_tune.problem import Inputs, Problem, check_device
+from attn_tune.registry.catalog import get_variant
 from attn_tune.registry.catalog import variants as registered_variants
 from attn_tune.registry.plugins import own_version
 from attn_tune.registry.space import quiet_optuna
@@ -59,11 +61,13 @@ def tune(
             problems, a budget the guard's model has no figure for, an unreachable storage. Every check is made
             before anything is measured (the job's own values are checked when it is made).
     """
+    if isinstance(problems, Problem) or not all(isinstance(p, Problem) for p in problems):
+        raise AttnTuneError("tune takes a list of Problem")
     listener = listener or TuneListener()
     captured = _checked(problems, job)
+    run = _Run(problems, job, measure_fn, captured)  # the pool resolved: an unknown name is one line, early
     validator = build_validator(job.guard) if job.guard is not None else None
     with quiet_optuna():
-        run = _Run(problems, job, measure_fn, captured)
         studies = run.prepare(queue_first or {}, listener)
         entries = run.search(studies, listener)
         config = TunedConfig(entries=list(alongside) + entries, device=run.top, attn_tune=own_version(),
@@ -93,7 +97,8 @@ class _Run:
                  captured: dict[Problem, list[Inputs]]) -> None:
         self.problems, self.job, self.measure_fn, self.captured = list(problems), job, measure_fn, captured
         self.started = time.monotonic()
-        self.pool = list(job.search.variants) if job.search.variants is not None else registered_variants()
+        self.pool = [get_variant(v) if isinstance(v, str) else v for v in job.search.variants] \
+            if job.search.variants is not None else registered_variants()
         self.devices = {p.device: device_info(p.device) for p in problems}
         self.top = self.devices[problems[0].device] if problems else device_info("cpu")
         effort = job.effort

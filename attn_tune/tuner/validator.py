@@ -37,7 +37,13 @@ def _output(out: Any) -> torch.Tensor:
     return found
 
 
-def _loss(out: Any, targets: Any) -> tuple[float | None, str | None]:
+def _loss(out: Any, targets: Any, label: str) -> tuple[float | None, str | None]:
+    """The loss and where it came from; targets that do not fit the output are the user's, said in one line."""
+    return users_code(f"the loss of {label}'s output against its targets",
+                      lambda: _loss_of(out, targets))
+
+
+def _loss_of(out: Any, targets: Any) -> tuple[float | None, str | None]:
     own = own_loss(out)
     if own is not None:
         return float(own), "model"
@@ -77,7 +83,7 @@ class Validator:
             for i, (_, _, targets) in enumerate(self.built.batches):
                 out = users_code(self.label, lambda i=i: self.built.run(i))
                 self.exact_outputs.append(_output(out).detach())
-                loss, self.loss_from = _loss(out, targets)
+                loss, self.loss_from = _loss(out, targets, self.label)
                 losses.append(loss)
                 metrics.append(self._score(out, targets))
         self.losses_exact = None if self.loss_from is None else losses
@@ -131,7 +137,7 @@ class Validator:
             for i, (_, _, targets) in enumerate(self.built.batches):
                 out = users_code(self.label, lambda i=i: self.built.run(i))
                 errors.append(relative_error(_output(out), self.exact_outputs[i].double()))
-                losses.append(_loss(out, targets)[0])
+                losses.append(_loss(out, targets, self.label)[0])
                 metrics.append(self._score(out, targets))
         return Validation(self.label, calls, max(errors), self.losses_exact,
                           None if self.losses_exact is None else losses, self.loss_from,
