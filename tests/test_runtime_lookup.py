@@ -138,7 +138,8 @@ def test_refusal_at_call_time_falls_back_once_with_a_warning() -> None:
 def test_approximate_entries_serve_only_their_own_problem_exact_ones_their_neighbours_too() -> None:
     """By hand, no tune. `rough` (approximate, supports everything, masks included) tuned for q512 and `chunked`
     (exact) for q256, both unmasked: the exact entry reaches its nearest lengths and the masked twin of its
-    problem; the approximate one reaches neither (its error was measured only at its own problem)."""
+    problem; the approximate one reaches neither (its error was measured only at its own problem). Both were tuned
+    with approximate variants allowed: only the approximate choice is called approximate."""
 
     def rough(q, k, v, *, is_causal, window, attn_mask, scale, **params):
         return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
@@ -152,9 +153,12 @@ def test_approximate_entries_serve_only_their_own_problem_exact_ones_their_neigh
         return attn_tune.explain(q, q, q, attn_mask=mask, is_causal=causal)
 
     with registered(attn_tune.Variant(name="rough", family="dense", fn=rough, exact=False)):
-        attn_tune.use_config(config([entry(approximate, "rough", max_error=2.0), entry(exact, "chunked", {"chunk": 32})]))
+        attn_tune.use_config(config([entry(approximate, "rough", max_error=2.0),
+                                     entry(exact, "chunked", {"chunk": 32}, max_error=2.0)]))
         own = decision(512)
         assert (own.variant, own.rule) == ("rough", "own-entry")
+        assert "error:    approximate, tuned within max_error 2" in str(own)
+        assert "approximate" not in str(decision(256, causal=True)) and decision(256, causal=True).max_error == 0
         for near in (decision(600), decision(512, masked=True)):  # nearest lengths; the masked twin
             assert near.entry == approximate and (near.variant, near.rule) == ("sdpa", "fallback")
             assert "approximate rough, whose error was measured only at" in near.reason

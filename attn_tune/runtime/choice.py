@@ -94,7 +94,8 @@ def choose(problem: Problem, match: Match | None | str = "find", heads_axis: boo
                                    "is no longer known", match)
     params = dict(choice.get("params", {}))
     how += f" (stale: {stale})" if stale else ""
-    decision = Decision(problem, variant.name, params, match.rule, how, entry.problem, label, entry.max_error)
+    decision = Decision(problem, variant.name, params, match.rule, how, entry.problem, label,
+                        0.0 if variant.exact else entry.max_error)
     route = Route(decision, bound(variant.fn, params, heads_axis), fallback, heads_axis,
                   not params and _as_sdpa(variant, problem))
     if not variant.exact and shadowing.rate() > 0:

@@ -33,7 +33,7 @@ class Decision:
     reason: str
     entry: Problem | None = None
     config: str | None = None
-    max_error: float = 0.0
+    max_error: float = 0.0  # the error the entry was tuned within, when its variant is approximate (else 0)
 
     def __str__(self) -> str:
         lines = [f"problem:  {self.problem.describe() if self.problem else '(not an attn-tune problem)'}"]
@@ -42,7 +42,7 @@ class Decision:
             lines.append(f"entry:    {self.entry.describe()}")
         params = f" {self.params}" if self.params else ""
         lines.append(f"variant:  {self.variant}{params}  [{self.rule}]")
-        if self.max_error:
+        if self.max_error:  # set only for an approximate choice: an exact one is exact whatever the search allowed
             lines.append(f"error:    approximate, tuned within max_error {self.max_error:g}")
         lines.append(f"why:      {self.reason}")
         return "\n".join(lines)
