@@ -241,7 +241,7 @@ def test_a_preset_with_a_model_captures_tunes_and_validates_it(user_module: Path
                 max_loss_change=0.01, trials=3, trial_measure=light, final_measure=light, rounds=1)))
     result = run("tune", "--preset", "quick", "--out", "tuned.json")
     assert result.exit_code == 0, result.output
-    assert "captured 1 problem(s) of act_models:lm, up to 2 real calls each" in result.stdout
+    assert "captured 1 problem of act_models:lm, up to 2 real calls each" in result.stdout
     assert "validate act_models:lm: loss exact" in result.stdout and "calls approximate" in result.stdout
     tuned = load_config("tuned.json")
     inputs = {e.problem: e.error_inputs for e in tuned.entries}

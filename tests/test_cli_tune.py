@@ -222,3 +222,17 @@ def test_export_from_a_missing_sqlite_file_creates_nothing(tmp_path: Path) -> No
     result = run("export", "--storage", f"sqlite:///{tmp_path / 'nope.db'}", "--out", tmp_path / "t.json")
     assert result.exit_code == 2 and "does not exist" in result.output
     assert not (tmp_path / "nope.db").exists() and not (tmp_path / "t.json").exists()
+
+
+def test_counts_read_as_english_one_entry_is_not_one_entries(tmp_path: Path) -> None:
+    """`show` and `merge` of a one-entry config: '1 entry', '1 config'; two: '2 entries'."""
+    path = tmp_path / "one.json"
+    runtime_helpers.config([runtime_helpers.entry(Problem(batch=1, heads=2, q_len=64, head_dim=16), "sdpa")]).save(path)
+    shown = run("show", path)
+    assert shown.exit_code == 0 and f"{path}: 1 entry, cpu" in shown.stdout
+    merged = run("merge", path, "--out", tmp_path / "merged.json")
+    assert merged.exit_code == 0 and "(1 entry from 1 config)" in merged.stdout
+    two = runtime_helpers.config([runtime_helpers.entry(Problem(batch=1, heads=2, q_len=n, head_dim=16), "sdpa")
+                                  for n in (64, 128)])
+    two.save(tmp_path / "two.json")
+    assert ": 2 entries, cpu" in run("show", tmp_path / "two.json").stdout

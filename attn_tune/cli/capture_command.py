@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from attn_tune.cli.group import cli
-from attn_tune.cli.render import echo_json, table
+from attn_tune.cli.render import counted, echo_json, table
 from attn_tune.errors import AttnTuneError, users_code
 from attn_tune.tuner.job import CAPTURED_SAMPLES
 
@@ -58,4 +58,4 @@ def capture_command(factory_spec: str, out: str, activations: str | None, sample
                      rows if activations else [row[:1] for row in rows]))
     written = f"{out} and {activations}" if activations else out
     then = f" --activations {activations}" if activations else ""
-    click.echo(f"wrote {written} ({len(problems)} problem(s)); next: attn-tune tune --shapes {out}{then} --out tuned.json")
+    click.echo(f"wrote {written} ({counted(len(problems), 'problem')}); next: attn-tune tune --shapes {out}{then} --out tuned.json")

@@ -9,7 +9,7 @@ import click
 
 from attn_tune.cli.group import cli
 from attn_tune.cli.options import options_given, problem_options, problems_from_options
-from attn_tune.cli.render import echo_json, mib, table, versus_default
+from attn_tune.cli.render import counted, echo_json, mib, table, versus_default
 from attn_tune.errors import AttnTuneError
 from attn_tune.problem import Problem
 
@@ -73,7 +73,7 @@ def show_command(ctx: click.Context, config_path: str, why: bool, as_json: bool,
     if report.message:
         click.echo(report.message.removeprefix("attn-tune: "), err=True)
     device = config.device
-    click.echo(f"{config_path}: {len(config.entries)} entries, {device.get('type')} {device.get('name', '')}, "
+    click.echo(f"{config_path}: {counted(len(config.entries), 'entry', 'entries')}, {device.get('type')} {device.get('name', '')}, "
                f"attn-tune {config.attn_tune}, torch {config.torch}, created {config.created}")
     rows = []
     for i, e in enumerate(config.entries):
@@ -113,7 +113,7 @@ def merge_command(config_paths: tuple[str, ...], out: str, prefer: str | None) -
     merged = merge_configs([_load(p) for p in config_paths], labels=config_paths, prefer=prefer,
                            on_conflict=lambda line: click.echo(line, err=True))
     merged.save(out)
-    click.echo(f"wrote {out} ({len(merged.entries)} entries from {len(config_paths)} configs)")
+    click.echo(f"wrote {out} ({counted(len(merged.entries), 'entry', 'entries')} from {counted(len(config_paths), 'config')})")
 
 
 @cli.command("export")
@@ -132,7 +132,7 @@ def export_command(storage: str, out: str) -> None:
         click.echo(f"skipped {line}", err=True)
     config.save(out)
     kinds = sorted({(e.device or config.device).get("name", "?") for e in config.entries})
-    click.echo(f"wrote {out} ({len(config.entries)} entries from {len(kinds)} device(s): {', '.join(kinds)})")
+    click.echo(f"wrote {out} ({counted(len(config.entries), 'entry', 'entries')} from {counted(len(kinds), 'device')}: {', '.join(kinds)})")
 
 
 @cli.command("plot")

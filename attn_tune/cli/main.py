@@ -10,7 +10,7 @@ import click
 from attn_tune.cli import capture_command, config_commands, tune_command, validate_command  # noqa: F401  (they register)
 from attn_tune.cli.group import cli
 from attn_tune.cli.options import options_given, problem_options, problems_from_options
-from attn_tune.cli.render import echo_json, mib, table
+from attn_tune.cli.render import counted, echo_json, mib, table
 
 __all__ = ["cli", "main"]
 
@@ -204,8 +204,8 @@ def check_command(variant_name: str, device: str, only: tuple[str, ...], as_json
     else:
         for finding in findings:
             click.echo(str(finding))
-        verdict = f"{len(findings)} finding(s)" if findings else "conforms"
-        scope = f"{ran} problems, {device}" if ran == len(problems) else \
+        verdict = counted(len(findings), "finding") if findings else "conforms"
+        scope = f"{counted(ran, 'problem')}, {device}" if ran == len(problems) else \
             f"{ran} of {len(problems)} problems, {device}; it refuses the other {len(problems) - ran}"
         click.echo(f"{variant.name}: {verdict} ({len(checks)} checks on {scope})")
     if findings:

@@ -10,7 +10,7 @@ import click
 
 from attn_tune.tuned_config import choice_label
 
-__all__ = ["table", "mib", "echo_json", "named", "versus_default"]
+__all__ = ["table", "mib", "echo_json", "named", "versus_default", "counted"]
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[Any]], width: int | None = None) -> str:
@@ -33,6 +33,11 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]], width: int | No
 def named(variant: str, params: dict[str, Any] | None) -> str:
     """A choice as people read it: `local(local_window=256)`, or the bare name without knobs."""
     return choice_label({"variant": variant, "params": params})
+
+
+def counted(n: int, one: str, many: str | None = None) -> str:
+    """'1 entry', '3 entries': a count with its noun in the right number (`many` defaults to `one` + "s")."""
+    return f"{n} {one if n == 1 else many or one + 's'}"
 
 
 def mib(n_bytes: float | None) -> str:

@@ -14,6 +14,7 @@ import click
 
 from attn_tune.cli.group import cli
 from attn_tune.cli.options import options_given, problem_options, problems_from_options
+from attn_tune.cli.render import counted
 from attn_tune.errors import AttnTuneError, InvalidProblem, users_code
 from attn_tune.problem import Problem
 from attn_tune.tuner.job import CAPTURED_SAMPLES, OBJECTIVES, RETUNE_EFFORT, Search, TuneJob, default_text
@@ -74,7 +75,7 @@ def _capture_for_factory(spec: str, samples: int, activations: str) -> list[Prob
     if not captured:
         raise AttnTuneError(f"{spec} {NO_CALLS}; nothing written")
     save_activations(activations, kept, source=spec)
-    click.echo(f"captured {len(captured)} problem(s) of {spec}, up to {samples} real calls each")
+    click.echo(f"captured {counted(len(captured), 'problem')} of {spec}, up to {samples} real calls each")
     return captured
 
 

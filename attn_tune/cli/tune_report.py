@@ -10,7 +10,7 @@ from typing import Any, Callable
 import click
 
 from attn_tune.cli.guard_text import rechoice_line, summary_line
-from attn_tune.cli.render import mib, named, versus_default
+from attn_tune.cli.render import counted, mib, named, versus_default
 from attn_tune.errors import AttnTuneError
 from attn_tune.problem import Problem
 from attn_tune.tuner.listener import TuneListener
@@ -114,7 +114,7 @@ def run_and_report(run: Callable[[TuneReport], Any], problems: list[Problem], re
     config.save(out)
     click.echo(_time_summary(config.entries, problems, [note for _, _, note in report.results],
                              time.monotonic() - started))
-    click.echo(f"wrote {out} ({len(config.entries)} entries; trials in {redact(storage)})")
+    click.echo(f"wrote {out} ({counted(len(config.entries), 'entry', 'entries')}; trials in {redact(storage)})")
     if plot_path:
         plot_config(config, plot_path)
         click.echo(f"wrote {plot_path}")
