@@ -248,7 +248,10 @@ def test_a_preset_with_a_model_captures_tunes_and_validates_it(user_module: Path
     assert inputs[window] == "random"
     assert inputs.get(LM_PROBLEM, "captured: 2 calls") == "captured: 2 calls"  # absent only if dropped
     assert tuned.validation["max_loss_change"] == 0.01 and tuned.validation["loss_change"] <= 0.01
-    assert Path("report.png").read_bytes()[:4] == b"\x89PNG"
+    assert Path("tuned.report.png").read_bytes()[:4] == b"\x89PNG" and "wrote tuned.report.png" in result.stdout
+    again = run("tune", "--preset", "quick", "--out", "other.json")  # its own report, the first one kept
+    assert again.exit_code == 0 and "wrote other.report.png" in again.stdout and Path("tuned.report.png").is_file()
+    assert not Path("report.png").exists()
 
 
 @pytest.mark.slow

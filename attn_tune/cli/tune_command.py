@@ -114,7 +114,8 @@ _JOB_OPTIONS = {
 @click.option("--seed", type=int, default=None, help="Seed of the sampler, for reproducible searches.")
 @click.option("--variant", "variant_names", multiple=True, metavar="NAME", help="Only these variants take part (repeatable).")
 @click.option("--out", type=click.Path(dir_okay=False), default="tuned.json", show_default=True, help="Where the tuned config goes.")
-@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None, help="Also draw the report PNG here. [MODULE:FACTORY and presets: report.png beside --out]")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None, help="Also draw the report PNG here. [MODULE:FACTORY and presets: the config's name with .report.png, "
+                   "tuned.report.png for tuned.json]")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None, help="With --stale-only: the tuned config to bring up to date.")
 @click.option("--stale-only", is_flag=True, help="Re-tune only the --config entries measured under other versions or devices (and problems it lacks), each with the search and guard the config records; keep the rest.")
 @click.option("--timeout", type=_SECONDS, default=None, help="Seconds for the whole run: no trial starts after it; each problem keeps its best so far.")
@@ -145,8 +146,8 @@ def tune_command(ctx: click.Context, factory_spec: str | None, shapes: str | Non
     """Search variants and knobs per problem by measuring them; write the tuned config.
 
     With MODULE:FACTORY (a function returning (model, example_inputs[, targets])), the model runs unchanged: its
-    attention problems and a few real calls of each are captured, tuned, and validated end to end (report.png
-    beside the config). --preset quick is this applied to the bundled LM.
+    attention problems and a few real calls of each are captured, tuned, and validated end to end (the report
+    beside the config: tuned.report.png for tuned.json). --preset quick is this applied to the bundled LM.
     """
     from attn_tune.activations import check_against
     from attn_tune.cli.tune_report import TuneReport, run_and_report
@@ -164,7 +165,7 @@ def tune_command(ctx: click.Context, factory_spec: str | None, shapes: str | Non
     job, problems = _base_job(preset, stale_only), list(PRESETS[preset].problems) if preset else []
     factory_spec = factory_spec or (job.guard.factory if preset and job.guard else None)
     if factory_spec:
-        plot_path = plot_path or str(Path(out).with_name("report.png"))
+        plot_path = plot_path or report_path(out)
         given.update(factory=factory_spec, activations=str(Path(out).with_suffix(".activations.safetensors")))
     job = job.updated(**{"storage": default_storage_url(out), **given})
     if stale_only:
@@ -188,6 +189,12 @@ def tune_command(ctx: click.Context, factory_spec: str | None, shapes: str | Non
         if written is not None:
             written.unlink(missing_ok=True)
         raise
+
+
+def report_path(out: str) -> str:
+    """Where the report of a config goes unless --plot says: beside it, named after it, so a second tune into
+    another file keeps the first's report."""
+    return str(Path(out).with_suffix(".report.png"))
 
 
 def _base_job(preset: str | None, stale_only: bool) -> TuneJob:
