@@ -39,6 +39,14 @@ def lm():
 def lm_without_targets():
     return lm()[:2]
 
+def lm_batches(batches=None):
+    """lm's model, and `batches` held-out batches of it when asked (as a factory that can give an interval)."""
+    model, inputs, targets = lm()
+    if batches is None:
+        return model, inputs, targets
+    ids = torch.randint(0, 32, (batches, 1, 65), generator=torch.Generator().manual_seed(1))
+    return model, [(x[:, :-1],) for x in ids], [x[:, 1:] for x in ids]
+
 def top1(logits, targets):
     return float((logits.argmax(-1) == targets).float().mean())
 
@@ -113,10 +121,15 @@ def test_capture_with_activations_round_trips(user_module: Path) -> None:
     assert not torch.equal(loaded[LM_PROBLEM][0].q, loaded[LM_PROBLEM][1].q)
 
 
-def test_capture_cli_writes_shapes_and_activations(user_module: Path) -> None:
+def test_capture_cli_writes_shapes_and_activations(user_module: Path, monkeypatch) -> None:
+    from attn_tune.cli import progress
+
+    monkeypatch.setattr(progress, "on_terminal", lambda: True)  # progress on a terminal, but never under --json
     result = run("capture", "act_models:lm", "--out", "s.json", "--activations", "a.safetensors", "--samples", "3",
                  "--json")
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == 0 and result.stderr == "", result.output
+    shown = run("capture", "act_models:lm", "--out", "t.json")
+    assert "capturing act_models:lm: attention calls: 3" in shown.stderr  # the model's three layers, counted
     report = json.loads(result.stdout)
     assert report["samples"] == [3] and report["activations"] == "a.safetensors"
     assert [s.call for s in load_activations("a.safetensors")[LM_PROBLEM]] == [0, 1, 2]
@@ -185,6 +198,30 @@ def test_validate_cli_catches_a_planted_bad_config(user_module: Path) -> None:
     assert len(report["calls"]) == 3
 
 
+def test_the_guard_runs_an_interval_of_batches_when_the_factory_can_give_them_and_says_so(user_module: Path,
+                                                                                         monkeypatch) -> None:
+    """No --batches: a factory that takes `batches` is validated on INTERVAL_BATCHES (an interval), one that does not
+    on one batch, and the output says which and why; progress shows on a terminal, never under --json."""
+    from attn_tune.cli import progress
+    from attn_tune.tuner.job import INTERVAL_BATCHES
+
+    config([]).save("exact.json")
+    monkeypatch.setattr(progress, "on_terminal", lambda: True)
+    several = run("validate", "act_models:lm_batches", "--config", "exact.json", "--max-loss-change", "0.01")
+    assert several.exit_code == 0, several.output
+    assert f"guard: {INTERVAL_BATCHES} held-out batches of act_models:lm_batches (it takes `batches`" in several.stdout
+    assert f"{INTERVAL_BATCHES} batches)" in several.stdout and "the interval's upper end decides" in several.stdout
+    assert "act_models:lm_batches: batches with exact attention" in several.stderr
+    assert "act_models:lm_batches: batches with the config" in several.stderr
+    one = run("validate", "act_models:lm", "--config", "exact.json")
+    assert "guard: one batch of act_models:lm, so no interval: the factory takes no `batches`" in one.stdout
+    assert "(one batch, so no interval" in one.stdout
+    quiet = run("validate", "act_models:lm_batches", "--config", "exact.json", "--json")
+    assert quiet.exit_code == 0 and quiet.stderr == "" and json.loads(quiet.stdout)["batches"] == INTERVAL_BATCHES
+    asked = run("validate", "act_models:lm_batches", "--config", "exact.json", "--batches", "3", "--json")
+    assert json.loads(asked.stdout)["batches"] == 3
+
+
 def test_tune_validate_drops_what_breaks_the_loss_budget(user_module: Path) -> None:
     """A candidate error filter loose enough to admit a harmful window; the loss budget removes it."""
     result = run("capture", "act_models:lm", "--out", "s.json", "--activations", "a.safetensors")
@@ -197,6 +234,7 @@ def test_tune_validate_drops_what_breaks_the_loss_budget(user_module: Path) -> N
     assert result.exit_code == 0, result.output
     assert "tiny-window for b1 h2 q64 d16 float32 cpu causal had the worst call" in result.stdout
     assert "sdpa serves it" in result.stdout  # nothing else in the pool: the entry is dropped
+    assert "guard: one batch of act_models:lm, so no interval" in result.stdout
     tuned = load_config("tuned.json")
     assert tuned.entries == [] or all(e.choice["variant"] != "tiny-window" for e in tuned.entries)
     assert tuned.validation["dropped"][0]["variant"] == "tiny-window" and tuned.validation["loss_change"] == 0.0

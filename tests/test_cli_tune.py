@@ -41,6 +41,21 @@ def test_tune_writes_config_plot_and_a_summary_line_per_problem(tuned: Path) -> 
     lines = result.stdout.splitlines()
     assert lines[0].startswith("b1 h2 q32 d8 float32 cpu causal: ") and "x sdpa's" in lines[0] and "4 trials" in lines[0]
     assert lines[-1].startswith(f"wrote {tuned} (2 entries")
+    _assert_parts_add_up(lines[-2])
+
+
+def _assert_parts_add_up(line: str) -> None:
+    """'time: T s: tuning 2 problems A s (F s of it in first calls ...), ..., setting up and writing B s': the parts
+    sum to the whole, and first calls are a part of tuning."""
+    import re
+
+    assert line.startswith("time: "), line
+    total = float(re.match(r"time: (\d+\.\d) s: ", line).group(1))
+    parts = [float(x) for x in re.findall(r"(?:model|problems?|re-choices|writing) (\d+\.\d) s", line)]
+    first = float(re.search(r"\((\d+\.\d) s of it in first calls", line).group(1))
+    tuning = float(re.search(r"tuning \d+ problems? (\d+\.\d) s", line).group(1))
+    assert len(parts) >= 2 and abs(sum(parts) - total) <= 0.05 * len(parts) + 1e-9, line
+    assert first <= tuning + 0.05, line
 
 
 @pytest.mark.slow
@@ -222,6 +237,24 @@ def test_export_from_a_missing_sqlite_file_creates_nothing(tmp_path: Path) -> No
     result = run("export", "--storage", f"sqlite:///{tmp_path / 'nope.db'}", "--out", tmp_path / "t.json")
     assert result.exit_code == 2 and "does not exist" in result.output
     assert not (tmp_path / "nope.db").exists() and not (tmp_path / "t.json").exists()
+
+
+@pytest.mark.slow
+def test_long_waits_show_progress_on_a_terminal_and_the_time_line_adds_up(tmp_path: Path, monkeypatch) -> None:
+    """Trials and the head-to-head's rounds as they go (stderr, a terminal only); the closing time line's parts."""
+    from attn_tune.cli import progress
+
+    monkeypatch.setattr(progress, "on_terminal", lambda: True)
+    result = run("tune", "--seq-len", "32", "--heads", "2", "--head-dim", "8", "--trials", "3", "--seed", "0",
+                 "--out", tmp_path / "tuned.json")
+    assert result.exit_code == 0, result.output
+    assert "b1 h2 q32 d8 float32 cpu: trials" in result.stderr and "3/3" in result.stderr
+    assert "b1 h2 q32 d8 float32 cpu: head-to-head rounds" in result.stderr
+    _assert_parts_add_up(result.stdout.splitlines()[-2])
+    monkeypatch.setattr(progress, "on_terminal", lambda: False)  # piped: the same run prints no progress at all
+    again = run("tune", "--seq-len", "32", "--heads", "2", "--head-dim", "8", "--trials", "3", "--seed", "0",
+                "--out", tmp_path / "piped.json", "--storage", f"sqlite:///{tmp_path / 'piped.db'}")
+    assert again.exit_code == 0 and again.stderr == "", again.stderr
 
 
 def test_counts_read_as_english_one_entry_is_not_one_entries(tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ from attn_tune import Problem
 from attn_tune.cli.main import cli
 from attn_tune.errors import AttnTuneError
 from attn_tune.tuner.guard import guard_from_record
-from attn_tune.tuner.job import RETUNE_EFFORT, Effort, Execution, Guard, Search, TuneJob, default_text
+from attn_tune.tuner.job import INTERVAL_BATCHES, RETUNE_EFFORT, Effort, Execution, Guard, Search, TuneJob, default_text
 from attn_tune.tuner.presets import PRESETS
 from attn_tune.tuner.tune import tune
 
@@ -74,10 +74,11 @@ def test_the_help_shows_the_defaults_the_job_holds() -> None:
     quick = PRESETS["quick"].job
     shown = " ".join(CliRunner().invoke(cli, ["tune", "--help"], terminal_width=1000).output.split())
     assert f"[default: {Effort().trials}, stale only: {RETUNE_EFFORT.trials}, quick: {quick.effort.trials}]" in shown
-    batches = Guard(factory="m:f").batches
-    assert f"[default: {batches}, quick: {quick.guard.batches}]" in shown
+    assert Guard(factory="m:f").batches is None  # the guard's own count: guard_batches
+    assert (f"[default: {INTERVAL_BATCHES} when the factory takes `batches` (an interval), else 1, quick: "
+            f"{quick.guard.batches}]") in shown
     assert f"[quick: {quick.guard.max_metric_drop}]" in shown and f"[default: {Search().objective}]" in shown
-    assert default_text("batches") == f"[default: {batches}]"
+    assert default_text("trials") == f"[default: {Effort().trials}]"
 
 
 def test_a_validation_record_gives_its_guard_back() -> None:

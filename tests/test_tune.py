@@ -173,6 +173,24 @@ def test_resume_reuses_the_study(tmp_path) -> None:
     assert len(third.trial_points()) == 10
 
 
+
+def test_a_resumed_study_counts_only_the_first_calls_this_run_made(tmp_path) -> None:
+    """The second run measures nothing new: its record's first calls are none of the first run's, so the parts of
+    its time are parts of it (first_calls_s once summed every trial the study ever ran: 170.9 s of a 65.6 s run)."""
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+
+    def cold(variant, problem, params, **kwargs):
+        if kwargs.get("phase", "trial") == "trial":
+            time.sleep(0.02)  # the first call takes what it says
+        return Measurement(latency_ms=1.0, latency_iqr_ms=0.0, peak_bytes=1, rel_error=0.0, repeats=1,
+                           first_call_ms=20.0)
+
+    first = tune([PROBLEM], job(trials=6, storage=storage, variants=POOL, **FINAL), measure_fn=cold).entries[0]
+    assert first.tuning["first_calls_s"] >= 0.1 and first.tuning["wall_s"] >= first.tuning["first_calls_s"]
+    again = tune([PROBLEM], job(trials=6, storage=storage, variants=POOL, **FINAL), measure_fn=cold).entries[0]
+    assert again.tuning["first_calls_s"] == 0.0 and again.tuning["other_s"] == again.tuning["wall_s"]
+
+
 KILLABLE = textwrap.dedent(
     """
     import json, sys, time

@@ -28,7 +28,9 @@ def capture_command(factory_spec: str, out: str, activations: str | None, sample
     """Run FACTORY()'s (model, example_inputs[, targets]) once and record every attn_tune.attention problem it
     asks for."""
     from attn_tune.activations import describe_inputs, save_activations
-    from attn_tune.runtime.capture import NO_CALLS, capture_activations, capture_factory, load_factory, save_shapes
+    from attn_tune.cli.progress import Progress
+    from attn_tune.runtime.capture import (NO_CALLS, capture_activations, capture_factory, counting_calls, load_factory,
+                                           save_shapes)
 
     for option, path in (("--out", out), ("--activations", activations)):
         if path is not None and not Path(path).resolve().parent.is_dir():
@@ -37,11 +39,13 @@ def capture_command(factory_spec: str, out: str, activations: str | None, sample
         raise click.UsageError("--samples is the number of calls kept with --activations; give --activations FILE")
     factory = load_factory(factory_spec)
     kept: dict = {}
-    if activations is None:
-        problems = users_code(factory_spec, lambda: capture_factory(factory, training=training))
-    else:
-        problems, kept = users_code(factory_spec, lambda: capture_activations(factory, samples or CAPTURED_SAMPLES,
-                                                                                   training=training))
+    with Progress(enabled=False if as_json else None) as progress, \
+            counting_calls(lambda n: progress(f"capturing {factory_spec}: attention calls", n)):
+        if activations is None:
+            problems = users_code(factory_spec, lambda: capture_factory(factory, training=training))
+        else:
+            problems, kept = users_code(factory_spec, lambda: capture_activations(
+                factory, samples or CAPTURED_SAMPLES, training=training))
     if not problems:
         raise AttnTuneError(f"{factory_spec} {NO_CALLS}; nothing written")
     save_shapes(problems, out, source=factory_spec)

@@ -12,11 +12,11 @@ __all__ = ["change_text", "loss_line", "metric_line", "summary_line", "calls_tab
 
 
 def change_text(change: float, interval: Any, batches: int, percent: bool = True) -> str:
-    """'+0.48% (95% CI +0.30% to +0.66%, 6 batches)', or '+0.48% (1 batch: no interval)'; `percent` False:
-    plain numbers ('+0.0037 (95% CI ...)')."""
+    """'+0.48% (95% CI +0.30% to +0.66%, 6 batches)', or '+0.48% (one batch, so no interval: ...)'; `percent`
+    False: plain numbers ('+0.0037 (95% CI ...)')."""
     fmt = "{:+.2%}" if percent else "{:+.4f}"
     if batches < 2 or not interval:
-        return f"{fmt.format(change)} (1 batch: no interval)"
+        return f"{fmt.format(change)} (one batch, so no interval: this one figure decides)"
     return (f"{fmt.format(change)} (95% CI {fmt.format(interval[0])} to {fmt.format(interval[1])}, "
             f"{batches} batches)")
 

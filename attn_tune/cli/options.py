@@ -9,7 +9,15 @@ import click
 
 from attn_tune.problem import DTYPES, Problem, check_device
 
-__all__ = ["problem_options", "problems_from_options", "options_given", "PROBLEM_OPTION_NAMES"]
+__all__ = ["problem_options", "problems_from_options", "options_given", "PROBLEM_OPTION_NAMES", "batches_help"]
+
+
+def batches_help(what: str, **others: Any) -> str:
+    """`--batches`' help: `what` they are, and the guard's default count (`guard_batches`) with `others` beside it."""
+    from attn_tune.tuner.job import INTERVAL_BATCHES
+
+    shown = "".join(f", {key}: {value}" for key, value in others.items())
+    return f"{what} [default: {INTERVAL_BATCHES} when the factory takes `batches` (an interval), else 1{shown}]"
 
 
 class IntList(click.ParamType):

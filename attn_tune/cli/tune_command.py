@@ -8,12 +8,12 @@ import dataclasses
 import json
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import click
 
 from attn_tune.cli.group import cli
-from attn_tune.cli.options import options_given, problem_options, problems_from_options
+from attn_tune.cli.options import batches_help, options_given, problem_options, problems_from_options
 from attn_tune.cli.render import counted
 from attn_tune.errors import AttnTuneError, InvalidProblem, users_code
 from attn_tune.problem import Problem
@@ -64,14 +64,16 @@ def _problems_from_shapes(path: str) -> list[Problem]:
     return list(dict.fromkeys(problems))
 
 
-def _capture_for_factory(spec: str, samples: int, activations: str) -> list[Problem]:
+def _capture_for_factory(spec: str, samples: int, activations: str, progress: Callable[..., None]) -> list[Problem]:
     """The factory's model, run once as it is (SDPA patched for the run): its problems, and `samples` real calls
     of each kept in `activations`. A model that fails, or makes no call attn-tune sees, is one line."""
     from attn_tune.activations import save_activations
-    from attn_tune.runtime.capture import NO_CALLS, capture_activations, load_factory
+    from attn_tune.runtime.capture import NO_CALLS, capture_activations, counting_calls, load_factory
 
     factory = load_factory(spec)
-    captured, kept = users_code(spec, lambda: capture_activations(factory, samples))
+    with counting_calls(lambda n: progress(f"capturing {spec}: attention calls", n)):
+        captured, kept = users_code(spec, lambda: capture_activations(factory, samples))
+    progress.close()
     if not captured:
         raise AttnTuneError(f"{spec} {NO_CALLS}; nothing written")
     save_activations(activations, kept, source=spec)
@@ -131,8 +133,8 @@ _JOB_OPTIONS = {
 @click.option("--samples", type=click.IntRange(min=1), default=None,
               help=f"With MODULE:FACTORY: real calls kept per problem to measure errors on. [default: {CAPTURED_SAMPLES}]")
 @click.option("--batches", type=click.IntRange(min=1), default=None,
-              help="Held-out batches the budgets are checked on (the factory takes `batches`); the loss change's "
-                   "95% interval must lie within the budget. " + default_text("batches", quick=_QUICK_JOB.guard.batches))
+              help=batches_help("Held-out batches the budgets are checked on (the factory takes `batches`); the loss "
+                                "change's 95% interval must lie within the budget.", quick=_QUICK_JOB.guard.batches))
 @click.option("--metric", "metric_spec", metavar="MODULE:FN", default=None,
               help="With the model's validation: a task metric fn(outputs, targets) -> number, higher is better "
                    "(else the factory's fourth item).")
@@ -153,6 +155,7 @@ def tune_command(ctx: click.Context, factory_spec: str | None, shapes: str | Non
     from attn_tune.cli.tune_report import TuneReport, run_and_report
     from attn_tune.measurement.inputs import load_captured
     from attn_tune.registry import get_variant
+    from attn_tune.tuner.guard import batches_text, guard_batches
     from attn_tune.tuner.storage import default_storage_url
     from attn_tune.tuner.tune import tune
 
@@ -168,6 +171,10 @@ def tune_command(ctx: click.Context, factory_spec: str | None, shapes: str | Non
         plot_path = plot_path or report_path(out)
         given.update(factory=factory_spec, activations=str(Path(out).with_suffix(".activations.safetensors")))
     job = job.updated(**{"storage": default_storage_url(out), **given})
+    report = TuneReport(job.guard)
+    if job.guard is not None and job.guard.batches is None:  # the count the guard runs, and why, said with its result
+        report.batches_why = batches_text(job.guard)
+        job = job.updated(batches=guard_batches(job.guard))
     if stale_only:
         wanted = _problems(shapes, options) if shapes or options_given(ctx) else []
         _retune(config_path, wanted, job, set(given), out, plot_path)
@@ -176,14 +183,15 @@ def tune_command(ctx: click.Context, factory_spec: str | None, shapes: str | Non
     if factory_spec:
         written = None if Path(job.search.activations).exists() else Path(job.search.activations)
         count = samples or (PRESETS[preset].samples if preset else CAPTURED_SAMPLES)
-        problems = _capture_for_factory(factory_spec, count, job.search.activations) + problems
+        report.phase("capture")
+        problems = _capture_for_factory(factory_spec, count, job.search.activations, report.progress) + problems
     else:
         problems = _problems(shapes, options)
         if shapes and job.search.activations:  # tune() checks this too; here the message can name the file
             check_against(load_captured(job.search.activations), problems, job.search.activations,
                           f"the problems of {shapes}")
     try:
-        run_and_report(lambda listener: tune(problems, job, listener=listener), problems, TuneReport(job.guard),
+        run_and_report(lambda listener: tune(problems, job, listener=listener), problems, report,
                        job.execution.storage, out, plot_path)
     except BaseException:
         if written is not None:

@@ -1,4 +1,4 @@
-"""What `attn-tune tune` shows while and after it runs: a progress bar per problem, a line per problem's choice, the
+"""What `attn-tune tune` shows while and after it runs: progress on a terminal, a line per problem's choice, the
 guard's re-choices and verdict, where the time went; then the config (and report) written."""
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from typing import Any, Callable
 import click
 
 from attn_tune.cli.guard_text import rechoice_line, summary_line
+from attn_tune.cli.progress import Progress
 from attn_tune.cli.render import counted, mib, named, versus_default
 from attn_tune.errors import AttnTuneError
 from attn_tune.problem import Problem
@@ -19,33 +20,45 @@ __all__ = ["TuneReport", "run_and_report"]
 
 
 class TuneReport(TuneListener):
-    """The command's listener: one progress bar per problem on stderr; results and re-choices kept for the end."""
+    """The command's listener: progress on a terminal (trials, head-to-head rounds, the guard's batches); results
+    and re-choices kept for the end; the run's wall time split into consecutive phases, so its parts add up."""
 
     def __init__(self, guard: Any) -> None:
-        self.guard, self.problem, self.bar = guard, None, None
+        self.guard = guard
+        self.batches_why: str | None = None  # how many batches the guard ran and why, when the job did not say
+        self.progress = Progress()
         self.results: list[tuple[Problem, Any, str]] = []
         self.rechoices: list[str] = []
+        self.started = self._since = time.monotonic()
+        self.phases: dict[str, float] = {}
+        self._phase = "other"
+
+    def phase(self, name: str) -> None:
+        """From now on the time goes to `name` (until the next phase)."""
+        now = time.monotonic()
+        self.phases[self._phase] = self.phases.get(self._phase, 0.0) + now - self._since
+        self._phase, self._since = name, now
 
     def trial(self, problem: Problem, done: int, total: int) -> None:
-        if problem != self.problem:
-            self.close()
-            self.problem = problem
-            self.bar = click.progressbar(length=total, label=problem.describe(), file=sys.stderr, show_pos=True)
-            self.bar.__enter__()
-        self.bar.update(max(0, min(done, total) - self.bar.pos))
+        self.phase("tuning")
+        self.progress(f"{problem.describe()}: trials", done, total)
+
+    def step(self, what: str, done: int, total: int) -> None:
+        if self._phase != "tuning":  # the guard's model runs, and its re-choices' head-to-heads
+            self.phase("guard")
+        self.progress(what, done, total)
 
     def result(self, problem: Problem, entry: Any, note: str) -> None:
-        self.close()
-        self.problem = None
+        self.progress.close()
+        self.phase("guard" if self.guard is not None else "other")
         self.results.append((problem, entry, note))
 
     def rechosen(self, record: dict[str, Any]) -> None:
         self.rechoices.append(rechoice_line(record, self.guard))
 
     def close(self) -> None:
-        if self.bar is not None:
-            self.bar.__exit__(None, None, None)
-            self.bar = None
+        self.progress.close()
+        self.phase("other")
 
 
 def _summary(problem: Problem, entry: Any, note: str) -> str:
@@ -67,13 +80,20 @@ def _summary(problem: Problem, entry: Any, note: str) -> str:
             f"{error}, {entry.trials} trials{cut}")
 
 
-def _time_summary(entries: list[Any], tuned: list[Problem], notes: list[str], wall_s: float) -> str:
-    """Where the run's time went: first calls (compiling, masks) against the rest; problems cut short."""
-    records = [e.tuning for e in entries if e.problem in set(tuned) and e.tuning]
-    first = sum(r["first_calls_s"] for r in records)
+def _time_summary(report: TuneReport, entries: list[Any], tuned: list[Problem], notes: list[str]) -> str:
+    """Where the run's time went, in parts that add up to the whole: capturing the model, tuning (and of it, first
+    calls: compiling, building masks), the guard's model runs and re-choices, the rest; problems cut short."""
+    report.phase("other")
+    parts, total = report.phases, time.monotonic() - report.started
+    first = sum(e.tuning["first_calls_s"] for e in entries if e.problem in set(tuned) and e.tuning)
+    shown = [f"capturing the model {parts['capture']:.1f} s"] if "capture" in parts else []
+    shown.append(f"tuning {counted(len(tuned), 'problem')} {parts.get('tuning', 0.0):.1f} s "
+                 f"({first:.1f} s of it in first calls: compiling, building masks)")
+    if "guard" in parts:
+        shown.append(f"the guard's model runs and re-choices {parts['guard']:.1f} s")
+    shown.append(f"setting up and writing {parts.get('other', 0.0):.1f} s")
     cut = sum(note.startswith("cut short") for note in notes)
-    line = (f"time: {wall_s:.1f} s for {len(tuned)} problem(s): {first:.1f} s in first calls (compiling, building masks), "
-            f"{max(wall_s - first, 0.0):.1f} s in timed calls and choosing")
+    line = f"time: {total:.1f} s: " + ", ".join(shown)
     return line + (f"; {cut} cut short by the time limit" if cut else "")
 
 
@@ -84,7 +104,7 @@ def run_and_report(run: Callable[[TuneReport], Any], problems: list[Problem], re
     from attn_tune.tuner.plot import plot_config
     from attn_tune.tuner.storage import StorageError, redact
 
-    started = time.monotonic()
+    report.phase("other")
     try:
         config = run(report)
     except KeyboardInterrupt:
@@ -110,10 +130,11 @@ def run_and_report(run: Callable[[TuneReport], Any], problems: list[Problem], re
     if not config.entries and not config.validation:  # (a budget may drop every entry: that is an answer)
         raise AttnTuneError("no problem got a choice; nothing written")
     if config.validation:
+        if report.batches_why:
+            click.echo(report.batches_why)
         click.echo(f"validate {config.validation.get('factory')}: " + summary_line(config.validation))
     config.save(out)
-    click.echo(_time_summary(config.entries, problems, [note for _, _, note in report.results],
-                             time.monotonic() - started))
+    click.echo(_time_summary(report, config.entries, problems, [note for _, _, note in report.results]))
     click.echo(f"wrote {out} ({counted(len(config.entries), 'entry', 'entries')}; trials in {redact(storage)})")
     if plot_path:
         plot_config(config, plot_path)

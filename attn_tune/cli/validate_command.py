@@ -9,7 +9,7 @@ import click
 from attn_tune.cli.group import cli
 from attn_tune.cli.guard_text import calls_table, loss_line, metric_line
 from attn_tune.cli.render import echo_json
-from attn_tune.tuner.job import default_text
+from attn_tune.cli.options import batches_help
 
 
 @cli.command("validate")
@@ -19,8 +19,8 @@ from attn_tune.tuner.job import default_text
 @click.option("--max-loss-change", type=click.FloatRange(min=0), default=None,
               help="Exit 1 unless the loss change's 95% interval lies within this (relative: 0.01 is 1%).")
 @click.option("--batches", type=click.IntRange(min=1), default=None,
-              help="Held-out batches to validate on (the factory takes `batches`); the loss change gets an interval. "
-                   + default_text("batches"))
+              help=batches_help("Held-out batches to validate on (the factory takes `batches`); the loss change gets "
+                                "an interval."))
 @click.option("--metric", "metric_spec", metavar="MODULE:FN", default=None,
               help="A task metric fn(outputs, targets) -> number, higher is better (else the factory's fourth item).")
 @click.option("--max-metric-drop", type=click.FloatRange(min=0), default=None,
@@ -32,14 +32,16 @@ def validate_command(factory_spec: str, config_path: str, max_loss_change: float
     output's error, and the loss change (targets returned third by the factory, or the model's own loss), over
     `--batches` held-out batches with its 95% confidence interval."""
     from attn_tune.tuned_config import load_config
-    from attn_tune.tuner.guard import broken_budgets, build_validator
+    from attn_tune.cli.progress import Progress
+    from attn_tune.tuner.guard import batches_text, broken_budgets, build_validator
     from attn_tune.tuner.job import TuneJob
 
     config = load_config(config_path)
     guard = TuneJob().updated(factory=factory_spec, metric=metric_spec, max_loss_change=max_loss_change,
                               max_metric_drop=max_metric_drop, **({} if batches is None else {"batches": batches})
                               ).guard
-    validation = build_validator(guard).validate(config)
+    with Progress(enabled=None if not as_json else False) as progress:
+        validation = build_validator(guard, progress=progress).validate(config)
     broken = broken_budgets(validation.summary(), guard)
     if as_json:
         echo_json({**validation.to_dict(), "max_loss_change": max_loss_change, "max_metric_drop": max_metric_drop,
@@ -47,9 +49,11 @@ def validate_command(factory_spec: str, config_path: str, max_loss_change: float
     else:
         click.echo(calls_table(validation))
         click.echo(loss_line(validation))
+        if guard.batches is None:
+            click.echo(batches_text(guard))
         if validation.metric is not None:
             click.echo(metric_line(validation))
-        decides = " (the interval's upper end decides)" if guard.batches > 1 else ""
+        decides = " (the interval's upper end decides)" if validation.batches > 1 else ""
         if max_loss_change is not None:
             click.echo(f"{'over' if 'loss' in broken else 'within'} the loss budget of {max_loss_change:+.2%}{decides}")
         if max_metric_drop is not None:

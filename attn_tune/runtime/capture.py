@@ -42,6 +42,20 @@ def observe(observer: Callable[[dispatch.Call], None]) -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def counting_calls(heard: Callable[[int], None]) -> Iterator[None]:
+    """`heard(n)` after each attention call inside the block, n counting from 1: progress for a long capture."""
+    count = 0
+
+    def one_more(call: dispatch.Call) -> None:
+        nonlocal count
+        count += 1
+        heard(count)
+
+    with observe(one_more):
+        yield
+
+
+@contextlib.contextmanager
 def record() -> Iterator[list[Problem]]:
     """Collect the distinct problems `attn_tune.attention` is called with inside the block, in first-seen order."""
     seen: list[Problem] = []
@@ -113,6 +127,14 @@ def _arguments(inputs: Any) -> tuple[tuple, dict]:
     return tuple(inputs), {}
 
 
+def takes_batches(factory: Callable[..., Any]) -> bool:
+    """Whether `factory` has a `batches` parameter, so it can give several held-out batches."""
+    try:
+        return "batches" in inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 def call_factory(factory: Callable[..., Any], batches: int = 1) -> ModelRun:
     """Call `factory()`: it returns (model, example_inputs), (model, example_inputs, targets) or (model,
     example_inputs, targets, metric), metric(outputs, targets) -> a number, higher is better (an accuracy).
@@ -122,11 +144,7 @@ def call_factory(factory: Callable[..., Any], batches: int = 1) -> ModelRun:
     or (model, [inputs] * N, [targets] * N), N held-out batches.
     """
     if batches > 1:
-        try:
-            takes = "batches" in inspect.signature(factory).parameters
-        except (TypeError, ValueError):
-            takes = False
-        if not takes:
+        if not takes_batches(factory):
             raise CaptureError(f"{getattr(factory, '__name__', 'the factory')} takes no `batches` parameter, so it "
                                f"gives one batch: add `batches` and return a list of {batches} inputs (and targets)")
         result = factory(batches=batches)

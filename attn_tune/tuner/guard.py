@@ -7,27 +7,49 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from attn_tune.problem import Problem
-from attn_tune.runtime.capture import load_factory
+from attn_tune.runtime.capture import load_factory, takes_batches
 from attn_tune.tuned_config import Entry, TunedConfig
 from attn_tune.tuner.intervals import upper_within
-from attn_tune.tuner.job import Guard
+from attn_tune.tuner.job import INTERVAL_BATCHES, Guard
 from attn_tune.tuner.validation import Validation, is_exact
 from attn_tune.tuner.validator import Validator
 
-__all__ = ["build_validator", "broken_budgets", "guard_config", "guard_from_record"]
+__all__ = ["build_validator", "guard_batches", "batches_text", "broken_budgets", "guard_config", "guard_from_record"]
 
 Rechoose = Callable[[Problem, float], "Entry | None"]
 
 
-def build_validator(guard: Guard) -> Validator:
-    """The guard's model run once with exact attention on its batches; a budget the model has no figure for (no
-    loss, no metric) is refused here, before anything is tuned."""
-    factory = load_factory(guard.factory) if isinstance(guard.factory, str) else guard.factory
+def build_validator(guard: Guard, progress: Callable[[str, int, int], None] | None = None) -> Validator:
+    """The guard's model run once with exact attention on its batches (`guard_batches`); a budget the model has
+    no figure for (no loss, no metric) is refused here, before anything is tuned. `progress` hears of each batch."""
+    factory = _factory(guard)
     metric = load_factory(guard.metric) if isinstance(guard.metric, str) else guard.metric
-    validator = Validator(factory, label=guard.label, batches=guard.batches, metric=metric,
-                          metric_from=guard.metric if isinstance(guard.metric, str) else None)
+    validator = Validator(factory, label=guard.label, batches=guard_batches(guard), metric=metric,
+                          metric_from=guard.metric if isinstance(guard.metric, str) else None, progress=progress)
     _require(validator, guard)
     return validator
+
+
+def guard_batches(guard: Guard) -> int:
+    """The held-out batches the guard runs: as it says, else INTERVAL_BATCHES when its factory takes `batches`
+    (so each figure gets an interval), else 1."""
+    if guard.batches is not None:
+        return guard.batches
+    return INTERVAL_BATCHES if takes_batches(_factory(guard)) else 1
+
+
+def batches_text(guard: Guard) -> str:
+    """Why the guard runs the batches it does, in one line, for a guard that did not name its count."""
+    count = guard_batches(guard)
+    if count > 1:
+        return (f"guard: {count} held-out batches of {guard.label} (it takes `batches`; {count} give each figure a "
+                "95% interval; --batches N to change)")
+    return (f"guard: one batch of {guard.label}, so no interval: the factory takes no `batches` parameter (give it "
+            "one for an interval: docs/validation.md)")
+
+
+def _factory(guard: Guard) -> Callable[..., Any]:
+    return load_factory(guard.factory) if isinstance(guard.factory, str) else guard.factory
 
 
 def guard_from_record(validation: dict[str, Any] | None) -> Guard | None:

@@ -69,9 +69,11 @@ def _key(variant: Variant, params: dict[str, Any]) -> str:
 def head_to_head(
     finalists: list[tuple[Variant, dict[str, Any]]], problem: Problem, measure_fn: Callable[..., Measurement], *,
     baseline: str | None, min_rounds: int, max_rounds: int, final_kwargs: dict[str, Any], margin: float = TIE_MARGIN,
+    on_round: Callable[[int, int], None] | None = None,
 ) -> tuple[dict[str, Measurement | str], dict[str, Ratio]]:
     """Measure the finalists in interleaved rounds; their figures (medians over rounds) or why they failed, and
-    each candidate's `Ratio` to `baseline` (the key of the default among the finalists; None: no ratios)."""
+    each candidate's `Ratio` to `baseline` (the key of the default among the finalists; None: no ratios).
+    `on_round(done, at_most)` hears of each round (progress: the rounds may stop early, once decided)."""
     runs: dict[str, list[Measurement]] = {}
     failed: dict[str, str] = {}
     ratios: dict[str, Ratio] = {}
@@ -85,6 +87,8 @@ def head_to_head(
             except FAILURES as exc:
                 failed[key] = one_line(exc)
         ratios = _ratios(runs, failed, baseline)
+        if on_round is not None:
+            on_round(done, max(min_rounds, max_rounds))
         if done >= min_rounds and all(r.decided(margin) for r in ratios.values()):
             break
     result: dict[str, Measurement | str] = dict(failed)

@@ -103,6 +103,9 @@ class _Heard(TuneListener):
     def trial(self, problem: Problem, done: int, total: int) -> None:
         self.listener.trial(problem, done, total)
 
+    def step(self, what: str, done: int, total: int) -> None:
+        self.listener.step(what, done, total)
+
     def result(self, problem: Problem, entry: Entry | None, note: str) -> None:
         if entry is not None:
             self.chosen.add(problem)

@@ -91,7 +91,7 @@ def _pareto(points: list[Point]) -> list[Point]:
 def choose(
     points: list[Point], trials: int, problem: Problem, by_name: dict[str, Variant], excluded: dict[str, str], *, objective: str,
     max_error: float | None, memory_budget: int | None, measure_fn: MeasureFn, finalists: int, rounds: int,
-    final_kwargs: dict[str, Any], max_rounds: int | None = None,
+    final_kwargs: dict[str, Any], max_rounds: int | None = None, on_round: Callable[[int, int], None] | None = None,
 ) -> tuple[Entry | None, str]:
     """Rank the feasible points, re-measure the best few (and sdpa) head to head, build the entry.
 
@@ -121,7 +121,7 @@ def choose(
     baseline = default_point.key if default_point is not None and objective != "memory" else None
     final, ratios = head_to_head([(by_name[p.variant], p.params) for p in contenders], problem, measure_fn,
                                  baseline=baseline, min_rounds=rounds, max_rounds=max_rounds or 3 * rounds,
-                                 final_kwargs=final_kwargs)
+                                 final_kwargs=final_kwargs, on_round=on_round)
     for p in contenders:
         outcome = final.get(p.key)
         if outcome is None:  # no head-to-head (rounds=0, a study cut short): the trial's figures stand

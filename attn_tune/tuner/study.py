@@ -7,6 +7,7 @@ studies. Neither imports the other's module: both import this one.
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import json
 import math
@@ -199,14 +200,17 @@ def _optimize_one(study: optuna.Study, objective_fn: Callable[[optuna.Trial], An
             raise
 
 
-def first_calls_s(study: optuna.Study) -> float:
-    """Seconds the study's trials spent in first (cold) calls: compiling, building masks."""
-    return sum((t.user_attrs.get("measured") or {}).get("first_call_ms", 0.0) for t in study.trials) / 1e3
+def first_calls_s(study: optuna.Study, since: datetime.datetime | None = None) -> float:
+    """Seconds the study's trials (those started at or after `since`, when given) spent in first (cold) calls:
+    compiling, building masks."""
+    return sum((t.user_attrs.get("measured") or {}).get("first_call_ms", 0.0) for t in study.trials
+               if since is None or (t.datetime_start is not None and t.datetime_start >= since)) / 1e3
 
 
 def finish_study(
     prepared: PreparedStudy, *, objective: str, max_error: float | None, memory_budget: int | None,
     measure_fn: MeasureFn, finalists: int, rounds: int, final_kwargs: dict[str, Any], max_rounds: int | None = None,
+    on_round: Callable[[int, int], None] | None = None,
 ) -> tuple[Entry | None, str]:
     """Choose from the study's points (re-measuring the best head to head, on this device) and keep the entry in
     the study, where `attn-tune export` finds it. A study cut short skips the head-to-head: its trials decide.
@@ -223,7 +227,7 @@ def finish_study(
     entry, note = choose(points, finished_trials(study), prepared.problem, {v.name: v for v in prepared.chosen},
                          prepared.excluded, objective=objective, max_error=max_error, memory_budget=memory_budget,
                          measure_fn=measure_fn, finalists=finalists, rounds=rounds, final_kwargs=final_kwargs,
-                         max_rounds=0 if prepared.cut_short else max_rounds)
+                         max_rounds=0 if prepared.cut_short else max_rounds, on_round=on_round)
     if entry is not None:
         study.set_user_attr("entry", entry.to_dict())
     return entry, note

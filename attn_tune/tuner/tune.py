@@ -3,6 +3,7 @@ then, when the job has a guard, the model run with the result and held to its bu
 
 from __future__ import annotations
 
+import datetime
 import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -65,11 +66,11 @@ def tune(
         raise AttnTuneError("tune takes a list of Problem")
     listener = listener or TuneListener()
     captured = _checked(problems, job)
-    run = _Run(problems, job, measure_fn, captured)  # the pool resolved: an unknown name is one line, early
-    validator = build_validator(job.guard) if job.guard is not None else None
+    run = _Run(problems, job, measure_fn, captured, listener)  # the pool resolved: an unknown name is one line, early
+    validator = build_validator(job.guard, progress=listener.step) if job.guard is not None else None
     with quiet_optuna():
-        studies = run.prepare(queue_first or {}, listener)
-        entries = run.search(studies, listener)
+        studies = run.prepare(queue_first or {})
+        entries = run.search(studies)
         config = TunedConfig(entries=list(alongside) + entries, device=run.top, attn_tune=own_version(),
                              torch=torch.__version__)
         if validator is not None and config.entries:
@@ -94,8 +95,9 @@ class _Run:
     """One run's studies and how each problem's choice is made (the first time, and again under a guard)."""
 
     def __init__(self, problems: Sequence[Problem], job: TuneJob, measure_fn: MeasureFn,
-                 captured: dict[Problem, list[Inputs]]) -> None:
+                 captured: dict[Problem, list[Inputs]], listener: TuneListener) -> None:
         self.problems, self.job, self.measure_fn, self.captured = list(problems), job, measure_fn, captured
+        self.listener = listener
         self.started = time.monotonic()
         self.pool = [get_variant(v) if isinstance(v, str) else v for v in job.search.variants] \
             if job.search.variants is not None else registered_variants()
@@ -111,8 +113,7 @@ class _Run:
         self.limits = dict(objective=job.search.objective, max_error=job.search.max_error,
                            memory_budget=job.search.memory_budget)
 
-    def prepare(self, queue_first: Mapping[Problem, dict[str, Any]],
-                listener: TuneListener) -> list[PreparedStudy | str]:
+    def prepare(self, queue_first: Mapping[Problem, dict[str, Any]]) -> list[PreparedStudy | str]:
         """Each problem's study (or why it has none); with workers, their trials are run here."""
         search, execution = self.job.search, self.job.execution
         storage, key = open_storage(execution.storage), self.inputs_key
@@ -125,34 +126,33 @@ class _Run:
             run_workers(execution.workers, execution.storage, self.problems, pool=self.pool,
                         trials=self.job.effort.trials, seed=execution.seed, measure_fn=self.measure_fn,
                         measure_kwargs=self.trial_kwargs, studies=[p for p in prepared if not isinstance(p, str)],
-                        on_trial=listener.trial, **self.limits)
+                        on_trial=self.listener.trial, **self.limits)
         return prepared
 
-    def search(self, studies: list[PreparedStudy | str], listener: TuneListener) -> list[Entry]:
+    def search(self, studies: list[PreparedStudy | str]) -> list[Entry]:
         """Every problem's trials (alone, all of them; after workers, what a dead one left) and its choice."""
         entries = []
         run_deadline = None if self.job.effort.timeout is None else self.started + self.job.effort.timeout
         for problem, study in zip(self.problems, studies):
-            started = time.monotonic()
+            started, since = time.monotonic(), datetime.datetime.now()
             if isinstance(study, str):
                 entry, note = None, study
             else:
                 limit = self.job.effort.problem_timeout
                 deadlines = [d for d in (run_deadline, None if limit is None else started + limit) if d is not None]
-                entry, note = self._search_one(study, min(deadlines) if deadlines else None, listener)
+                entry, note = self._search_one(study, min(deadlines) if deadlines else None)
                 if entry is not None:
-                    entry.tuning = _tuning_record(study, time.monotonic() - started)
+                    entry.tuning = _tuning_record(study, time.monotonic() - started, since)
                     entries.append(self._complete(entry))
-            listener.result(problem, entry, note)
+            self.listener.result(problem, entry, note)
         return entries
 
-    def _search_one(self, study: PreparedStudy, deadline: float | None,
-                    listener: TuneListener) -> tuple[Entry | None, str]:
+    def _search_one(self, study: PreparedStudy, deadline: float | None) -> tuple[Entry | None, str]:
         """One problem's trials until its budget or deadline, then its choice; a note says how it went."""
         kwargs = self.trial_kwargs
         if deadline is not None:  # a first call past the time left ends the problem (measure raises TimeoutError)
             kwargs = {**kwargs, "first_call_limit_s": max(deadline - time.monotonic(), 0.0)}
-        run_trials(study, measure_fn=self.measure_fn, measure_kwargs=kwargs, on_trial=listener.trial,
+        run_trials(study, measure_fn=self.measure_fn, measure_kwargs=kwargs, on_trial=self.listener.trial,
                    deadline=deadline, **self.limits)
         if deadline is not None and not study.cut_short and time.monotonic() >= deadline:
             study.cut_short = "the time limit came before the head-to-head"
@@ -160,9 +160,11 @@ class _Run:
         return entry, f"cut short ({study.cut_short}): {note}" if study.cut_short else note
 
     def _choose(self, study: PreparedStudy, **limits: Any) -> tuple[Entry | None, str]:
-        effort = self.job.effort
+        effort, label = self.job.effort, f"{study.problem.describe()}: head-to-head rounds"
         return finish_study(study, measure_fn=self.measure_fn, finalists=effort.finalists, rounds=effort.rounds,
-                            max_rounds=effort.max_rounds, final_kwargs=self.final_kwargs, **{**self.limits, **limits})
+                            max_rounds=effort.max_rounds, final_kwargs=self.final_kwargs,
+                            on_round=lambda done, most: self.listener.step(label, done, most),
+                            **{**self.limits, **limits})
 
     def rechoose(self, studies: list[PreparedStudy | str], entries: list[Entry], problem: Problem,
                  below: float) -> Entry | None:
@@ -197,9 +199,10 @@ def _settings(job: TuneJob, pool: list[Any], key: str) -> dict[str, Any]:
             "variants": None if search.variants is None else [v.name for v in pool], "activations": activations}
 
 
-def _tuning_record(study: PreparedStudy, wall_s: float) -> dict[str, Any]:
-    """Where one problem's tuning time went: first calls (compiling, masks) apart from everything else."""
-    first = first_calls_s(study.study)
+def _tuning_record(study: PreparedStudy, wall_s: float, since: datetime.datetime) -> dict[str, Any]:
+    """Where one problem's tuning time went: first calls (compiling, masks) apart from everything else. Only the
+    trials this search ran count: a resumed study's earlier trials, or other workers', took none of `wall_s`."""
+    first = first_calls_s(study.study, since)
     record: dict[str, Any] = {"wall_s": round(wall_s, 3), "first_calls_s": round(first, 3),
                               "other_s": round(max(wall_s - first, 0.0), 3)}
     if study.cut_short:

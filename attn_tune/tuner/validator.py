@@ -69,10 +69,13 @@ class Validator:
     `validate(config)` runs it with a config and compares. The user's code failing is one line."""
 
     def __init__(self, factory: Callable[..., Any], label: str = "", batches: int = 1,
-                 metric: Callable[[Any, Any], float] | None = None, metric_from: str | None = None) -> None:
+                 metric: Callable[[Any, Any], float] | None = None, metric_from: str | None = None,
+                 progress: Callable[[str, int, int], None] | None = None) -> None:
         """`metric` replaces the factory's own (its fourth item); `metric_from` names where it came from
-        (MODULE:FN), recorded in the config so that a re-tune validates with the same metric."""
+        (MODULE:FN), recorded in the config so that a re-tune validates with the same metric. `progress(what,
+        done, total)` hears of each batch run."""
         self.label = label or getattr(factory, "__name__", "factory")
+        self.progress = progress or (lambda what, done, total: None)
         self.built: ModelRun = users_code(self.label, lambda: call_factory(factory, batches))
         self.built.model.eval()
         self.metric = metric or self.built.metric
@@ -82,6 +85,7 @@ class Validator:
         with use_config(None), torch.no_grad():
             for i, (_, _, targets) in enumerate(self.built.batches):
                 out = users_code(self.label, lambda i=i: self.built.run(i))
+                self.progress(f"{self.label}: batches with exact attention", i + 1, self.batches)
                 self.exact_outputs.append(_output(out).detach())
                 loss, self.loss_from = _loss(out, targets, self.label)
                 losses.append(loss)
@@ -136,6 +140,7 @@ class Validator:
         with use_config(config), torch.no_grad(), observe(seen):
             for i, (_, _, targets) in enumerate(self.built.batches):
                 out = users_code(self.label, lambda i=i: self.built.run(i))
+                self.progress(f"{self.label}: batches with the config", i + 1, self.batches)
                 errors.append(relative_error(_output(out), self.exact_outputs[i].double()))
                 losses.append(_loss(out, targets, self.label)[0])
                 metrics.append(self._score(out, targets))
