@@ -269,3 +269,28 @@ def test_counts_read_as_english_one_entry_is_not_one_entries(tmp_path: Path) -> 
                                   for n in (64, 128)])
     two.save(tmp_path / "two.json")
     assert ": 2 entries, cpu" in run("show", tmp_path / "two.json").stdout
+
+
+def test_the_docs_show_why_example_finds_an_entry_of_the_main_jobs_config(tmp_path: Path) -> None:
+    """docs/tuning.md's `show --why` line, run against a config of the quick preset's problems (the bundled LM's
+    and the window one), answers with an entry, not the default policy (it once asked about heads the job never tunes)."""
+    import re
+    import shlex
+
+    from attn_tune.tuner.presets import PRESETS
+
+    line = next(line for line in (Path(__file__).parents[1] / "docs" / "tuning.md").read_text().splitlines()
+                if line.startswith("attn-tune show tuned.json --why"))
+    args = shlex.split(line.split("#")[0])[1:]
+    lm_call = Problem(batch=1, heads=4, q_len=2048, head_dim=32, causal=True)
+    problems = [lm_call, *PRESETS["quick"].problems]
+    runtime_helpers.config([runtime_helpers.entry(p, "sdpa") for p in problems]).save(tmp_path / "tuned.json")
+    result = run(*[str(tmp_path / "tuned.json") if a == "tuned.json" else a for a in args])
+    assert result.exit_code == 0, result.output
+    assert re.search(r"\[(own|nearest)-entry\]", result.stdout) and "[default]" not in result.stdout, result.stdout
+
+
+def test_a_training_tune_of_a_factory_points_to_the_path_that_works() -> None:
+    result = run("tune", "mymodels:factory", "--training")
+    assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1
+    assert "attn-tune capture MODULE:FACTORY --training" in result.output and "tune --shapes" in result.output

@@ -242,6 +242,10 @@ def _refuse_conflicts(ctx: click.Context, factory_spec: str | None, shapes: str 
                       stale_only: bool, config_path: str | None, given: dict[str, Any], samples: int | None) -> None:
     """Options that do not go together: one line, exit 2."""
     validate_spec, activations = given.get("factory"), given.get("activations")
+    if factory_spec and ctx.params.get("training"):
+        raise click.UsageError("MODULE:FACTORY captures an inference pass; for a training step run `attn-tune capture "
+                               "MODULE:FACTORY --training --out shapes.json --activations acts.safetensors`, then "
+                               "`attn-tune tune --shapes shapes.json --activations acts.safetensors`")
     if factory_spec and (shapes or preset or stale_only or options_given(ctx) or activations or validate_spec):
         raise click.UsageError("MODULE:FACTORY captures the model's own problems and activations and validates on it: "
                                "not with problem options, --shapes, --preset, --stale-only, --activations or --validate")
