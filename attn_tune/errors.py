@@ -13,6 +13,7 @@ __all__ = [
     "UnknownVariant",
     "UnavailableDevice",
     "UsersCodeError",
+    "CausalHintWithoutMask",
     "one_line",
     "users_code",
 ]
@@ -61,3 +62,8 @@ def one_line(exc: BaseException, limit: int = 300) -> str:
     failed plugin, variant or trial is reported wherever attn-tune records a failure instead of raising it."""
     text = " ".join(str(exc).split())[:limit]
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+class CausalHintWithoutMask(UsersCodeError, RuntimeError):
+    """nn.MultiheadAttention got is_causal=True without attn_mask inside `patch_sdpa` (PyTorch's slow path needs the
+    mask): the user's call, so a RuntimeError as PyTorch's own, and exit 1 from the CLI as the user's code failing."""

@@ -16,6 +16,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 import attn_tune
 from attn_tune import Problem
 from attn_tune.cli.main import cli
+from attn_tune.errors import AttnTuneError
 from attn_tune.families.torch_sdpa import sdpa as torch_sdpa
 from attn_tune.runtime.patch import is_patched
 from attn_tune.tuned_config import load_config
@@ -24,6 +25,7 @@ from tests.runtime_helpers import config, entry
 pytestmark = pytest.mark.usefixtures("no_config")
 
 ORIGINAL = F.scaled_dot_product_attention
+ORIGINAL_MHA = F.multi_head_attention_forward
 
 
 @pytest.fixture(autouse=True)
@@ -33,6 +35,7 @@ def _unpatched():
     yield
     attn_tune.unpatch_sdpa()
     assert F.scaled_dot_product_attention is ORIGINAL and torch.backends.mha.get_fastpath_enabled()
+    assert F.multi_head_attention_forward is ORIGINAL_MHA
 
 
 class CausalSelfAttention(torch.nn.Module):
@@ -62,8 +65,10 @@ def test_patch_and_unpatch_restore_the_very_objects_and_patching_twice_is_once()
     handle = attn_tune.patch_sdpa()
     attn_tune.patch_sdpa()
     assert is_patched() and not torch.backends.mha.get_fastpath_enabled()
+    assert F.multi_head_attention_forward is not ORIGINAL_MHA  # to name the patch when is_causal lacks its mask
     attn_tune.unpatch_sdpa()
     assert F.scaled_dot_product_attention is ORIGINAL and torch.backends.mha.get_fastpath_enabled()
+    assert F.multi_head_attention_forward is ORIGINAL_MHA
     attn_tune.unpatch_sdpa()  # nothing to undo
     assert isinstance(handle, attn_tune.patch_sdpa)
 
@@ -176,6 +181,62 @@ def test_multihead_attention_and_transformer_layers_reach_attn_tune(batch_first:
         assert torch.nan_to_num(a - b).abs().max() < 1e-5
 
 
+def _encoder_layer(dtype: torch.dtype = torch.float32) -> torch.nn.TransformerEncoderLayer:
+    torch.manual_seed(0)
+    return torch.nn.TransformerEncoderLayer(32, 2, 64, dropout=0.0, batch_first=True, dtype=dtype).eval()
+
+
+def test_is_causal_without_a_mask_is_one_line_naming_the_patch_and_the_fix() -> None:
+    """Unpatched, the eval fast path ignores the hint (non-causal attention); the patch's slow path needs the mask:
+    the error says so, and is still a RuntimeError."""
+    layer, x = _encoder_layer(), torch.randn(2, 10, 32)
+    with torch.no_grad():
+        assert torch.equal(layer(x, is_causal=True), layer(x))  # PyTorch's own fast path, untouched
+        with attn_tune.patch_sdpa():
+            assert F.multi_head_attention_forward is not ORIGINAL_MHA
+            with pytest.raises(AttnTuneError) as caught:
+                layer(x, is_causal=True)
+    assert isinstance(caught.value, RuntimeError) and "\n" not in str(caught.value)
+    for fragment in ("is_causal=True without attn_mask", "attn_tune.patch_sdpa", "not causal",
+                     "generate_square_subsequent_mask(L)", "drop is_causal"):
+        assert fragment in str(caught.value)
+    assert F.multi_head_attention_forward is ORIGINAL_MHA
+    with pytest.raises(RuntimeError, match="^Need attn_mask") as unpatched:  # training: PyTorch's error, unpatched
+        layer.train()(x, is_causal=True)
+    assert not isinstance(unpatched.value, AttnTuneError)
+
+
+def test_is_causal_with_its_mask_gives_the_unpatched_answer_and_the_counts_show_the_slow_path() -> None:
+    layer, x = _encoder_layer(torch.float64), torch.randn(2, 10, 32, dtype=torch.float64)
+    mask = torch.nn.Transformer.generate_square_subsequent_mask(10, dtype=torch.float64)
+    with torch.no_grad():
+        want = layer(x, src_mask=mask, is_causal=True)
+        before = attn_tune.patch_calls()
+        with attn_tune.patch_sdpa():
+            got = layer(x, src_mask=mask, is_causal=True)
+            layer.train()(x, src_mask=mask, is_causal=True)  # training never takes the fast path: not counted
+    after = attn_tune.patch_calls()
+    assert (got - want).abs().max() < 1e-12
+    assert after["slow_path"] == before["slow_path"] + 1 and after["routed"] == before["routed"] + 2
+
+
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors")
+def test_an_encoder_with_padding_computes_the_padded_rows_under_the_patch_where_its_fast_path_gives_zeros() -> None:
+    """Unpatched, eval nn.TransformerEncoder with src_key_padding_mask runs on nested tensors and pads with 0;
+    inside the patch (fast path off) the padded rows hold computed values. The unpadded rows agree."""
+    encoder = torch.nn.TransformerEncoder(_encoder_layer(), 2).eval()
+    x, pad = torch.randn(2, 10, 32), torch.zeros(2, 10, dtype=torch.bool)
+    pad[1, 6:] = True
+    with torch.no_grad():
+        fast = encoder(x, src_key_padding_mask=pad)
+        before = attn_tune.patch_calls()["slow_path"]
+        with attn_tune.patch_sdpa():
+            slow = encoder(x, src_key_padding_mask=pad)
+    assert attn_tune.patch_calls()["slow_path"] == before + 2  # both layers' calls left the fast path
+    assert torch.equal(fast[1, 6:], torch.zeros(4, 32)) and slow[1, 6:].abs().min() > 0
+    assert (fast[~pad] - slow[~pad]).abs().max() < 1e-5
+
+
 def test_a_module_that_imported_the_function_by_name_keeps_pytorchs_and_the_counts_show_it() -> None:
     namespace: dict = {}
     exec("from torch.nn.functional import scaled_dot_product_attention as sdpa", namespace)  # imported before
@@ -234,6 +295,12 @@ def unet():
     return model, (torch.randn(1, 4, 8, 8), 10, torch.randn(1, 5, 16))
 
 
+def causal_hint():
+    torch.manual_seed(0)
+    layer = torch.nn.TransformerEncoderLayer(32, 2, 64, dropout=0.0, batch_first=True).eval()
+    return layer, {"src": torch.randn(2, 24, 32), "is_causal": True}  # and no src_mask
+
+
 def by_name():
     from torch.nn.functional import scaled_dot_product_attention as sdpa
 
@@ -277,12 +344,12 @@ def test_tune_a_users_own_model_in_one_command(user_models: Path) -> None:
     result = _run("tune", "usermodels:gpt", "--trials", "2", "--samples", "2", "--max-error", "0.5",
                   "--max-loss-change", "0.5", "--out", "tuned.json")
     assert result.exit_code == 0, result.output
-    assert "captured 1 problem(s) of usermodels:gpt" in result.stdout
+    assert "captured 1 problem of usermodels:gpt" in result.stdout
     assert "validate usermodels:gpt: loss exact" in result.stdout
     tuned = load_config("tuned.json")
     (entry_,) = tuned.entries
     assert entry_.error_inputs == "captured: 2 calls" and tuned.validation["max_loss_change"] == 0.5
-    assert Path("report.png").read_bytes()[:4] == b"\x89PNG" and Path("tuned.activations.safetensors").is_file()
+    assert Path("tuned.report.png").read_bytes()[:4] == b"\x89PNG" and Path("tuned.activations.safetensors").is_file()
     assert not math.isnan(tuned.validation["loss_exact"])
 
 
@@ -297,3 +364,16 @@ def test_a_factory_that_cannot_be_tuned_is_one_line_and_writes_nothing(user_mode
     assert result.exit_code == 2 and fragment in result.output, result.output
     assert len(result.output.strip().splitlines()) == 1
     assert sorted(p.name for p in user_models.iterdir() if p.name != "__pycache__") == ["usermodels.py"]
+
+
+@pytest.mark.parametrize("command", ["capture", "tune", "validate"])
+def test_a_model_given_is_causal_without_its_mask_fails_as_the_users_code_in_one_line(user_models: Path,
+                                                                                      command: str) -> None:
+    config([entry(Problem(batch=2, heads=2, q_len=24, head_dim=16), "sdpa")]).save("c.json")
+    options = ["--config", "c.json"] if command == "validate" else ["--out", "out.json"]
+    result = _run(command, "usermodels:causal_hint", *options)
+    assert result.exit_code == 1, result.output  # the user's model failed, not a usage error
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("Error: nn.MultiheadAttention got is_causal=True without attn_mask: ")
+    assert line.endswith("or drop is_causal.")
+    assert "Traceback" not in result.output and not (user_models / "out.json").exists()

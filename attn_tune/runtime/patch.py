@@ -6,7 +6,8 @@ timm, diffusers, transformers' "sdpa" path, `F.multi_head_attention_forward` (so
 the patch rebinds that name. A module that imported the function by name before the patch (`from
 torch.nn.functional import scaled_dot_product_attention`) keeps PyTorch's: `patch_calls()` shows whether any call
 arrived. Every built-in variant and fallback calls PyTorch's own function (`families.torch_sdpa`), so the patch is
-never recursive.
+never recursive. It also switches nn.MultiheadAttention's fused eval fast path off (that path never calls SDPA) and
+wraps `F.multi_head_attention_forward` to say so where that changes the answer: is_causal=True without a mask.
 """
 
 from __future__ import annotations
@@ -17,14 +18,22 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from attn_tune.errors import CausalHintWithoutMask
 from attn_tune.families.torch_sdpa import sdpa as torch_sdpa
 from attn_tune.runtime.active import use_config
 from attn_tune.runtime.dispatch import attention
 
 __all__ = ["patch_sdpa", "unpatch_sdpa", "is_patched", "patch_calls"]
 
-_counts = {"routed": 0, "passed": 0}
-_saved: dict[str, Any] = {}  # what the patch replaced: the function, and nn.MultiheadAttention's fast-path setting
+_counts = {"routed": 0, "passed": 0, "slow_path": 0}
+_saved: dict[str, Any] = {}  # what the patch replaced: both functions, and nn.MultiheadAttention's fast-path setting
+_torch_mha = F.multi_head_attention_forward  # what the wrapper calls if a call outlives the patch
+
+CAUSAL_HINT_WITHOUT_MASK = (
+    "nn.MultiheadAttention got is_causal=True without attn_mask: PyTorch's slow path needs the mask, and "
+    "attn_tune.patch_sdpa makes eval mode take it (the fused fast path never calls SDPA; it ignores the hint and "
+    "computes attention that is not causal). Pass the causal mask too (attn_mask, src_mask or tgt_mask: "
+    "nn.Transformer.generate_square_subsequent_mask(L)), or drop is_causal.")
 
 
 def _routed(query: Any, key: Any, value: Any, attn_mask: Any = None, dropout_p: float = 0.0, is_causal: bool = False,
@@ -42,6 +51,22 @@ def _routed(query: Any, key: Any, value: Any, attn_mask: Any = None, dropout_p: 
 _routed.__wrapped__ = torch_sdpa  # type: ignore[attr-defined]
 
 
+def _mha_forward(*args: Any, **kwargs: Any) -> Any:
+    """`F.multi_head_attention_forward` inside the patch: counts the eval calls the patch sent down PyTorch's slow
+    path, and turns that path's "Need attn_mask" error into one line naming the patch and the fix."""
+    if not kwargs.get("training", True) and _saved.get("fastpath") and len(args) > 2 and args[0] is args[1] is args[2]:
+        _counts["slow_path"] += 1  # eval self-attention, as nn.MultiheadAttention calls it (training by name)
+    try:
+        return _saved.get("mha", _torch_mha)(*args, **kwargs)
+    except RuntimeError as exc:
+        if kwargs.get("is_causal") and str(exc).startswith("Need attn_mask if specifying the is_causal hint"):
+            raise CausalHintWithoutMask(CAUSAL_HINT_WITHOUT_MASK) from None
+        raise
+
+
+_mha_forward.__wrapped__ = _torch_mha  # type: ignore[attr-defined]
+
+
 def is_patched() -> bool:
     """Whether `torch.nn.functional.scaled_dot_product_attention` goes through attn-tune now."""
     return F.scaled_dot_product_attention is _routed
@@ -49,7 +74,10 @@ def is_patched() -> bool:
 
 def patch_calls() -> dict[str, int]:
     """Calls through the patched name since the process started: "routed" to `attention`, "passed" to PyTorch's
-    SDPA unchanged. None routed while a model ran means its attention never looked the name up (see module doc)."""
+    SDPA unchanged. None routed while a model ran means its attention never looked the name up (see module doc).
+    "slow_path": eval-mode nn.MultiheadAttention self-attention calls that ran PyTorch's slow path while the patch
+    held the fast path off (it was on before): at most the calls whose path the patch changed, since some (e.g.
+    batch_first=False) take the slow path unpatched too; docs/runtime.md lists what differs between the paths."""
     return dict(_counts)
 
 
@@ -57,17 +85,20 @@ def _apply() -> None:
     if is_patched():
         return
     _saved["function"] = F.scaled_dot_product_attention
+    _saved["mha"] = F.multi_head_attention_forward
     _saved["fastpath"] = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)  # nn.MultiheadAttention's eval fast path never calls SDPA
+    F.multi_head_attention_forward = _mha_forward
     F.scaled_dot_product_attention = _routed
 
 
 def unpatch_sdpa() -> None:
-    """Put back the function the patch replaced (PyTorch's own, unless something else had patched it first) and
+    """Put back the functions the patch replaced (PyTorch's own, unless something else had patched them first) and
     nn.MultiheadAttention's fast path as it was; nothing if not patched."""
     if not is_patched():
         return
     F.scaled_dot_product_attention = _saved.pop("function", torch_sdpa)
+    F.multi_head_attention_forward = _saved.pop("mha", _torch_mha)
     torch.backends.mha.set_fastpath_enabled(_saved.pop("fastpath", True))
 
 
@@ -75,13 +106,16 @@ class patch_sdpa:  # noqa: N801 - used like a function, as use_config and torch.
     """Route every `torch.nn.functional.scaled_dot_product_attention` call through `attn_tune.attention`.
 
     `patch_sdpa()` applies from now on (with `config` in use when given, as `use_config(config)`);
-    `with patch_sdpa("tuned.json"): model(x)` only inside the block: on leaving, errors included, the function,
+    `with patch_sdpa("tuned.json"): model(x)` only inside the block: on leaving, errors included, the functions,
     nn.MultiheadAttention's fast path and the config in use are what they were. Patching twice is patching once;
     `unpatch_sdpa()` undoes it. Inside the patch nn.MultiheadAttention's fused eval fast path is off so its calls
-    reach SDPA (it computes attention weights itself, without SDPA, when called with need_weights=True).
+    reach SDPA (it computes attention weights itself, without SDPA, when called with need_weights=True); what else
+    that changes (is_causal=True without a mask is an error, padded rows, speed) is listed in docs/runtime.md.
 
     Raises:
         ConfigError: `config` cannot be read (one line); nothing is patched then.
+        CausalHintWithoutMask: (from a model call inside the patch, a RuntimeError) nn.MultiheadAttention got
+            is_causal=True without attn_mask, which its slow path cannot serve; the message names the fix.
     """
 
     def __init__(self, config: str | os.PathLike | Any | None = None) -> None:
