@@ -7,7 +7,9 @@ from typing import Any, Callable
 
 import torch
 
-__all__ = ["first_tensor", "own_loss", "logits"]
+__all__ = ["first_tensor", "own_loss", "logits", "loss_tensor", "IGNORE_INDEX"]
+
+IGNORE_INDEX = -100  # targets at this value are not scored (Hugging Face's and PyTorch's convention)
 
 
 def first_tensor(out: Any, wanted: Callable[[torch.Tensor], bool] = lambda t: t.dim() > 0) -> torch.Tensor | None:
@@ -28,3 +30,21 @@ def logits(out: Any) -> torch.Tensor | None:
     """The output's `logits`, else its first tensor."""
     found = out.get("logits") if isinstance(out, dict) else getattr(out, "logits", None)
     return found if isinstance(found, torch.Tensor) else first_tensor(out)
+
+
+def loss_tensor(out: Any, targets: Any) -> tuple[torch.Tensor | None, str | None]:
+    """The model's loss as a tensor (differentiable when the output is) and where it came from: its own `loss`
+    ("model"), else cross-entropy of its logits against integer targets (IGNORE_INDEX not scored) or mean squared
+    error against float targets ("targets"); (None, None) without either."""
+    own = own_loss(out)
+    if own is not None:
+        return own, "model"
+    if targets is None:
+        return None, None
+    scores = logits(out)
+    if scores is None:
+        raise ValueError("the model's output holds no tensor to compute a loss from")
+    if targets.dtype.is_floating_point:
+        return torch.nn.functional.mse_loss(scores.float(), targets.float()), "targets"
+    return torch.nn.functional.cross_entropy(scores.flatten(0, -2).float(), targets.flatten(),
+                                             ignore_index=IGNORE_INDEX), "targets"

@@ -14,7 +14,7 @@ import torch
 
 from attn_tune.errors import AttnTuneError, users_code
 from attn_tune.measurement.inputs import exact_attention, relative_error
-from attn_tune.outputs import first_tensor, logits, own_loss
+from attn_tune.outputs import IGNORE_INDEX, first_tensor, loss_tensor
 from attn_tune.runtime import dispatch, use_config
 from attn_tune.runtime.capture import ModelRun, call_factory, observe
 from attn_tune.tuned_config import TunedConfig
@@ -22,8 +22,6 @@ from attn_tune.tuner.intervals import mean
 from attn_tune.tuner.validation import CallReport, Validation
 
 __all__ = ["Validator", "NoLoss", "IGNORE_INDEX"]
-
-IGNORE_INDEX = -100
 
 
 class NoLoss(AttnTuneError):
@@ -44,18 +42,8 @@ def _loss(out: Any, targets: Any, label: str) -> tuple[float | None, str | None]
 
 
 def _loss_of(out: Any, targets: Any) -> tuple[float | None, str | None]:
-    own = own_loss(out)
-    if own is not None:
-        return float(own), "model"
-    if targets is None:
-        return None, None
-    scores = logits(out)
-    if scores is None:
-        raise AttnTuneError("the model's output holds no tensor to compute a loss from")
-    if targets.dtype.is_floating_point:
-        return float(torch.nn.functional.mse_loss(scores.float(), targets.float())), "targets"
-    return float(torch.nn.functional.cross_entropy(scores.flatten(0, -2).float(), targets.flatten(),
-                                                   ignore_index=IGNORE_INDEX)), "targets"
+    loss, source = loss_tensor(out, targets)
+    return (None if loss is None else float(loss)), source
 
 
 def _call_error(call: dispatch.Call) -> float:
