@@ -288,9 +288,3 @@ def test_the_docs_show_why_example_finds_an_entry_of_the_main_jobs_config(tmp_pa
     result = run(*[str(tmp_path / "tuned.json") if a == "tuned.json" else a for a in args])
     assert result.exit_code == 0, result.output
     assert re.search(r"\[(own|nearest)-entry\]", result.stdout) and "[default]" not in result.stdout, result.stdout
-
-
-def test_a_training_tune_of_a_factory_points_to_the_path_that_works() -> None:
-    result = run("tune", "mymodels:factory", "--training")
-    assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1
-    assert "attn-tune capture MODULE:FACTORY --training" in result.output and "tune --shapes" in result.output

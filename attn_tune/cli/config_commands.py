@@ -94,10 +94,12 @@ def show_command(ctx: click.Context, config_path: str, why: bool, as_json: bool,
     headers += (("DEVICE",) if device.get("type") == "mixed" else ()) + (("STATUS",) if status else ())
     click.echo(table(headers, rows))
     if config.validation:
-        from attn_tune.cli.guard_text import rechoices, summary_line
+        from attn_tune.cli.guard_text import fine_tune_lines, rechoices, summary_line
 
         v = config.validation
         click.echo(f"validated on {v.get('factory')}: {summary_line(v)}{rechoices(v)}")
+        for line in fine_tune_lines(v):
+            click.echo(line)
 
 
 @cli.command("merge")

@@ -8,7 +8,8 @@ from typing import Any
 
 from attn_tune.cli.render import named, table
 
-__all__ = ["change_text", "loss_line", "metric_line", "summary_line", "calls_table", "rechoice_line", "rechoices"]
+__all__ = ["change_text", "loss_line", "metric_line", "summary_line", "fine_tune_lines", "calls_table",
+           "rechoice_line", "rechoices"]
 
 
 def change_text(change: float, interval: Any, batches: int, percent: bool = True) -> str:
@@ -48,8 +49,38 @@ def summary_line(v: dict[str, Any]) -> str:
     change = change_text(v["loss_change"], v.get("loss_change_interval"), v.get("batches", 1))
     metric = "" if v.get("metric") is None else (
         f"; {v['metric']} drop {change_text(v['metric_drop'], v.get('metric_drop_interval'), v.get('batches', 1), False)}")
-    return (f"loss exact {v['loss_exact']:.4f}, tuned {v['loss_tuned']:.4f}, change {change}{metric}; "
-            f"output rel error {v['output_rel_error']:.2e}; {v['approximate_calls']} of {v['calls']} calls approximate")
+    trained = "after the paired fine-tune, " if v.get("fine_tune") else ""
+    unrun = v.get("entries_not_run") or []
+    unseen = "" if not unrun else (
+        f"; {len(unrun)} of the config's entries never ran in it ({', '.join(unrun[:3])}{', ...' if len(unrun) > 3 else ''}"
+        f"{': training entries are checked by training, validate --training' if any('training' in u for u in unrun) else ''})")
+    return (f"{trained}loss exact {v['loss_exact']:.4f}, tuned {v['loss_tuned']:.4f}, change {change}{metric}; "
+            f"output rel error {v['output_rel_error']:.2e}; {v['approximate_calls']} of {v['calls']} calls "
+            f"approximate{unseen}")
+
+
+def fine_tune_lines(v: dict[str, Any]) -> list[str]:
+    """A training guard's record (`v["fine_tune"]`) in two lines: the two fine-tunes' step time and peak memory;
+    the config's fine-tune served with exact attention. None for an inference validation."""
+    run = v.get("fine_tune")
+    if not run:
+        return []
+    exact, tuned = run["exact"], run["tuned"]
+    speed = f" ({exact['step_ms'] / tuned['step_ms']:.2f}x)" if exact.get("step_ms") and tuned.get("step_ms") else ""
+    step = "" if not exact.get("step_ms") else \
+        f": step {exact['step_ms']:.1f} ms exact, {tuned['step_ms']:.1f} ms with the config{speed}"
+    lines = [f"fine-tune {run['steps']} steps ({run['optimizer']}, lr {run['learning_rate']:g}, seed {run['seed']}) "
+             f"from the factory's weights{step}; step peak memory {exact['peak_bytes'] / 2**20:.1f} MiB exact, "
+             f"{tuned['peak_bytes'] / 2**20:.1f} MiB with the config"]
+    served = run.get("served_exact")
+    if served and served.get("loss_change") is not None:
+        batches = v.get("batches", 1)
+        metric = "" if served.get("metric_drop") is None else (
+            f", {served['metric']} drop "
+            f"{change_text(served['metric_drop'], served.get('metric_drop_interval'), batches, False)}")
+        lines.append("the config's fine-tune served with exact attention: loss change "
+                     f"{change_text(served['loss_change'], served.get('loss_change_interval'), batches)}{metric}")
+    return lines
 
 
 def calls_table(validation: Any) -> str:

@@ -89,6 +89,7 @@ def problems_from_options(options: dict[str, Any], *, check_devices: bool = True
     return problems
 
 
-def options_given(ctx: click.Context) -> bool:
-    """True when the user set any PROBLEM OPTION on the command line."""
-    return any(ctx.get_parameter_source(n) != click.core.ParameterSource.DEFAULT for n in PROBLEM_OPTION_NAMES)
+def options_given(ctx: click.Context, but: tuple[str, ...] = ()) -> bool:
+    """True when the user set any PROBLEM OPTION (other than those named in `but`) on the command line."""
+    return any(ctx.get_parameter_source(n) != click.core.ParameterSource.DEFAULT
+               for n in PROBLEM_OPTION_NAMES if n not in but)

@@ -17,7 +17,7 @@ from attn_tune.cli.options import batches_help, options_given, problem_options, 
 from attn_tune.cli.render import counted
 from attn_tune.errors import AttnTuneError, InvalidProblem, users_code
 from attn_tune.problem import Problem
-from attn_tune.tuner.job import CAPTURED_SAMPLES, OBJECTIVES, RETUNE_EFFORT, Search, TuneJob, default_text
+from attn_tune.tuner.job import CAPTURED_SAMPLES, FINE_TUNE_STEPS, OBJECTIVES, RETUNE_EFFORT, Search, TuneJob, default_text
 from attn_tune.tuner.presets import PRESETS
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -64,20 +64,23 @@ def _problems_from_shapes(path: str) -> list[Problem]:
     return list(dict.fromkeys(problems))
 
 
-def _capture_for_factory(spec: str, samples: int, activations: str, progress: Callable[..., None]) -> list[Problem]:
-    """The factory's model, run once as it is (SDPA patched for the run): its problems, and `samples` real calls
-    of each kept in `activations`. A model that fails, or makes no call attn-tune sees, is one line."""
+def _capture_for_factory(spec: str, samples: int, activations: str, progress: Callable[..., None],
+                         training: bool) -> list[Problem]:
+    """The factory's model, run once as it is (SDPA patched for the run; a training step when `training`): its
+    problems, and `samples` real calls of each kept in `activations`. A model that fails, or makes no call
+    attn-tune sees, is one line."""
     from attn_tune.activations import save_activations
     from attn_tune.runtime.capture import NO_CALLS, capture_activations, counting_calls, load_factory
 
     factory = load_factory(spec)
     with counting_calls(lambda n: progress(f"capturing {spec}: attention calls", n)):
-        captured, kept = users_code(spec, lambda: capture_activations(factory, samples))
+        captured, kept = users_code(spec, lambda: capture_activations(factory, samples, training=training))
     progress.close()
     if not captured:
         raise AttnTuneError(f"{spec} {NO_CALLS}; nothing written")
     save_activations(activations, kept, source=spec)
-    click.echo(f"captured {counted(len(captured), 'problem')} of {spec}, up to {samples} real calls each")
+    step = "a training step of " if training else ""
+    click.echo(f"captured {counted(len(captured), 'problem')} of {step}{spec}, up to {samples} real calls each")
     return captured
 
 
@@ -89,7 +92,7 @@ _JOB_OPTIONS = {
     "storage": "storage", "workers": "workers", "seed": "seed", "timeout": "timeout",
     "problem_timeout": "problem_timeout", "activations": "activations", "validate_spec": "factory",
     "batches": "batches", "metric_spec": "metric", "max_loss_change": "max_loss_change",
-    "max_metric_drop": "max_metric_drop",
+    "max_metric_drop": "max_metric_drop", "fine_tune_steps": "fine_tune_steps", "learning_rate": "learning_rate",
 }
 
 
@@ -141,6 +144,12 @@ _JOB_OPTIONS = {
 @click.option("--max-metric-drop", type=click.FloatRange(min=0), default=None,
               help="With the model's validation: the metric may drop by at most this (its interval's upper end), "
                    "as the loss budget. " + default_text("max_metric_drop", quick=_QUICK_JOB.guard.max_metric_drop))
+@click.option("--fine-tune-steps", type=click.IntRange(min=1), default=None,
+              help="Guard by training: fine-tune the factory's model this many steps with exact attention and with "
+                   "the config (same batches, seed, optimizer; the factory takes split='train'), then compare "
+                   f"held-out loss and metric. [default with MODULE:FACTORY --training: {FINE_TUNE_STEPS}]")
+@click.option("--learning-rate", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="The fine-tune's AdamW learning rate. " + default_text("learning_rate"))
 @click.pass_context
 def tune_command(ctx: click.Context, factory_spec: str | None, shapes: str | None, preset: str | None,
                  variant_names: tuple[str, ...], out: str, plot_path: str | None, config_path: str | None,
@@ -149,7 +158,8 @@ def tune_command(ctx: click.Context, factory_spec: str | None, shapes: str | Non
 
     With MODULE:FACTORY (a function returning (model, example_inputs[, targets])), the model runs unchanged: its
     attention problems and a few real calls of each are captured, tuned, and validated end to end (the report
-    beside the config: tuned.report.png for tuned.json). --preset quick is this applied to the bundled LM.
+    beside the config: tuned.report.png for tuned.json). With --training it captures a training step, tunes forward
+    + backward, and guards by fine-tuning (--fine-tune-steps). --preset quick is this applied to the bundled LM.
     """
     from attn_tune.activations import check_against
     from attn_tune.cli.tune_report import TuneReport, run_and_report
@@ -170,6 +180,8 @@ def tune_command(ctx: click.Context, factory_spec: str | None, shapes: str | Non
     if factory_spec:
         plot_path = plot_path or report_path(out)
         given.update(factory=factory_spec, activations=str(Path(out).with_suffix(".activations.safetensors")))
+        if options["training"]:  # the guard trains with the choice
+            given.setdefault("fine_tune_steps", FINE_TUNE_STEPS)
     job = job.updated(**{"storage": default_storage_url(out), **given})
     report = TuneReport(job.guard)
     if job.guard is not None and job.guard.batches is None:  # the count the guard runs, and why, said with its result
@@ -184,7 +196,8 @@ def tune_command(ctx: click.Context, factory_spec: str | None, shapes: str | Non
         written = None if Path(job.search.activations).exists() else Path(job.search.activations)
         count = samples or (PRESETS[preset].samples if preset else CAPTURED_SAMPLES)
         report.phase("capture")
-        problems = _capture_for_factory(factory_spec, count, job.search.activations, report.progress) + problems
+        problems = _capture_for_factory(factory_spec, count, job.search.activations, report.progress,
+                                        options["training"]) + problems
     else:
         problems = _problems(shapes, options)
         if shapes and job.search.activations:  # tune() checks this too; here the message can name the file
@@ -242,11 +255,8 @@ def _refuse_conflicts(ctx: click.Context, factory_spec: str | None, shapes: str 
                       stale_only: bool, config_path: str | None, given: dict[str, Any], samples: int | None) -> None:
     """Options that do not go together: one line, exit 2."""
     validate_spec, activations = given.get("factory"), given.get("activations")
-    if factory_spec and ctx.params.get("training"):
-        raise click.UsageError("MODULE:FACTORY captures an inference pass; for a training step run `attn-tune capture "
-                               "MODULE:FACTORY --training --out shapes.json --activations acts.safetensors`, then "
-                               "`attn-tune tune --shapes shapes.json --activations acts.safetensors`")
-    if factory_spec and (shapes or preset or stale_only or options_given(ctx) or activations or validate_spec):
+    if factory_spec and (shapes or preset or stale_only or options_given(ctx, but=("training",)) or activations
+                         or validate_spec):
         raise click.UsageError("MODULE:FACTORY captures the model's own problems and activations and validates on it: "
                                "not with problem options, --shapes, --preset, --stale-only, --activations or --validate")
     if samples is not None and not (factory_spec or preset):
@@ -263,7 +273,8 @@ def _refuse_conflicts(ctx: click.Context, factory_spec: str | None, shapes: str 
     if sum(bool(x) for x in (shapes, preset, options_given(ctx))) > 1:
         raise click.UsageError("give problem options, --shapes or --preset, not more than one")
     flags = {"max_loss_change": "--max-loss-change", "batches": "--batches", "metric": "--metric",
-             "max_metric_drop": "--max-metric-drop"}
+             "max_metric_drop": "--max-metric-drop", "fine_tune_steps": "--fine-tune-steps",
+             "learning_rate": "--learning-rate"}
     for name, flag in flags.items():
         if name in given and not validate_spec and not preset and not factory_spec:
             what = "is checked by running the model" if name == "max_loss_change" else "goes with the model's validation"

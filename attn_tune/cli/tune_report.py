@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import sys
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 import click
 
-from attn_tune.cli.guard_text import rechoice_line, summary_line
+from attn_tune.cli.guard_text import fine_tune_lines, rechoice_line, summary_line
 from attn_tune.cli.progress import Progress
 from attn_tune.cli.render import counted, mib, named, versus_default
 from attn_tune.errors import AttnTuneError
@@ -133,9 +134,17 @@ def run_and_report(run: Callable[[TuneReport], Any], problems: list[Problem], re
         if report.batches_why:
             click.echo(report.batches_why)
         click.echo(f"validate {config.validation.get('factory')}: " + summary_line(config.validation))
+        for line in fine_tune_lines(config.validation):
+            click.echo(line)
     config.save(out)
     click.echo(_time_summary(report, config.entries, problems, [note for _, _, note in report.results]))
     click.echo(f"wrote {out} ({counted(len(config.entries), 'entry', 'entries')}; trials in {redact(storage)})")
     if plot_path:
         plot_config(config, plot_path)
         click.echo(f"wrote {plot_path}")
+    if (config.validation or {}).get("fine_tune"):  # the two fine-tunes' loss curves, named after the config
+        from attn_tune.tuner.plot_fine_tune import plot_fine_tune
+
+        curves = str(Path(out).with_suffix(".fine-tune.png"))
+        plot_fine_tune(config.validation, curves)
+        click.echo(f"wrote {curves}")

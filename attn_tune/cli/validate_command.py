@@ -7,9 +7,10 @@ import sys
 import click
 
 from attn_tune.cli.group import cli
-from attn_tune.cli.guard_text import calls_table, loss_line, metric_line
+from attn_tune.cli.guard_text import calls_table, fine_tune_lines, loss_line, metric_line
 from attn_tune.cli.render import echo_json
 from attn_tune.cli.options import batches_help
+from attn_tune.tuner.job import FINE_TUNE_STEPS, default_text
 
 
 @cli.command("validate")
@@ -25,21 +26,34 @@ from attn_tune.cli.options import batches_help
               help="A task metric fn(outputs, targets) -> number, higher is better (else the factory's fourth item).")
 @click.option("--max-metric-drop", type=click.FloatRange(min=0), default=None,
               help="Exit 1 unless the metric's drop (exact - tuned, its interval's upper end) is within this.")
+@click.option("--training", is_flag=True,
+              help="Validate by training: fine-tune the model with exact attention and with the config from the "
+                   "factory's weights (the factory takes split='train'), then compare held-out loss and metric.")
+@click.option("--fine-tune-steps", type=click.IntRange(min=1), default=None,
+              help=f"With --training: steps of each fine-tune. [default: {FINE_TUNE_STEPS}]")
+@click.option("--learning-rate", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="With --training: the fine-tune's AdamW learning rate. " + default_text("learning_rate"))
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output only.")
 def validate_command(factory_spec: str, config_path: str, max_loss_change: float | None, batches: int | None,
-                     metric_spec: str | None, max_metric_drop: float | None, as_json: bool) -> None:
+                     metric_spec: str | None, max_metric_drop: float | None, training: bool,
+                     fine_tune_steps: int | None, learning_rate: float | None, as_json: bool) -> None:
     """Run FACTORY's model with exact attention (sdpa) and with the config: each call's variant and error, the
     output's error, and the loss change (targets returned third by the factory, or the model's own loss), over
-    `--batches` held-out batches with its 95% confidence interval."""
+    `--batches` held-out batches with its 95% confidence interval. With --training, the two are fine-tuned first
+    (a paired fine-tune) and the fine-tuned models compared."""
     from attn_tune.tuned_config import load_config
     from attn_tune.cli.progress import Progress
     from attn_tune.tuner.guard import batches_text, broken_budgets, build_validator
     from attn_tune.tuner.job import TuneJob
 
+    if (fine_tune_steps is not None or learning_rate is not None) and not training:
+        raise click.UsageError("--fine-tune-steps and --learning-rate go with --training")
     config = load_config(config_path)
+    chosen = {"batches": batches, "learning_rate": learning_rate,
+              "fine_tune_steps": (fine_tune_steps or FINE_TUNE_STEPS) if training else None}
     guard = TuneJob().updated(factory=factory_spec, metric=metric_spec, max_loss_change=max_loss_change,
-                              max_metric_drop=max_metric_drop, **({} if batches is None else {"batches": batches})
-                              ).guard
+                              max_metric_drop=max_metric_drop,
+                              **{key: value for key, value in chosen.items() if value is not None}).guard
     with Progress(enabled=None if not as_json else False) as progress:
         validation = build_validator(guard, progress=progress).validate(config)
     broken = broken_budgets(validation.summary(), guard)
@@ -53,6 +67,12 @@ def validate_command(factory_spec: str, config_path: str, max_loss_change: float
             click.echo(batches_text(guard))
         if validation.metric is not None:
             click.echo(metric_line(validation))
+        summary = validation.summary()
+        for line in fine_tune_lines(summary):
+            click.echo(line)
+        if summary.get("entries_not_run"):
+            hint = "; training entries are checked by training: --training" if not training else ""
+            click.echo(f"not run, so not checked: {', '.join(summary['entries_not_run'])}{hint}")
         decides = " (the interval's upper end decides)" if validation.batches > 1 else ""
         if max_loss_change is not None:
             click.echo(f"{'over' if 'loss' in broken else 'within'} the loss budget of {max_loss_change:+.2%}{decides}")

@@ -67,12 +67,15 @@ def _load(model: nn.Module, name: str) -> nn.Module:
     return model.eval()
 
 
-def _heldout_windows(batch: int, length: int, extra: int) -> Tensor:
+def _windows(split: str, batch: int, length: int, extra: int) -> Tensor:
+    """`batch` consecutive windows of the split's text: "heldout" (for validation) or "train" (for fine-tuning)."""
     if not 1 <= length <= CONTEXT:
         raise ValueError(f"length must be 1..{CONTEXT} (the trained context), got {length}")
-    text = reference_text("heldout")
+    if split not in ("heldout", "train"):
+        raise ValueError(f"split must be 'heldout' or 'train', got {split!r}")
+    text = reference_text(split)
     if batch * (length + extra) > len(text):
-        raise ValueError(f"the held-out text has {len(text)} characters: batch x length must fit in it")
+        raise ValueError(f"the {split} text has {len(text)} characters: batch x length must fit in it")
     return torch.stack([text[i * (length + extra):(i + 1) * (length + extra)] for i in range(batch)])
 
 
@@ -83,12 +86,13 @@ def character_accuracy(logits: Tensor, targets: Tensor) -> float:
     return float((logits.argmax(-1) == targets)[scored].float().mean())
 
 
-def pretrained_lm(batch: int = 1, length: int = CONTEXT, batches: int | None = None
+def pretrained_lm(batch: int = 1, length: int = CONTEXT, batches: int | None = None, split: str = "heldout"
                   ) -> tuple[CausalLM, Any, Any, Any]:
     """The trained causal LM, held-out character ids (batch, length), their next characters as targets, and
-    next-character accuracy as the metric; with `batches`, that many consecutive held-out batches as lists."""
+    next-character accuracy as the metric; with `batches`, that many consecutive batches as lists; with
+    split="train", batches of its training text (a fine-tune's)."""
     count = batches or 1
-    windows = _heldout_windows(batch * count, length, 1)
+    windows = _windows(split, batch * count, length, 1)
     inputs, targets = [(w[:, :-1],) for w in windows.split(batch)], [w[:, 1:] for w in windows.split(batch)]
     model = _load(build_lm(), "causal_lm")
     if batches is None:
@@ -96,13 +100,14 @@ def pretrained_lm(batch: int = 1, length: int = CONTEXT, batches: int | None = N
     return model, inputs, targets, character_accuracy
 
 
-def pretrained_encoder(batch: int = 1, length: int = CONTEXT, seed: int = 0, batches: int | None = None
-                       ) -> tuple[MaskedCharLM, Any, Any, Any]:
+def pretrained_encoder(batch: int = 1, length: int = CONTEXT, seed: int = 0, batches: int | None = None,
+                       split: str = "heldout") -> tuple[MaskedCharLM, Any, Any, Any]:
     """The trained encoder, held-out ids with 15% masked (seeded), the masked characters as targets, and
-    masked-character accuracy as the metric; with `batches`, that many consecutive held-out batches as lists."""
+    masked-character accuracy as the metric; with `batches`, that many consecutive batches as lists; with
+    split="train", batches of its training text (a fine-tune's)."""
     count = batches or 1
     generator = torch.Generator().manual_seed(seed)
-    pairs = [mask_characters(w, generator) for w in _heldout_windows(batch * count, length, 0).split(batch)]
+    pairs = [mask_characters(w, generator) for w in _windows(split, batch * count, length, 0).split(batch)]
     model = _load(build_encoder(), "encoder")
     if batches is None:
         return model, (pairs[0][0],), pairs[0][1], character_accuracy

@@ -11,6 +11,7 @@ from attn_tune.runtime.capture import load_factory, takes_batches
 from attn_tune.tuned_config import Entry, TunedConfig
 from attn_tune.tuner.intervals import upper_within
 from attn_tune.tuner.job import INTERVAL_BATCHES, Guard
+from attn_tune.tuner.fine_tune import FineTune
 from attn_tune.tuner.validation import Validation, is_exact
 from attn_tune.tuner.validator import Validator
 
@@ -19,13 +20,20 @@ __all__ = ["build_validator", "guard_batches", "batches_text", "broken_budgets",
 Rechoose = Callable[[Problem, float], "Entry | None"]
 
 
-def build_validator(guard: Guard, progress: Callable[[str, int, int], None] | None = None) -> Validator:
-    """The guard's model run once with exact attention on its batches (`guard_batches`); a budget the model has
-    no figure for (no loss, no metric) is refused here, before anything is tuned. `progress` hears of each batch."""
+def build_validator(guard: Guard, progress: Callable[[str, int, int], None] | None = None) -> Validator | FineTune:
+    """The guard's model run once with exact attention on its batches (`guard_batches`), or, with
+    `fine_tune_steps`, fine-tuned with exact attention (`FineTune`); a budget the model has no figure for (no loss,
+    no metric) is refused here, before anything is tuned. `progress` hears of each batch and step."""
     factory = _factory(guard)
     metric = load_factory(guard.metric) if isinstance(guard.metric, str) else guard.metric
-    validator = Validator(factory, label=guard.label, batches=guard_batches(guard), metric=metric,
-                          metric_from=guard.metric if isinstance(guard.metric, str) else None, progress=progress)
+    metric_from = guard.metric if isinstance(guard.metric, str) else None
+    if guard.fine_tune_steps is not None:
+        validator: Validator | FineTune = FineTune(
+            factory, guard.label, steps=guard.fine_tune_steps, batches=guard_batches(guard),
+            learning_rate=guard.learning_rate, metric=metric, metric_from=metric_from, progress=progress)
+    else:
+        validator = Validator(factory, label=guard.label, batches=guard_batches(guard), metric=metric,
+                              metric_from=metric_from, progress=progress)
     _require(validator, guard)
     return validator
 
@@ -56,9 +64,11 @@ def guard_from_record(validation: dict[str, Any] | None) -> Guard | None:
     """The guard a config was validated with, read back from its `validation` record (None: not validated)."""
     if not validation or not validation.get("factory"):
         return None
+    fine_tune = validation.get("fine_tune") or {}
     return Guard(factory=validation["factory"], batches=int(validation.get("batches", 1)),
                  metric=validation.get("metric_from"), max_loss_change=validation.get("max_loss_change"),
-                 max_metric_drop=validation.get("max_metric_drop"))
+                 max_metric_drop=validation.get("max_metric_drop"), fine_tune_steps=fine_tune.get("steps"),
+                 learning_rate=fine_tune.get("learning_rate", Guard.learning_rate))
 
 
 def _require(validator: Any, guard: Guard) -> None:

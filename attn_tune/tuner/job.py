@@ -16,7 +16,7 @@ from attn_tune.errors import AttnTuneError
 from attn_tune.registry.variant import Variant
 
 __all__ = ["OBJECTIVES", "Search", "Effort", "Execution", "Guard", "TuneJob", "RETUNE_EFFORT", "CAPTURED_SAMPLES",
-           "INTERVAL_BATCHES", "default_text"]
+           "INTERVAL_BATCHES", "FINE_TUNE_STEPS", "default_text"]
 
 OBJECTIVES = ("latency", "memory", "balanced")
 
@@ -90,12 +90,16 @@ class Guard:
     metric: str | Callable[[Any, Any], float] | None = None  # MODULE:FN or fn(outputs, targets); else the factory's
     max_loss_change: float | None = None  # relative: 0.01 is 1%; the loss change's interval must lie within it
     max_metric_drop: float | None = None  # the metric may drop by at most this (its interval's upper end)
+    fine_tune_steps: int | None = None  # a training guard: a paired fine-tune of this many steps (exact vs config)
+    learning_rate: float = 1e-4  # the fine-tune's AdamW learning rate, the same for both runs
 
     def __post_init__(self) -> None:
         if not (isinstance(self.factory, str) and self.factory) and not callable(self.factory):
             raise AttnTuneError("a guard runs a model, a loss or metric budget is checked on it: give its factory "
                                 "(MODULE:FACTORY or the function)")
         _positive("batches", self.batches)
+        _positive("fine_tune_steps", self.fine_tune_steps)
+        _positive("learning_rate", self.learning_rate)
         for name in ("max_loss_change", "max_metric_drop"):
             _positive(name, getattr(self, name), allow_zero=True)
 
@@ -157,7 +161,7 @@ def default_text(name: str, **others: Any) -> str:
     return f"[{', '.join(parts)}]" if parts else ""
 
 
-_WHOLE = {"trials", "finalists", "rounds", "max_rounds", "workers", "batches", "memory_budget"}
+_WHOLE = {"trials", "finalists", "rounds", "max_rounds", "workers", "batches", "memory_budget", "fine_tune_steps"}
 
 
 def _positive(name: str, value: float | None, allow_zero: bool = False) -> None:
@@ -175,4 +179,5 @@ RETUNE_EFFORT = Effort(trials=5)  # a re-tune (`tune --stale-only`) measures the
 # held-out batches a guard runs when none are asked and its factory takes `batches`: each figure then gets a 95%
 # interval whose t factor (2.26 for 9 degrees of freedom) is within 16% of a large sample's (1.96), at 10 model runs
 INTERVAL_BATCHES = 10
+FINE_TUNE_STEPS = 20  # the training guard's fine-tune when a training tune names none: a step per training batch
 CAPTURED_SAMPLES = 4  # real calls kept per problem when a job captures its model's activations (errors are the worst)

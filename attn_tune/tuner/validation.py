@@ -48,6 +48,7 @@ class Validation:
     metric_from: str | None = None  # the MODULE:FN it came from when not the factory's own (a re-tune loads it)
     metrics_exact: list[float] | None = None
     metrics_tuned: list[float] | None = None
+    entries_not_run: list[str] = field(default_factory=list)  # config entries no call of this run used (described)
 
     @property
     def metric_drops(self) -> list[float] | None:
@@ -125,9 +126,12 @@ class Validation:
     def summary(self) -> dict[str, Any]:
         """What the config records of its validation."""
         approximate = [c for c in self.calls if not is_exact(c.variant)]
-        return {"factory": self.factory, "loss_from": self.loss_from, **self._loss_fields(),
-                "output_rel_error": self.output_error, "calls": len(self.calls),
-                "approximate_calls": len(approximate), "dropped": self.dropped}
+        record = {"factory": self.factory, "loss_from": self.loss_from, **self._loss_fields(),
+                  "output_rel_error": self.output_error, "calls": len(self.calls),
+                  "approximate_calls": len(approximate), "dropped": self.dropped}
+        if self.entries_not_run:
+            record["entries_not_run"] = list(self.entries_not_run)
+        return record
 
 
 def is_exact(variant: str) -> bool:

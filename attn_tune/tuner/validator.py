@@ -21,14 +21,15 @@ from attn_tune.tuned_config import TunedConfig
 from attn_tune.tuner.intervals import mean
 from attn_tune.tuner.validation import CallReport, Validation
 
-__all__ = ["Validator", "NoLoss", "IGNORE_INDEX"]
+__all__ = ["Validator", "NoLoss", "IGNORE_INDEX", "call_report", "model_output", "entries_not_run"]
 
 
 class NoLoss(AttnTuneError):
     """A budget was asked of a model without the figure: no loss (no targets, no `loss` output), or no metric."""
 
 
-def _output(out: Any) -> torch.Tensor:
+def model_output(out: Any) -> torch.Tensor:
+    """The tensor a model's output is compared by: its first."""
     found = first_tensor(out)
     if found is None:
         raise AttnTuneError("the model's output holds no tensor to compare")
@@ -44,6 +45,21 @@ def _loss(out: Any, targets: Any, label: str) -> tuple[float | None, str | None]
 def _loss_of(out: Any, targets: Any) -> tuple[float | None, str | None]:
     loss, source = loss_tensor(out, targets)
     return (None if loss is None else float(loss)), source
+
+
+def entries_not_run(config: Any, used: set[Any]) -> list[str]:
+    """The config's entries whose problems are not in `used` (the entries a run's calls used): a training entry in
+    an inference pass, say. A validation says so rather than report on them."""
+    if not isinstance(config, TunedConfig):
+        return []
+    return [e.problem.describe() for e in config.entries if e.problem not in used]
+
+
+def call_report(call: dispatch.Call, number: int) -> CallReport:
+    """What the validated run reports of one attention call: its variant, the rule that found it, its error
+    against float64 exact attention on its own inputs."""
+    d = call.decision
+    return CallReport(number, call.problem, d.variant, dict(d.params), d.rule, d.entry, _call_error(call))
 
 
 def _call_error(call: dispatch.Call) -> float:
@@ -74,7 +90,7 @@ class Validator:
             for i, (_, _, targets) in enumerate(self.built.batches):
                 out = users_code(self.label, lambda i=i: self.built.run(i))
                 self.progress(f"{self.label}: batches with exact attention", i + 1, self.batches)
-                self.exact_outputs.append(_output(out).detach())
+                self.exact_outputs.append(model_output(out).detach())
                 loss, self.loss_from = _loss(out, targets, self.label)
                 losses.append(loss)
                 metrics.append(self._score(out, targets))
@@ -120,19 +136,18 @@ class Validator:
         calls: list[CallReport] = []
 
         def seen(call: dispatch.Call) -> None:
-            d = call.decision
-            calls.append(CallReport(len(calls), call.problem, d.variant, dict(d.params), d.rule, d.entry,
-                                    _call_error(call)))
+            calls.append(call_report(call, len(calls)))
 
         errors, losses, metrics = [], [], []
         with use_config(config), torch.no_grad(), observe(seen):
             for i, (_, _, targets) in enumerate(self.built.batches):
                 out = users_code(self.label, lambda i=i: self.built.run(i))
                 self.progress(f"{self.label}: batches with the config", i + 1, self.batches)
-                errors.append(relative_error(_output(out), self.exact_outputs[i].double()))
+                errors.append(relative_error(model_output(out), self.exact_outputs[i].double()))
                 losses.append(_loss(out, targets, self.label)[0])
                 metrics.append(self._score(out, targets))
         return Validation(self.label, calls, max(errors), self.losses_exact,
                           None if self.losses_exact is None else losses, self.loss_from,
                           metric=self.metric_name, metric_from=self.metric_from, metrics_exact=self.metrics_exact,
-                          metrics_tuned=None if self.metric is None else metrics)
+                          metrics_tuned=None if self.metric is None else metrics,
+                          entries_not_run=entries_not_run(config, {c.entry for c in calls}))

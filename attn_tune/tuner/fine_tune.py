@@ -1,0 +1,203 @@
+"""`FineTune`: the guard for training choices. The factory's model is fine-tuned twice from the same weights (same
+training batches in the same order, same seed, same optimizer): once with exact attention, once with a config. Both
+are then evaluated on held-out batches, the config's run served with the config and with exact attention, as paired
+changes against the exact run. An inference pass never runs a training entry; this guard trains with it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import functools
+import inspect
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from attn_tune.errors import AttnTuneError, users_code
+from attn_tune.measurement.inputs import relative_error
+from attn_tune.measurement.memory import peak_bytes
+from attn_tune.outputs import loss_tensor
+from attn_tune.runtime import use_config
+from attn_tune.runtime.capture import ModelRun, call_factory, observe
+from attn_tune.tuned_config import TunedConfig
+from attn_tune.tuner.validation import CallReport, Validation
+from attn_tune.tuner.validator import NoLoss, call_report, entries_not_run
+from attn_tune.tuner.validator import model_output as _output
+
+__all__ = ["FineTune", "TrainingRun", "FineTuneValidation"]
+
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass
+class TrainingRun:
+    """One fine-tune: the loss of each step, each step's time, and the peak memory of one step (forward, backward,
+    the optimizer's update) above what was live before it."""
+
+    losses: list[float]
+    step_ms: list[float]
+    peak_bytes: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"losses": self.losses, "step_ms": statistics.median(self.step_ms) if self.step_ms else None,
+                "peak_bytes": self.peak_bytes}
+
+
+@dataclass
+class FineTuneValidation(Validation):
+    """A `Validation` whose figures compare the model fine-tuned with the config (served with it) against the model
+    fine-tuned with exact attention; `served_exact` is the config's fine-tune served with exact attention."""
+
+    exact_run: TrainingRun | None = None
+    tuned_run: TrainingRun | None = None
+    served_exact: Validation | None = None
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**super().to_dict(), "fine_tune": self.summary()["fine_tune"]}
+
+    def summary(self) -> dict[str, Any]:
+        record = super().summary()
+        served = self.served_exact
+        record["fine_tune"] = {
+            **self.settings, "exact": self.exact_run.to_dict(), "tuned": self.tuned_run.to_dict(),
+            "served_exact": None if served is None else {
+                key: value for key, value in served.summary().items()
+                if key.startswith(("loss", "metric")) and key not in ("loss_from", "metric_from")}}
+        return record
+
+
+class FineTune:
+    """The guard that trains. `validate(config)` fine-tunes with the config and compares with the exact fine-tune
+    (run once, here); the user's code failing is one line, as the inference `Validator`'s."""
+
+    def __init__(self, factory: Callable[..., Any], label: str = "", *, steps: int, batches: int = 1,
+                 learning_rate: float = 1e-4, seed: int = 0, metric: Callable[[Any, Any], float] | None = None,
+                 metric_from: str | None = None, progress: Progress | None = None) -> None:
+        self.label = label or getattr(factory, "__name__", "factory")
+        self.progress = progress or (lambda what, done, total: None)
+        self.settings = {"steps": steps, "optimizer": "AdamW", "learning_rate": learning_rate, "seed": seed}
+        self.train = users_code(self.label, lambda: call_factory(_training_split(factory, self.label), steps))
+        self.heldout: ModelRun = users_code(self.label, lambda: call_factory(factory, batches))
+        self.metric = metric or self.heldout.metric
+        self.metric_name = None if self.metric is None else getattr(self.metric, "__name__", "metric")
+        self.metric_from = metric_from if metric is not None else None
+        self.start = copy.deepcopy(self.train.model.state_dict())
+        self.exact_run = self._fine_tune(None, "exact attention")
+        self.exact = self._evaluate(None, "the exact fine-tune")
+        self.loss_from = self.exact["loss_from"]
+
+    @property
+    def batches(self) -> int:
+        return len(self.heldout.batches)
+
+    def require_loss(self) -> None:
+        if self.loss_from is None:
+            raise NoLoss(f"{self.label} gives no loss to train on: return (model, example_inputs, targets) from the "
+                         'factory, or a model output with a "loss" (docs/validation.md)')
+
+    def require_metric(self) -> None:
+        if self.metric is None:
+            raise NoLoss(f"{self.label} gives no metric: return it fourth from the factory (a function of "
+                         "(outputs, targets), higher is better), or pass --metric MODULE:FN")
+
+    def validate(self, config: TunedConfig | str | Any) -> FineTuneValidation:
+        """Fine-tune with `config` from the same start; its held-out figures served with the config and with exact
+        attention, each against the exact fine-tune's, batch by batch."""
+        calls: list[CallReport] = []
+        tuned_run = self._fine_tune(config, "the config", calls)
+        used = {c.entry for c in calls}
+        with observe(lambda call: used.add(call.decision.entry)):
+            served = self._evaluate(config, "the config's fine-tune", calls)
+        plain = self._evaluate(None, "the config's fine-tune, served exact")
+        exact = self.exact
+        served_exact = Validation(self.label, [], plain["output_error"], exact["losses"], plain["losses"],
+                                  self.loss_from, metric=self.metric_name, metrics_exact=exact["metrics"],
+                                  metrics_tuned=plain["metrics"])
+        return FineTuneValidation(
+            self.label, calls, served["output_error"], exact["losses"], served["losses"], self.loss_from,
+            metric=self.metric_name, metric_from=self.metric_from, metrics_exact=exact["metrics"],
+            metrics_tuned=served["metrics"], exact_run=self.exact_run, tuned_run=tuned_run,
+            served_exact=served_exact, settings=dict(self.settings), entries_not_run=entries_not_run(config, used))
+
+    def _fine_tune(self, config: Any, what: str, calls: list[CallReport] | None = None) -> TrainingRun:
+        """The model from the start weights, trained one step per training batch with `config` in use (None:
+        exact). The first step's peak memory is measured and its attention calls reported (each one's error
+        against exact attention on its own inputs); the other steps are timed."""
+        model = self.train.model
+        model.load_state_dict(self.start)
+        model.zero_grad(set_to_none=True)  # freed now, not inside the profiled first step
+        model.train()
+        torch.manual_seed(self.settings["seed"])
+        optimizer = torch.optim.AdamW(model.parameters(), lr=self.settings["learning_rate"])
+        losses, step_ms, peak = [], [], 0
+        steps = len(self.train.batches)
+
+        def step(i: int) -> None:
+            _, _, targets = self.train.batches[i]
+            optimizer.zero_grad(set_to_none=True)
+            loss, _ = loss_tensor(self.train.run(i), targets)
+            if loss is None:
+                raise NoLoss(f"{self.label} gives no loss to train on")
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss.detach()))
+
+        with use_config(config):
+            for i in range(steps):
+                if i == 0:  # the whole step's peak, optimizer state included; the profiler slows it: not timed
+                    seen = contextlib.nullcontext() if calls is None else \
+                        observe(lambda call: calls.append(call_report(call, len(calls))))
+                    with seen:
+                        peak = users_code(self.label, lambda: peak_bytes(lambda: step(0), _device(model)))
+                else:
+                    started = time.perf_counter()
+                    users_code(self.label, lambda i=i: step(i))
+                    step_ms.append((time.perf_counter() - started) * 1e3)
+                self.progress(f"{self.label}: fine-tune steps with {what}", i + 1, steps)
+        model.eval()
+        self.heldout.model = model
+        return TrainingRun(losses, step_ms, peak)
+
+    def _evaluate(self, config: Any, what: str, calls: list[CallReport] | None = None) -> dict[str, Any]:
+        """Held-out loss, metric and output of the model last fine-tuned, each batch, with `config` in use (None:
+        exact attention); the output's error is against the exact fine-tune's. The first batch's attention calls
+        are reported to `calls` (the config's inference entries run here, its training entries in the steps)."""
+        losses, metrics, errors, outputs = [], [], [], []
+        loss_from = None
+        with use_config(config), torch.no_grad():
+            for i, (_, _, targets) in enumerate(self.heldout.batches):
+                seen = contextlib.nullcontext() if calls is None or i > 0 else \
+                    observe(lambda call: calls.append(call_report(call, len(calls))))
+                with seen:
+                    out = users_code(self.label, lambda i=i: self.heldout.run(i))
+                loss, loss_from = loss_tensor(out, targets)
+                losses.append(None if loss is None else float(loss))
+                if self.metric is not None:
+                    metrics.append(float(users_code(f"the metric {self.metric_name}", lambda: self.metric(out, targets))))
+                outputs.append(_output(out).detach())
+                if hasattr(self, "exact"):
+                    errors.append(relative_error(outputs[-1], self.exact["outputs"][i].double()))
+                self.progress(f"{self.label}: held-out batches of {what}", i + 1, self.batches)
+        return {"losses": None if loss_from is None else losses, "loss_from": loss_from, "outputs": outputs,
+                "metrics": None if self.metric is None else metrics, "output_error": max(errors, default=0.0)}
+
+
+def _training_split(factory: Callable[..., Any], label: str) -> Callable[..., Any]:
+    """The factory asked for training batches (`split="train"`); one that cannot give them is one line."""
+    try:
+        takes = "split" in inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        takes = False
+    if not takes:
+        raise AttnTuneError(f"{label} takes no `split` parameter, so it cannot give training batches for the "
+                            "fine-tune: add split='train' (and `batches`) to it (docs/validation.md)")
+    return functools.partial(factory, split="train")
+
+
+def _device(model: Any) -> torch.device:
+    return next((p.device for p in model.parameters()), torch.device("cpu"))
