@@ -65,10 +65,10 @@ def fine_tune_lines(v: dict[str, Any]) -> list[str]:
     run = v.get("fine_tune")
     if not run:
         return []
-    exact, tuned = run["exact"], run["tuned"]
-    speed = f" ({exact['step_ms'] / tuned['step_ms']:.2f}x)" if exact.get("step_ms") and tuned.get("step_ms") else ""
+    exact, tuned, speed = run["exact"], run["tuned"], run.get("step_speedup")
+    faster = "" if not speed else f", {speed['ratio']:.2f}x as fast [{speed['low']:.2f}-{speed['high']:.2f}]"
     step = "" if not exact.get("step_ms") else \
-        f": step {exact['step_ms']:.1f} ms exact, {tuned['step_ms']:.1f} ms with the config{speed}"
+        f": step {exact['step_ms']:.1f} ms exact, {tuned['step_ms']:.1f} ms with the config{faster}"
     lines = [f"fine-tune {run['steps']} steps ({run['optimizer']}, lr {run['learning_rate']:g}, seed {run['seed']}) "
              f"from the factory's weights{step}; step peak memory {exact['peak_bytes'] / 2**20:.1f} MiB exact, "
              f"{tuned['peak_bytes'] / 2**20:.1f} MiB with the config"]

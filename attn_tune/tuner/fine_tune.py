@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import functools
 import inspect
 import statistics
@@ -24,6 +25,7 @@ from attn_tune.outputs import loss_tensor
 from attn_tune.runtime import use_config
 from attn_tune.runtime.capture import ModelRun, call_factory, observe
 from attn_tune.tuned_config import TunedConfig
+from attn_tune.tuner.headtohead import Ratio, ratio_interval
 from attn_tune.tuner.validation import CallReport, Validation
 from attn_tune.tuner.validator import NoLoss, call_report, entries_not_run
 from attn_tune.tuner.validator import model_output as _output
@@ -33,18 +35,21 @@ __all__ = ["FineTune", "TrainingRun", "FineTuneValidation"]
 Progress = Callable[[str, int, int], None]
 
 
+STEP_ROUNDS = 7  # interleaved timing rounds of a training step, exact then the config, for the speed ratio
+
+
 @dataclass
 class TrainingRun:
-    """One fine-tune: the loss of each step, each step's time, and the peak memory of one step (forward, backward,
-    the optimizer's update) above what was live before it."""
+    """One fine-tune: the loss of each step and the peak memory of one step (forward, backward, the optimizer's
+    update) above what was live before it; `step_ms`, the median of its steps timed interleaved with the other
+    run's (the two fine-tunes run one after the other, so their own step times would compare two moments)."""
 
     losses: list[float]
-    step_ms: list[float]
     peak_bytes: int
+    step_ms: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"losses": self.losses, "step_ms": statistics.median(self.step_ms) if self.step_ms else None,
-                "peak_bytes": self.peak_bytes}
+        return {"losses": self.losses, "step_ms": self.step_ms, "peak_bytes": self.peak_bytes}
 
 
 @dataclass
@@ -109,7 +114,10 @@ class FineTune:
         """Fine-tune with `config` from the same start; its held-out figures served with the config and with exact
         attention, each against the exact fine-tune's, batch by batch."""
         calls: list[CallReport] = []
+        exact_ms, tuned_ms, speed = self._step_times(config)
         tuned_run = self._fine_tune(config, "the config", calls)
+        tuned_run.step_ms = statistics.median(tuned_ms)
+        exact_run = dataclasses.replace(self.exact_run, step_ms=statistics.median(exact_ms))
         used = {c.entry for c in calls}
         with observe(lambda call: used.add(call.decision.entry)):
             served = self._evaluate(config, "the config's fine-tune", calls)
@@ -121,20 +129,48 @@ class FineTune:
         return FineTuneValidation(
             self.label, calls, served["output_error"], exact["losses"], served["losses"], self.loss_from,
             metric=self.metric_name, metric_from=self.metric_from, metrics_exact=exact["metrics"],
-            metrics_tuned=served["metrics"], exact_run=self.exact_run, tuned_run=tuned_run,
-            served_exact=served_exact, settings=dict(self.settings), entries_not_run=entries_not_run(config, used))
+            metrics_tuned=served["metrics"], exact_run=exact_run, tuned_run=tuned_run, served_exact=served_exact,
+            settings={**self.settings, "step_speedup": speed.to_dict()}, entries_not_run=entries_not_run(config, used))
+
+    def _step_times(self, config: Any) -> tuple[list[float], list[float], Ratio]:
+        """A training step (forward and backward of the first training batch, from the start weights, no update)
+        timed with exact attention and with `config`, interleaved over STEP_ROUNDS rounds after one untimed step
+        each: the medians, and exact's time over the config's with its 95% interval (> 1: the config is faster)."""
+        model = self.train.model
+        model.load_state_dict(self.start)
+        model.train()
+        times: dict[Any, list[float]] = {None: [], "config": []}
+
+        def step() -> None:
+            _, _, targets = self.train.batches[0]
+            model.zero_grad(set_to_none=True)
+            loss, _ = loss_tensor(self.train.run(0), targets)
+            if loss is None:
+                raise NoLoss(f"{self.label} gives no loss to train on")
+            loss.backward()
+
+        for round_ in range(STEP_ROUNDS + 1):
+            for key in times:
+                with use_config(config if key else None):
+                    started = time.perf_counter()
+                    users_code(self.label, step)
+                    if round_:  # the first round warms both up
+                        times[key].append((time.perf_counter() - started) * 1e3)
+            self.progress(f"{self.label}: training steps timed, exact and with the config", round_ + 1, STEP_ROUNDS + 1)
+        model.zero_grad(set_to_none=True)
+        return times[None], times["config"], ratio_interval([e / c for e, c in zip(times[None], times["config"])])
 
     def _fine_tune(self, config: Any, what: str, calls: list[CallReport] | None = None) -> TrainingRun:
         """The model from the start weights, trained one step per training batch with `config` in use (None:
         exact). The first step's peak memory is measured and its attention calls reported (each one's error
-        against exact attention on its own inputs); the other steps are timed."""
+        against exact attention on its own inputs)."""
         model = self.train.model
         model.load_state_dict(self.start)
         model.zero_grad(set_to_none=True)  # freed now, not inside the profiled first step
         model.train()
         torch.manual_seed(self.settings["seed"])
         optimizer = torch.optim.AdamW(model.parameters(), lr=self.settings["learning_rate"])
-        losses, step_ms, peak = [], [], 0
+        losses, peak = [], 0
         steps = len(self.train.batches)
 
         def step(i: int) -> None:
@@ -155,13 +191,11 @@ class FineTune:
                     with seen:
                         peak = users_code(self.label, lambda: peak_bytes(lambda: step(0), _device(model)))
                 else:
-                    started = time.perf_counter()
                     users_code(self.label, lambda i=i: step(i))
-                    step_ms.append((time.perf_counter() - started) * 1e3)
                 self.progress(f"{self.label}: fine-tune steps with {what}", i + 1, steps)
         model.eval()
         self.heldout.model = model
-        return TrainingRun(losses, step_ms, peak)
+        return TrainingRun(losses, peak)
 
     def _evaluate(self, config: Any, what: str, calls: list[CallReport] | None = None) -> dict[str, Any]:
         """Held-out loss, metric and output of the model last fine-tuned, each batch, with `config` in use (None:
