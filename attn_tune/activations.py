@@ -1,8 +1,9 @@
 """The activations file: real q, k, v (and mask) of a few attention calls per problem, in safetensors.
 
 Written by `attn-tune capture --activations`, read by `attn-tune tune --activations` to measure each candidate's
-error on what the model really computes. Tensors are named `p{problem}/s{sample}/{q,k,v,mask}`; the metadata
-holds the format, the problems (as in a shapes file) and each sample's scale and call number.
+error on what the model really computes. Tensors are named `p{problem}/s{sample}/{q,k,v,attn_mask,grad_out}`
+(`grad_out`, the gradient that reached the call's output, only from a training capture; files without it read as
+before); the metadata holds the format, the problems (as in a shapes file) and each sample's scale and call number.
 """
 
 from __future__ import annotations
@@ -27,9 +28,16 @@ class ActivationsError(AttnTuneError):
 
 
 def describe_inputs(samples: Iterable[Inputs] | None) -> str:
-    """What an entry's error was measured on: "captured: N calls" or "random"."""
-    count = len(list(samples or ()))
-    return f"captured: {count} call{'s' if count != 1 else ''}" if count else "random"
+    """What an entry's error was measured on: "captured: N calls", then " with gradients" when every call carries
+    the gradient that reached it in a training capture (" (M with gradients)" when M do), or "random"."""
+    kept = list(samples or ())
+    if not kept:
+        return "random"
+    text = f"captured: {len(kept)} call{'s' if len(kept) != 1 else ''}"
+    graded = sum(s.grad_out is not None for s in kept)
+    if graded == len(kept):
+        return f"{text} with gradients"
+    return f"{text} ({graded} with gradients)" if graded else text
 
 
 def save_activations(path: str | os.PathLike, samples: Mapping[Problem, list[Inputs]], source: str = "") -> None:
@@ -40,7 +48,7 @@ def save_activations(path: str | os.PathLike, samples: Mapping[Problem, list[Inp
     for i, (problem, kept) in enumerate(samples.items()):
         problems.append({"problem": problem.to_dict(), "samples": [{"scale": s.scale, "call": s.call} for s in kept]})
         for j, s in enumerate(kept):
-            for name in ("q", "k", "v", "attn_mask"):
+            for name in ("q", "k", "v", "attn_mask", "grad_out"):
                 tensor = getattr(s, name)
                 if tensor is not None:
                     tensors[f"p{i}/s{j}/{name}"] = tensor.detach().to("cpu").contiguous()
@@ -85,19 +93,22 @@ def _sample(tensors: dict[str, Any], i: int, j: int, problem: Problem, meta: dic
     def get(name: str) -> Any:
         return tensors.get(f"p{i}/s{j}/{name}")
 
-    q, k, v, mask = get("q"), get("k"), get("v"), get("attn_mask")
+    q, k, v, mask, grad_out = get("q"), get("k"), get("v"), get("attn_mask"), get("grad_out")
     expected = {"q": (problem.batch, problem.heads, problem.q_len, problem.head_dim),
                 "k": (problem.batch, problem.n_kv_heads, problem.n_kv_len, problem.head_dim),
-                "v": (problem.batch, problem.n_kv_heads, problem.n_kv_len, problem.head_dim)}
-    for name, tensor in (("q", q), ("k", k), ("v", v)):
+                "v": (problem.batch, problem.n_kv_heads, problem.n_kv_len, problem.head_dim),
+                "grad_out": (problem.batch, problem.heads, problem.q_len, problem.head_dim)}
+    for name, tensor in (("q", q), ("k", k), ("v", v), ("grad_out", grad_out)):
         if tensor is None:
+            if name == "grad_out":  # optional: a forward capture, a call off the loss's path, or an older file
+                continue
             raise ValueError(f"sample {j} of {problem.describe()} has no {name}")
         if tuple(tensor.shape) != expected[name] or str(tensor.dtype).removeprefix("torch.") != problem.dtype:
             raise ValueError(f"sample {j} of {problem.describe()}: {name} is {tuple(tensor.shape)} "
                              f"{str(tensor.dtype).removeprefix('torch.')}, not {expected[name]} {problem.dtype}")
     if problem.mask != (mask is not None):
         raise ValueError(f"sample {j} of {problem.describe()}: a mask {'missing' if problem.mask else 'not expected'}")
-    return Inputs(q, k, v, mask, meta.get("scale"), int(meta.get("call", j)))
+    return Inputs(q, k, v, mask, meta.get("scale"), int(meta.get("call", j)), grad_out)
 
 
 def check_against(activations: Mapping[Problem, list[Inputs]], problems: Iterable[Problem], path: Any,

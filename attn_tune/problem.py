@@ -135,6 +135,8 @@ class Inputs:
     and scale. Seeded random inputs, captured activations and the calls the runtime shows observers are all this.
 
     `call` numbers a captured call among its problem's calls in one forward (0 = the first layer to ask).
+    `grad_out` is the gradient that reached the call's output in a captured training step (None when none did), so
+    that a training problem's gradient error is measured on what backward really feeds attention.
     """
 
     q: Any
@@ -143,6 +145,7 @@ class Inputs:
     attn_mask: Any = None
     scale: float | None = None
     call: int = 0
+    grad_out: Any = None
 
     def call_kwargs(self, problem: Problem) -> dict[str, Any]:
         """The keywords a variant's fn takes for this call of `problem`."""
@@ -151,7 +154,7 @@ class Inputs:
     def to(self, device: Any) -> Inputs:
         """The same call with its tensors on `device`."""
         moved = {name: None if getattr(self, name) is None else getattr(self, name).to(device)
-                 for name in ("q", "k", "v", "attn_mask")}
+                 for name in ("q", "k", "v", "attn_mask", "grad_out")}
         return dataclasses.replace(self, **moved)
 
 

@@ -12,12 +12,17 @@ from typing import Any, Callable
 
 import torch
 
-from attn_tune.errors import UnsupportedProblem
+from attn_tune.errors import UnsupportedProblem, one_line
 from attn_tune.measurement.inputs import (
+    Gradients,
     captured_samples,
+    grad_output,
     make_inputs,
+    reference_gradients,
     reference_output,
     relative_error,
+    sample_grad_out,
+    sample_gradients,
     sample_reference,
 )
 from attn_tune.measurement.memory import peak_bytes
@@ -33,7 +38,8 @@ class Measurement:
     """What one variant costs on one problem; `rel_error` is against the problem's float64 exact attention.
 
     `first_call_ms` is the first (cold) call alone: one-time set-up such as compiling a kernel or building a block
-    mask shows there, kept apart from the per-call `latency_ms`.
+    mask shows there, kept apart from the per-call `latency_ms`. For a training problem `rel_error` is the worst of
+    the output's, dq's, dk's and dv's, and `error_of` names which ("out", "dq", "dk", "dv"); None when forward only.
     """
 
     latency_ms: float
@@ -43,10 +49,15 @@ class Measurement:
     repeats: int
     first_call_ms: float = 0.0
     output_digest: str | None = None  # SHA-1 of the first call's output bytes: equal digests, one kernel
-
+    error_of: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Every field, JSON-serialisable; `error_of` only when set, so a forward-only problem's stored figures
+        keep the keys they always had."""
+        data = dataclasses.asdict(self)
+        if data["error_of"] is None:
+            del data["error_of"]
+        return data
 
 
 def make_step(
@@ -62,8 +73,7 @@ def make_step(
                 variant.fn(q, k, v, **kwargs)
 
         return forward
-    grad_out = torch.randn(q.shape[:-1] + (v.shape[-1],), generator=torch.Generator().manual_seed(seed + 1))
-    grad_out = grad_out.to(device=q.device, dtype=q.dtype)
+    grad_out = grad_output(problem, seed)
 
     def forward_backward() -> None:
         # autograd.grad, not .backward(): no .grad from an earlier call is freed inside this one, which the CPU
@@ -73,11 +83,48 @@ def make_step(
     return forward_backward
 
 
-def _sample_error(variant: Variant, problem: Problem, params: dict[str, Any], path: str | os.PathLike, index: int,
-                  sample: Inputs) -> float:
-    with torch.no_grad():
-        out = variant.fn(sample.q, sample.k, sample.v, **sample.call_kwargs(problem), **params)
-    return relative_error(out, sample_reference(path, problem, index))
+def _sample_errors(variant: Variant, problem: Problem, params: dict[str, Any], path: str | os.PathLike, index: int,
+                   sample: Inputs) -> dict[str, float]:
+    """The error of each part on captured sample `index`: the output's, and for training dq's, dk's and dv's for
+    the gradient the model gave that call (`sample_grad_out`)."""
+    leaves = [t.detach().requires_grad_(problem.training) for t in (sample.q, sample.k, sample.v)]
+    with torch.set_grad_enabled(problem.training):
+        out = variant.fn(*leaves, **sample.call_kwargs(problem), **params)
+    errors = {"out": relative_error(out, sample_reference(path, problem, index))}
+    if problem.training:
+        errors.update(_gradient_errors(variant, out, leaves, sample_grad_out(sample, problem, index),
+                                       sample_gradients(path, problem, index)))
+    return errors
+
+
+def _gradient_errors(variant: Variant, out: torch.Tensor, leaves: list[torch.Tensor], grad_out: torch.Tensor,
+                     reference: Gradients) -> dict[str, float]:
+    """dq's, dk's and dv's relative errors against float64's; a variant without a backward is UnsupportedProblem."""
+    if not out.requires_grad:
+        raise UnsupportedProblem(f"{variant.name}: its output does not require grad, so it has no backward for a "
+                                 "training problem")
+    try:
+        grads = torch.autograd.grad(out, leaves, grad_out, allow_unused=True)
+    except (UnsupportedProblem, torch.OutOfMemoryError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - a variant whose backward fails cannot serve training
+        raise UnsupportedProblem(f"{variant.name}: its backward raised {one_line(exc)}") from None
+    return {f"d{name}": _part_error(got, want) for name, got, want in zip("qkv", grads, reference[1:])}
+
+
+def _part_error(got: torch.Tensor | None, want: torch.Tensor) -> float:
+    """`relative_error`, where a gradient autograd left out counts as zeros, and against a zero reference (a captured
+    call whose output got a zero gradient) an exactly zero gradient is exact and any other one infinitely wrong."""
+    got = torch.zeros_like(want) if got is None else got
+    if not bool(want.any()):
+        return 0.0 if bool(torch.isfinite(got).all()) and not bool(got.any()) else float("inf")
+    return relative_error(got, want)
+
+
+def _worst(errors: dict[str, float]) -> tuple[float, str]:
+    """The largest error and its part (the first listed on a tie)."""
+    part = max(errors, key=errors.__getitem__)
+    return errors[part], part
 
 
 def _synchronize(device: torch.device) -> None:
@@ -116,6 +163,8 @@ def measure(
 
     With `activations` (a file from `attn-tune capture --activations`) holding calls of this problem, `rel_error`
     is the worst over those real calls instead (latency, memory and the digest stay on the random inputs).
+    A `training` problem's first call keeps its graph, and `rel_error` is the worst of the output's and the
+    gradients' (dq, dk, dv for a seeded grad_out, or on captured calls the one each call got), `error_of` says which.
 
     Order: error (one call against the float64 reference, timed alone as `first_call_ms`), `warmup` untimed calls (so one-time set-up such as
     library handles is live before memory is read), peak memory of one call, then timed calls until both
@@ -124,7 +173,8 @@ def measure(
     reports such a problem instead of hanging on it.
 
     Raises:
-        UnsupportedProblem: the variant is unavailable here or does not support the problem.
+        UnsupportedProblem: the variant is unavailable here or does not support the problem (for training: its
+            output does not require grad, or its backward raises).
         UnavailableDevice: the problem's device is not on this machine.
     """
     reason = availability(variant) or variant.supports(problem)
@@ -137,7 +187,7 @@ def measure(
     inputs = make_inputs(problem, seed)
     _synchronize(device)
     started = time.perf_counter()
-    with torch.no_grad():
+    with torch.set_grad_enabled(problem.training):
         out = variant.fn(inputs.q, inputs.k, inputs.v, **inputs.call_kwargs(problem), **params)
     _synchronize(device)
     first_call_ms = (time.perf_counter() - started) * 1e3
@@ -146,10 +196,16 @@ def measure(
                            f"{first_call_limit_s:.1f} s this problem had left")
     if out.shape != inputs.q.shape[:-1] + (inputs.v.shape[-1],) or out.dtype != inputs.q.dtype:
         raise UnsupportedProblem(f"{variant.name} returned {tuple(out.shape)} {out.dtype}, not q's shape and dtype")
-    rel_error = relative_error(out, reference_output(problem, seed))
     samples = captured_samples(activations, problem) if activations is not None else []
-    if samples:
-        rel_error = max(_sample_error(variant, problem, params, activations, i, s) for i, s in enumerate(samples))
+    if samples:  # the worst call's parts
+        errors = max((_sample_errors(variant, problem, params, activations, i, s) for i, s in enumerate(samples)),
+                     key=lambda each: _worst(each)[0])
+    else:
+        errors = {"out": relative_error(out, reference_output(problem, seed))}
+        if problem.training:
+            errors.update(_gradient_errors(variant, out, [inputs.q, inputs.k, inputs.v], grad_output(problem, seed),
+                                           reference_gradients(problem, seed)))
+    rel_error, error_of = _worst(errors)
     digest = hashlib.sha1(out.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
     del out
 
@@ -168,4 +224,5 @@ def measure(
         repeats=len(times),
         first_call_ms=first_call_ms,
         output_digest=digest,
+        error_of=error_of if problem.training else None,
     )

@@ -4,6 +4,7 @@ the real q, k, v of a few of its calls (an activations file for `--activations`)
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib
 import inspect
 import json
@@ -11,8 +12,8 @@ import os
 import sys
 from typing import Any, Callable, Iterator
 
-from attn_tune.errors import AttnTuneError
-from attn_tune.outputs import first_tensor
+from attn_tune.errors import AttnTuneError, users_code
+from attn_tune.outputs import first_tensor, loss_tensor
 from attn_tune.problem import Inputs, Problem
 from attn_tune.runtime import dispatch
 from attn_tune.runtime.patch import patch_sdpa
@@ -175,10 +176,49 @@ def _run(built: ModelRun, training: bool) -> None:
     with torch.set_grad_enabled(training):
         out = built()
         if training:
-            loss_from = first_tensor(out, wanted=lambda t: t.requires_grad)
-            if loss_from is None:
-                raise CaptureError("the model's output holds no tensor to run backward from")
-            loss_from.float().square().mean().backward()
+            _training_loss(out, built.targets).backward()
+
+
+def _training_loss(out: Any, targets: Any) -> Any:
+    """What a captured training step runs backward from, so each call's gradient is the one training feeds it: the
+    model's own `loss`, else its loss against the factory's targets (as `validate` computes it), else (no loss to
+    be had) the mean square of its first output that requires grad."""
+    loss, _ = users_code("the model's loss against its targets", lambda: loss_tensor(out, targets))
+    if loss is not None:
+        if not loss.requires_grad:
+            raise CaptureError("the model's loss does not require grad, so a training step cannot run backward")
+        return loss
+    loss_from = first_tensor(out, wanted=lambda t: t.requires_grad)
+    if loss_from is None:
+        raise CaptureError("the model's output holds no tensor to run backward from")
+    return loss_from.float().square().mean()
+
+
+def _on_gradient(out: Any, store: Callable[[Any], None]) -> None:
+    """Call `store(grad)` with the gradient that reaches `out` in backward (never, if `out` is off the loss's path).
+
+    A 3-D call is shown to observers through `out.unsqueeze(1)`, a view nothing downstream uses: its gradient is
+    the one reaching the node that made the model's own tensor, read there (and given the shown layout)."""
+    node = out.grad_fn
+    if out.shape[1] == 1 and type(node).__name__ == "UnsqueezeBackward0" and node.next_functions[0][0] is not None:
+        made, index = node.next_functions[0]
+
+        def before(grads: tuple) -> None:
+            if grads[index] is not None:
+                store(grads[index].unsqueeze(1))
+
+        made.register_prehook(before)
+    else:
+        out.register_hook(store)
+
+
+def _gradient_keeper(samples: list[Inputs], at: int) -> Callable[[Any], None]:
+    """Stores a gradient into `samples[at]` as its `grad_out`: a detached CPU copy in the call's dtype."""
+    def store(grad: Any) -> None:
+        sample = samples[at]
+        samples[at] = dataclasses.replace(sample, grad_out=grad.detach().to("cpu", sample.q.dtype, copy=True))
+
+    return store
 
 
 def capture_factory(factory: Callable[[], Any], training: bool = False) -> list[Problem]:
@@ -203,7 +243,8 @@ def capture_activations(factory: Callable[[], Any], samples: int, training: bool
     """The problems, and for each the q, k, v (and mask) of `samples` of its calls spread across the model's layers.
 
     Runs the model twice (the same inputs): once to count each problem's calls, once to copy the chosen ones,
-    so that only what is kept is ever held.
+    so that only what is kept is ever held. With `training`, each run is a training step (`_training_loss`'s
+    backward) and a kept call also keeps `grad_out`, the gradient that reached its output (None if none did).
     """
     if samples < 1:
         raise CaptureError(f"samples must be positive, got {samples}")
@@ -225,7 +266,10 @@ def capture_activations(factory: Callable[[], Any], samples: int, training: bool
         if number in wanted.get(call.problem, ()):
             shown = call.inputs
             copy = [None if t is None else t.detach().to("cpu", copy=True) for t in (shown.q, shown.k, shown.v, shown.attn_mask)]
-            kept[call.problem].append(Inputs(*copy, scale=shown.scale, call=number))
+            samples_of = kept[call.problem]
+            samples_of.append(Inputs(*copy, scale=shown.scale, call=number))
+            if training and call.out.requires_grad:
+                _on_gradient(call.out, _gradient_keeper(samples_of, len(samples_of) - 1))
 
     with observe(keep):
         _run(built, training)
