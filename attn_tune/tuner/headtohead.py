@@ -102,6 +102,7 @@ def head_to_head(
                 repeats=sum(m.repeats for m in ms),
                 first_call_ms=ms[0].first_call_ms,
                 output_digest=ms[0].output_digest,
+                error_of=max(ms, key=lambda m: m.rel_error).error_of,  # which part (out, dq, dk, dv) was worst
             )
     return result, ratios
 
