@@ -27,7 +27,7 @@ from attn_tune.runtime.capture import ModelRun, call_factory, observe
 from attn_tune.tuned_config import TunedConfig
 from attn_tune.tuner.headtohead import Ratio, ratio_interval
 from attn_tune.tuner.validation import CallReport, Validation
-from attn_tune.tuner.validator import NoLoss, call_report, entries_not_run
+from attn_tune.tuner.validator import ModelGuard, NoLoss, call_report, entries_not_run
 from attn_tune.tuner.validator import model_output as _output
 
 __all__ = ["FineTune", "TrainingRun", "FineTuneValidation"]
@@ -76,7 +76,7 @@ class FineTuneValidation(Validation):
         return record
 
 
-class FineTune:
+class FineTune(ModelGuard):
     """The guard that trains. `validate(config)` fine-tunes with the config and compares with the exact fine-tune
     (run once, here); the user's code failing is one line, as the inference `Validator`'s."""
 
@@ -89,7 +89,6 @@ class FineTune:
         self.train = users_code(self.label, lambda: call_factory(_training_split(factory, self.label), steps))
         self.heldout: ModelRun = users_code(self.label, lambda: call_factory(factory, batches))
         self.metric = metric or self.heldout.metric
-        self.metric_name = None if self.metric is None else getattr(self.metric, "__name__", "metric")
         self.metric_from = metric_from if metric is not None else None
         self.start = copy.deepcopy(self.train.model.state_dict())
         self.exact_run = self._fine_tune(None, "exact attention")
@@ -99,16 +98,6 @@ class FineTune:
     @property
     def batches(self) -> int:
         return len(self.heldout.batches)
-
-    def require_loss(self) -> None:
-        if self.loss_from is None:
-            raise NoLoss(f"{self.label} gives no loss to train on: return (model, example_inputs, targets) from the "
-                         'factory, or a model output with a "loss" (docs/validation.md)')
-
-    def require_metric(self) -> None:
-        if self.metric is None:
-            raise NoLoss(f"{self.label} gives no metric: return it fourth from the factory (a function of "
-                         "(outputs, targets), higher is better), or pass --metric MODULE:FN")
 
     def validate(self, config: TunedConfig | str | Any) -> FineTuneValidation:
         """Fine-tune with `config` from the same start; its held-out figures served with the config and with exact
@@ -211,8 +200,7 @@ class FineTune:
                     out = users_code(self.label, lambda i=i: self.heldout.run(i))
                 loss, loss_from = loss_tensor(out, targets)
                 losses.append(None if loss is None else float(loss))
-                if self.metric is not None:
-                    metrics.append(float(users_code(f"the metric {self.metric_name}", lambda: self.metric(out, targets))))
+                metrics.append(self._score(out, targets))
                 outputs.append(_output(out).detach())
                 if hasattr(self, "exact"):
                     errors.append(relative_error(outputs[-1], self.exact["outputs"][i].double()))

@@ -21,7 +21,7 @@ from attn_tune.tuned_config import TunedConfig
 from attn_tune.tuner.intervals import mean
 from attn_tune.tuner.validation import CallReport, Validation
 
-__all__ = ["Validator", "NoLoss", "IGNORE_INDEX", "call_report", "model_output", "entries_not_run"]
+__all__ = ["ModelGuard", "Validator", "NoLoss", "IGNORE_INDEX", "call_report", "model_output", "entries_not_run"]
 
 
 class NoLoss(AttnTuneError):
@@ -68,7 +68,41 @@ def _call_error(call: dispatch.Call) -> float:
     return relative_error(call.out, ref)
 
 
-class Validator:
+class ModelGuard:
+    """What the guards share: a model named `label` whose loss (`loss_from`) and `metric` are budgeted; a budget it
+    has no figure for is refused in one line, and the metric is read as a number."""
+
+    label: str
+    loss_from: str | None
+    metric: Callable[[Any, Any], float] | None
+
+    @property
+    def metric_name(self) -> str | None:
+        return None if self.metric is None else getattr(self.metric, "__name__", "metric")
+
+    def _score(self, out: Any, targets: Any) -> float | None:
+        if self.metric is None:
+            return None
+        value = users_code(f"the metric {self.metric_name}", lambda: self.metric(out, targets))
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise AttnTuneError(f"the metric {self.metric_name} returned {type(value).__name__}, not a number") from None
+
+    def require_loss(self) -> None:
+        """Raise NoLoss unless the model has a loss to budget."""
+        if self.loss_from is None:
+            raise NoLoss(f"{self.label} gives no loss: return (model, example_inputs, targets) from the factory, or "
+                         'a model output with a "loss" (docs/validation.md)')
+
+    def require_metric(self) -> None:
+        """Raise NoLoss unless there is a metric to budget."""
+        if self.metric is None:
+            raise NoLoss(f"{self.label} gives no metric: return it fourth from the factory (a function of "
+                         "(outputs, targets), higher is better), or pass --metric MODULE:FN")
+
+
+class Validator(ModelGuard):
     """A factory's model run once with exact attention (on each of `batches` held-out batches);
     `validate(config)` runs it with a config and compares. The user's code failing is one line."""
 
@@ -98,19 +132,6 @@ class Validator:
         self.metrics_exact = None if self.metric is None else metrics
 
     @property
-    def metric_name(self) -> str | None:
-        return None if self.metric is None else getattr(self.metric, "__name__", "metric")
-
-    def _score(self, out: Any, targets: Any) -> float | None:
-        if self.metric is None:
-            return None
-        value = users_code(f"the metric {self.metric_name}", lambda: self.metric(out, targets))
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            raise AttnTuneError(f"the metric {self.metric_name} returned {type(value).__name__}, not a number") from None
-
-    @property
     def batches(self) -> int:
         return len(self.built.batches)
 
@@ -118,18 +139,6 @@ class Validator:
     def loss_exact(self) -> float | None:
         """The exact model's loss, the mean over the batches."""
         return mean(self.losses_exact)
-
-    def require_loss(self) -> None:
-        """Raise NoLoss unless the model has a loss to budget."""
-        if self.loss_from is None:
-            raise NoLoss(f"{self.label} gives no loss: return (model, example_inputs, targets) from the factory, or "
-                         'a model output with a "loss" (docs/validation.md)')
-
-    def require_metric(self) -> None:
-        """Raise NoLoss unless there is a metric to budget."""
-        if self.metric is None:
-            raise NoLoss(f"{self.label} gives no metric: return it fourth from the factory (a function of "
-                         "(outputs, targets), higher is better), or pass --metric MODULE:FN")
 
     def validate(self, config: TunedConfig | str | Any) -> Validation:
         """Run the model with `config` on every batch: each call's variant and error, the output's, the loss's."""
