@@ -1,7 +1,8 @@
 """`chunked`: exact attention over query chunks; peak memory O(chunk x kv_len) instead of O(q_len x kv_len).
 
 Each chunk goes through SDPA's fused kernel (its scores are never held whole) with a small boolean mask for the
-chunk's edge, or none where the chunk sees all its keys. The windowed variants share this machinery.
+chunk's edge, or none where the chunk sees all its keys. Its backward is SDPA's own per chunk, added into one
+gradient per input (`blockwise_grad`), not autograd through the chunks' slices. The windowed variants share this.
 """
 
 from __future__ import annotations
@@ -14,10 +15,10 @@ from torch import Tensor
 from attn_tune.problem import Problem
 from attn_tune.registry.hookspecs import hookimpl
 from attn_tune.registry.variant import Variant
+from attn_tune.families.blockwise_grad import Piece, RunPiece, block_attention, piecewise_attention
 from attn_tune.families.masks import (
     block_fully_visible, key_range, merge_masks, resolve_scale, shared_visible_keys,
 )
-from attn_tune.families.torch_sdpa import sdpa as torch_sdpa
 
 __all__ = ["chunked_attention", "block_attention", "CHUNK_CHOICES"]
 
@@ -31,12 +32,6 @@ def _mask_block(attn_mask: Tensor | None, r0: int, r1: int, lo: int, hi: int) ->
     rows = slice(r0, r1) if attn_mask.shape[-2] != 1 else slice(None)
     cols = slice(lo, hi) if attn_mask.shape[-1] != 1 else slice(None)
     return attn_mask[..., rows, cols]
-
-
-def block_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float) -> Tensor:
-    """One block of queries against its keys through SDPA's fused kernel: the scores are computed in tiles, never
-    held whole, also in backward; grouped kv heads are read in place (no copies)."""
-    return torch_sdpa(q, k, v, attn_mask=mask, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
 
 
 def chunked_attention(
@@ -56,19 +51,43 @@ def chunked_attention(
     """
     if chunk < 1:
         raise ValueError(f"chunk must be positive, got {chunk}")
-    q_len, kv_len = q.shape[-2], k.shape[-2]
-    scale = resolve_scale(q, scale)
-    out = torch.empty(q.shape[:-1] + (v.shape[-1],), dtype=q.dtype, device=q.device)
-    for r0 in range(0, q_len, chunk):
-        r1 = min(r0 + chunk, q_len)
-        lo, hi = key_range(r0, r1, kv_len, causal=is_causal, window=window)
-        geometry = dict(causal=is_causal, window=window, shift=r0 - lo)
-        visible = None if block_fully_visible(r1 - r0, hi - lo, **geometry) else shared_visible_keys(
-            r1 - r0, hi - lo, device=q.device, **geometry
-        )
-        mask = merge_masks(visible, _mask_block(attn_mask, r0, r1, lo, hi))
-        out[..., r0:r1, :] = block_attention(q[..., r0:r1, :], k[..., lo:hi, :], v[..., lo:hi, :], mask, scale)
-    return out
+    layout = _Rows(chunk, is_causal, window, attn_mask, resolve_scale(q, scale))
+    return piecewise_attention(layout, q, k, v)
+
+
+class _Rows:
+    """`chunked_attention`'s pieces: rows [r0, r1) of q against keys [lo, hi) (`blockwise_grad.Layout`)."""
+
+    def __init__(self, chunk: int, causal: bool, window: int | None, attn_mask: Tensor | None, scale: float) -> None:
+        self.chunk, self.causal, self.window, self.attn_mask, self.scale = chunk, causal, window, attn_mask, scale
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, run: RunPiece, recorded: bool) -> Tensor:
+        q_len, kv_len = q.shape[-2], k.shape[-2]
+        out = torch.empty(q.shape[:-1] + (v.shape[-1],), dtype=q.dtype, device=q.device)
+        for r0 in range(0, q_len, self.chunk):
+            r1 = min(r0 + self.chunk, q_len)
+            lo, hi = key_range(r0, r1, kv_len, causal=self.causal, window=self.window)
+            geometry = dict(causal=self.causal, window=self.window, shift=r0 - lo)
+            visible = None if block_fully_visible(r1 - r0, hi - lo, **geometry) else shared_visible_keys(
+                r1 - r0, hi - lo, device=q.device, **geometry
+            )
+            mask = merge_masks(visible, _mask_block(self.attn_mask, r0, r1, lo, hi))
+            out[..., r0:r1, :] = run(q[..., r0:r1, :], k[..., lo:hi, :], v[..., lo:hi, :], mask, (r0, r1, lo, hi))
+        return out
+
+    def backward(self, grad_out: Tensor, pieces: list[Piece], q: Tensor, k: Tensor, v: Tensor,
+                 needs: tuple[bool, bool, bool]) -> tuple[Tensor | None, ...]:
+        dq = torch.empty_like(q) if needs[0] else None  # the chunks' rows cover q once
+        dk, dv = (torch.zeros_like(x) if need else None for x, need in zip((k, v), needs[1:]))  # unseen keys: 0
+        for piece in pieces:
+            r0, r1, lo, hi = piece.where
+            gq, gk, gv = piece.grads(grad_out[..., r0:r1, :])
+            if dq is not None:
+                dq[..., r0:r1, :].copy_(gq)
+            for total, part in ((dk, gk), (dv, gv)):
+                if total is not None:
+                    total[..., lo:hi, :].add_(part)
+        return dq, dk, dv
 
 
 def _space(problem: Problem) -> dict[str, Any]:

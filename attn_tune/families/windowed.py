@@ -1,7 +1,8 @@
 """Sliding windows in query blocks: `window-chunked` (exact) and `local` (approximate, a narrower window).
 
 Each block of queries attends only to the keys inside its window, so time and peak memory grow as
-O(q_len x window), not O(q_len x kv_len). The block machinery is `chunked_attention`'s, shared, not copied.
+O(q_len x window), not O(q_len x kv_len). The block machinery is `chunked_attention`'s, shared, not copied; the
+backward, both ways, is SDPA's own per call (`blockwise_grad`).
 """
 
 from __future__ import annotations
@@ -14,9 +15,9 @@ import torch
 from torch import Tensor
 
 from attn_tune.errors import UnsupportedProblem
+from attn_tune.families.blockwise_grad import Piece, RunPiece, fold_slices, piecewise_attention
 from attn_tune.families.chunked import chunked_attention
 from attn_tune.families.masks import resolve_scale
-from attn_tune.families.torch_sdpa import sdpa as torch_sdpa
 from attn_tune.problem import Problem
 from attn_tune.registry.hookspecs import hookimpl
 from attn_tune.registry.variant import Variant
@@ -68,35 +69,82 @@ def unfolded_window_attention(q: Tensor, k: Tensor, v: Tensor, *, is_causal: boo
     layout, as a projection leaves it, comes back in that layout. An additive mask, kept per shape, cuts each
     slice to the window (see `_unfolded_masks` for how its memory stays bounded on long sequences). A batch of
     sequences is a loop over its sequences. The same arithmetic as `chunked_attention`'s loop of small calls.
+    The backward is SDPA's own per call, its slices' key gradients added back with one `add_` per block-wide
+    column of the slices (`blockwise_grad.fold_slices`), not autograd's scatter through the views.
     """
-    if q.shape[0] > 1:
-        return torch.cat([unfolded_window_attention(q[i:i + 1], k[i:i + 1], v[i:i + 1], is_causal=is_causal,
-                                                    window=window, scale=scale, block=block)
-                          for i in range(q.shape[0])])
-    _, heads, length, dim = q.shape
-    kv_heads, value_dim = k.shape[1], v.shape[-1]
-    shape = _Unfolded.of(length, block, window, is_causal)
-    padded = (shape.blocks - 1) * block + shape.width  # key slots: every block's slice, the first `before` early
-    tail = shape.blocks * block - length
+    shape = _Unfolded.of(q.shape[-2], block, window, is_causal)
+    return piecewise_attention(_Blocks(shape, resolve_scale(q, scale)), q, k, v)
 
-    def slices(x: Tensor) -> Tensor:  # (1, kv_heads, length, d) -> (blocks, kv_heads, width, d), a view
-        x = torch.nn.functional.pad(x[0].transpose(0, 1), (0, 0, 0, 0, shape.before, padded - shape.before - length))
-        return x.unfold(0, shape.width, block).transpose(-1, -2)
 
-    queries = q[0].transpose(0, 1)  # (length, heads, dim)
-    queries = torch.nn.functional.pad(queries, (0, 0, 0, 0, 0, tail)) if tail else queries
-    queries = queries.reshape(shape.blocks, block, heads, dim).transpose(1, 2)
-    keys, values, scale = slices(k), slices(v), resolve_scale(q, scale)
-    parts = [torch_sdpa(queries[first:end], keys[first:end], values[first:end], attn_mask=mask, scale=scale,
-                        enable_gqa=kv_heads != heads)
-             for first, end, mask in _unfolded_masks(shape, q.dtype, q.device)]
-    out = parts[0] if len(parts) == 1 else torch.cat(parts)  # (blocks, heads, block, value_dim)
-    out = out.transpose(1, 2).reshape(1, shape.blocks * block, heads, value_dim).transpose(1, 2)
-    return out[:, :, :length] if tail else out
+class _Blocks:
+    """`unfolded_window_attention`'s pieces: per sequence, runs of query blocks against their key slices."""
+
+    def __init__(self, shape: _Unfolded, scale: float) -> None:
+        self.shape, self.scale = shape, scale
+        self.padded = (shape.blocks - 1) * shape.block + shape.width  # key slots, the first `before` early
+
+    def _blocks(self, x: Tensor) -> Tensor:  # one sequence's (heads, length, d) -> (blocks, heads, block, d)
+        x, tail = x.transpose(0, 1), self.shape.blocks * self.shape.block - self.shape.length
+        x = torch.nn.functional.pad(x, (0, 0, 0, 0, 0, tail)) if tail else x
+        return x.reshape(self.shape.blocks, self.shape.block, *x.shape[1:]).transpose(1, 2)
+
+    def _slices(self, x: Tensor) -> Tensor:  # (kv_heads, length, d) -> (blocks, kv_heads, width, d), a view
+        shape = self.shape
+        x = torch.nn.functional.pad(x.transpose(0, 1), (0, 0, 0, 0, shape.before,
+                                                         self.padded - shape.before - shape.length))
+        return x.unfold(0, shape.width, shape.block).transpose(-1, -2)
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, run: RunPiece, recorded: bool) -> Tensor:
+        masks = _unfolded_masks(self.shape, q.dtype, q.device)
+        if recorded:  # SDPA's backward zeroes each call's key slices' gradient whole: calls of ~4 MiB of it
+            slice_bytes = k.shape[1] * self.shape.width * k.shape[-1] * k.element_size()
+            masks = _runs_of(masks, max(1, _BACKWARD_CALL_BYTES // slice_bytes))
+        outs = []
+        for i in range(q.shape[0]):
+            queries, keys, values = self._blocks(q[i]), self._slices(k[i]), self._slices(v[i])
+            parts = [run(queries[first:end], keys[first:end], values[first:end], mask, (i, first, end))
+                     for first, end, mask in masks]
+            out = parts[0] if len(parts) == 1 else torch.cat(parts)  # (blocks, heads, block, value_dim)
+            outs.append(out.transpose(1, 2).reshape(1, -1, out.shape[1], out.shape[3]).transpose(1, 2))
+        out = outs[0] if len(outs) == 1 else torch.cat(outs)
+        return out[:, :, :self.shape.length] if out.shape[2] > self.shape.length else out
+
+    def backward(self, grad_out: Tensor, pieces: list[Piece], q: Tensor, k: Tensor, v: Tensor,
+                 needs: tuple[bool, bool, bool]) -> tuple[Tensor | None, ...]:
+        shape, block, rows = self.shape, self.shape.block, self.shape.blocks * self.shape.block
+        # Query rows and key slots [0, rows) get their first gradient as a copy (key slots: from the first column
+        # of one block's slice; pieces in reverse, so later columns add onto it); only slots past them start at 0.
+        dq, dk, dv = (x.new_empty(x.shape[0], rows + extra, x.shape[1], x.shape[-1]) if need else None
+                      for x, need, extra in zip((q, k, v), needs, (0, shape.width, shape.width)))
+        for total in (dk, dv):
+            if total is not None:
+                total[:, rows:].zero_()
+        grads: dict[int, Tensor] = {}  # per sequence, grad_out in blocks (a copy only where the last block is padded)
+        for piece in reversed(pieces):
+            i, first, end = piece.where
+            grads = grads if i in grads else {i: self._blocks(grad_out[i])}
+            gq, gk, gv = piece.grads(grads[i][first:end])
+            if dq is not None:
+                dq[i, first * block:end * block].view(end - first, block, *dq.shape[2:]).copy_(gq.transpose(1, 2))
+            for total, part in ((dk, gk), (dv, gv)):
+                if total is not None:
+                    fold_slices(total[i], part.transpose(1, 2), block, first * block, fresh=True)
+        keys = slice(shape.before, shape.before + shape.length)
+        return (None if dq is None else dq[:, :shape.length].transpose(1, 2),
+                *(None if d is None else d[:, keys].transpose(1, 2) for d in (dk, dv)))
 
 
 WIDTH_MULTIPLE = 16
 _CACHED_MASK_BYTES = 16 * 2**20  # one mask for every block up to this size; masks past it are not kept
+# With a backward, blocks per SDPA call so that the key (and value) slices' gradient SDPA's backward allocates zeroed
+# and the fold reads back is about this size: memory the allocator reuses (`bench/training_attention.py --pieces`).
+_BACKWARD_CALL_BYTES = 4 * 2**20
+
+
+def _runs_of(masks: list[tuple[int, int, Tensor]], most: int) -> list[tuple[int, int, Tensor]]:
+    """`_unfolded_masks`' runs cut into runs of at most `most` blocks (a per-block mask cut with them)."""
+    return [(first, min(first + most, end), mask if mask.shape[0] == 1 else mask[first - start:first - start + most])
+            for start, end, mask in masks for first in range(start, end, most)]
 
 
 @dataclasses.dataclass(frozen=True)
