@@ -18,6 +18,7 @@ def plot_fine_tune(validation: dict[str, Any], out: str | os.PathLike) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     run = validation["fine_tune"]
     fig, ax = plt.subplots(figsize=(8, 4))
@@ -28,6 +29,7 @@ def plot_fine_tune(validation: dict[str, Any], out: str | os.PathLike) -> None:
         ax.plot(range(1, len(losses) + 1), losses, marker="o", markersize=3, color=colour,
                 label=f"{label}{timing}, peak {run[key]['peak_bytes'] / 2**20:.1f} MiB")
     ax.set_xlabel("fine-tune step")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel(f"training loss ({validation.get('loss_from') or 'loss'})")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
