@@ -94,6 +94,7 @@ def test_an_inference_validation_says_which_entries_it_never_ran(models: Path) -
     summary = validation.summary()
     assert summary["entries_not_run"] == [TRAINING.describe()] and summary["approximate_calls"] == 0
     assert "never ran in it" in summary_line(summary) and "validate --training" in summary_line(summary)
+    assert validation.to_dict()["entries_not_run"] == [TRAINING.describe()]  # validate --json says so too
 
 
 def test_a_factory_without_a_training_split_is_one_line(models: Path) -> None:
@@ -101,7 +102,10 @@ def test_a_factory_without_a_training_split_is_one_line(models: Path) -> None:
         build_validator(Guard(factory="ft_models:no_split", fine_tune_steps=2))
     result = run("validate", "ft_models:no_split", "--config", _saved(config([])), "--training")
     assert result.exit_code == 2 and "takes no `split` parameter" in result.output and "Traceback" not in result.output
-    assert run("validate", "ft_models:lm", "--config", "c.json", "--fine-tune-steps", "3").exit_code == 2
+    alone = run("validate", "ft_models:lm", "--config", "c.json", "--fine-tune-steps", "3")
+    assert alone.exit_code == 2 and "go with --training" in alone.output
+    rate = run("tune", "ft_models:lm", "--learning-rate", "0.01", "--out", "t.json")  # an inference guard has none
+    assert rate.exit_code == 2 and "--learning-rate is the fine-tune's" in rate.output and not Path("t.json").exists()
 
 
 def test_a_fine_tune_guard_round_trips_through_its_record() -> None:

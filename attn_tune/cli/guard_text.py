@@ -8,7 +8,7 @@ from typing import Any
 
 from attn_tune.cli.render import named, table
 
-__all__ = ["change_text", "loss_line", "metric_line", "summary_line", "fine_tune_lines", "calls_table",
+__all__ = ["change_text", "loss_line", "metric_line", "summary_line", "not_run_text", "fine_tune_lines", "calls_table",
            "rechoice_line", "rechoices"]
 
 
@@ -50,18 +50,25 @@ def summary_line(v: dict[str, Any]) -> str:
     metric = "" if v.get("metric") is None else (
         f"; {v['metric']} drop {change_text(v['metric_drop'], v.get('metric_drop_interval'), v.get('batches', 1), False)}")
     trained = "after the paired fine-tune, " if v.get("fine_tune") else ""
-    unrun = v.get("entries_not_run") or []
-    unseen = "" if not unrun else (
-        f"; {len(unrun)} of the config's entries never ran in it ({', '.join(unrun[:3])}{', ...' if len(unrun) > 3 else ''}"
-        f"{': training entries are checked by training, validate --training' if any('training' in u for u in unrun) else ''})")
+    unseen = not_run_text(v.get("entries_not_run") or [])
     return (f"{trained}loss exact {v['loss_exact']:.4f}, tuned {v['loss_tuned']:.4f}, change {change}{metric}; "
             f"output rel error {v['output_rel_error']:.2e}; {v['approximate_calls']} of {v['calls']} calls "
             f"approximate{unseen}")
 
 
+def not_run_text(unrun: list[str]) -> str:
+    """'; 1 of the config's entries never ran in it (...)': what a validation says of entries it did not check."""
+    if not unrun:
+        return ""
+    training = ": training entries are checked by training, validate --training" \
+        if any("training" in u.split() for u in unrun) else ""
+    return (f"; {len(unrun)} of the config's entries never ran in it ({', '.join(unrun[:3])}"
+            f"{', ...' if len(unrun) > 3 else ''}{training})")
+
+
 def fine_tune_lines(v: dict[str, Any]) -> list[str]:
     """A training guard's record (`v["fine_tune"]`) in two lines: the two fine-tunes' step time and peak memory;
-    the config's fine-tune served with exact attention. None for an inference validation."""
+    the config's fine-tune served with exact attention. No lines for an inference validation."""
     run = v.get("fine_tune")
     if not run:
         return []

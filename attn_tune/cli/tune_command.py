@@ -73,9 +73,11 @@ def _capture_for_factory(spec: str, samples: int, activations: str, progress: Ca
     from attn_tune.runtime.capture import NO_CALLS, capture_activations, counting_calls, load_factory
 
     factory = load_factory(spec)
-    with counting_calls(lambda n: progress(f"capturing {spec}: attention calls", n)):
-        captured, kept = users_code(spec, lambda: capture_activations(factory, samples, training=training))
-    progress.close()
+    try:
+        with counting_calls(lambda n: progress(f"capturing {spec}: attention calls", n)):
+            captured, kept = users_code(spec, lambda: capture_activations(factory, samples, training=training))
+    finally:
+        progress.close()  # an error's line starts on its own line
     if not captured:
         raise AttnTuneError(f"{spec} {NO_CALLS}; nothing written")
     save_activations(activations, kept, source=spec)
@@ -149,7 +151,8 @@ _JOB_OPTIONS = {
                    "the config (same batches, seed, optimizer; the factory takes split='train'), then compare "
                    f"held-out loss and metric. [default with MODULE:FACTORY --training: {FINE_TUNE_STEPS}]")
 @click.option("--learning-rate", type=click.FloatRange(min=0, min_open=True), default=None,
-              help="The fine-tune's AdamW learning rate. " + default_text("learning_rate"))
+              help="The fine-tune's AdamW learning rate (with --fine-tune-steps, or MODULE:FACTORY --training). "
+                   + default_text("learning_rate"))
 @click.pass_context
 def tune_command(ctx: click.Context, factory_spec: str | None, shapes: str | None, preset: str | None,
                  variant_names: tuple[str, ...], out: str, plot_path: str | None, config_path: str | None,
@@ -258,7 +261,11 @@ def _refuse_conflicts(ctx: click.Context, factory_spec: str | None, shapes: str 
     if factory_spec and (shapes or preset or stale_only or options_given(ctx, but=("training",)) or activations
                          or validate_spec):
         raise click.UsageError("MODULE:FACTORY captures the model's own problems and activations and validates on it: "
-                               "not with problem options, --shapes, --preset, --stale-only, --activations or --validate")
+                               "not with problem options (but --training), --shapes, --preset, --stale-only, "
+                               "--activations or --validate")
+    if "learning_rate" in given and "fine_tune_steps" not in given and not (factory_spec and ctx.params.get("training")):
+        raise click.UsageError("--learning-rate is the fine-tune's: give --fine-tune-steps N (or MODULE:FACTORY "
+                               "--training)")
     if samples is not None and not (factory_spec or preset):
         raise click.UsageError("--samples is the number of real calls kept per problem of MODULE:FACTORY")
     if stale_only and not config_path:

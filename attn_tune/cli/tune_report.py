@@ -113,9 +113,10 @@ def run_and_report(run: Callable[[TuneReport], Any], problems: list[Problem], re
         click.echo(f"Interrupted: finished trials are kept in {redact(storage)}; run the same command to resume.", err=True)
         sys.exit(130)
     except Exception as exc:
+        report.close()  # any error's line starts on its own line, not after a progress bar
         if type(exc).__module__.split(".")[0] != "sqlalchemy":
             raise
-        report.close()  # the server went away mid-run: one redacted line, no traceback that could carry the URL
+        # the server went away mid-run: one redacted line, no traceback that could carry the URL
         raise StorageError(f"storage {redact(storage)} failed: {type(exc).__name__}: "
                            f"{redact(' '.join(str(exc).split()))[:200]}") from None
     report.close()

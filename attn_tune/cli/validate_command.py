@@ -7,7 +7,7 @@ import sys
 import click
 
 from attn_tune.cli.group import cli
-from attn_tune.cli.guard_text import calls_table, fine_tune_lines, loss_line, metric_line
+from attn_tune.cli.guard_text import calls_table, fine_tune_lines, loss_line, metric_line, not_run_text
 from attn_tune.cli.render import echo_json
 from attn_tune.cli.options import batches_help
 from attn_tune.tuner.job import FINE_TUNE_STEPS, default_text
@@ -71,8 +71,7 @@ def validate_command(factory_spec: str, config_path: str, max_loss_change: float
         for line in fine_tune_lines(summary):
             click.echo(line)
         if summary.get("entries_not_run"):
-            hint = "; training entries are checked by training: --training" if not training else ""
-            click.echo(f"not run, so not checked: {', '.join(summary['entries_not_run'])}{hint}")
+            click.echo("not checked" + not_run_text(summary["entries_not_run"]))
         decides = " (the interval's upper end decides)" if validation.batches > 1 else ""
         if max_loss_change is not None:
             click.echo(f"{'over' if 'loss' in broken else 'within'} the loss budget of {max_loss_change:+.2%}{decides}")

@@ -30,7 +30,7 @@ from attn_tune.problem import Inputs, Problem, check_device
 from attn_tune.registry.catalog import availability
 from attn_tune.registry.variant import Variant
 
-__all__ = ["Measurement", "measure", "make_step"]
+__all__ = ["Measurement", "measure", "make_step", "synchronize"]
 
 
 @dataclass(frozen=True)
@@ -127,7 +127,8 @@ def _worst(errors: dict[str, float]) -> tuple[float, str]:
     return errors[part], part
 
 
-def _synchronize(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA), so that a timer around a call reads what the call ran."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -138,10 +139,10 @@ def _latencies_ms(
     times: list[float] = []
     started = time.perf_counter()
     while len(times) < min_repeats or (len(times) < max_repeats and time.perf_counter() - started < min_time_s):
-        _synchronize(device)
+        synchronize(device)
         t0 = time.perf_counter()
         step()
-        _synchronize(device)
+        synchronize(device)
         times.append((time.perf_counter() - t0) * 1e3)
     return times
 
@@ -185,11 +186,11 @@ def measure(
     device = torch.device(problem.device)
 
     inputs = make_inputs(problem, seed)
-    _synchronize(device)
+    synchronize(device)
     started = time.perf_counter()
     with torch.set_grad_enabled(problem.training):
         out = variant.fn(inputs.q, inputs.k, inputs.v, **inputs.call_kwargs(problem), **params)
-    _synchronize(device)
+    synchronize(device)
     first_call_ms = (time.perf_counter() - started) * 1e3
     if first_call_limit_s is not None and first_call_ms > first_call_limit_s * 1e3:
         raise TimeoutError(f"the first call alone took {first_call_ms / 1e3:.1f} s, past the "
@@ -212,7 +213,7 @@ def measure(
     step = make_step(variant, problem, inputs, params, seed)
     for _ in range(warmup):
         step()
-    _synchronize(device)
+    synchronize(device)
     peak = peak_bytes(step, device)
     times = _latencies_ms(step, device, min_repeats, max_repeats, min_time_s)
     quartiles = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3

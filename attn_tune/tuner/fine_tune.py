@@ -27,7 +27,8 @@ from attn_tune.runtime.capture import ModelRun, call_factory, observe
 from attn_tune.tuned_config import TunedConfig
 from attn_tune.tuner.headtohead import Ratio, ratio_interval
 from attn_tune.tuner.validation import CallReport, Validation
-from attn_tune.tuner.validator import ModelGuard, NoLoss, call_report, entries_not_run
+from attn_tune.measurement.measure import synchronize
+from attn_tune.tuner.validator import ModelGuard, NoLoss, call_report, entries_not_run, loss_figure
 from attn_tune.tuner.validator import model_output as _output
 
 __all__ = ["FineTune", "TrainingRun", "FineTuneValidation"]
@@ -138,11 +139,14 @@ class FineTune(ModelGuard):
                 raise NoLoss(f"{self.label} gives no loss to train on")
             loss.backward()
 
+        device = _device(model)
         for round_ in range(STEP_ROUNDS + 1):
             for key in times:
                 with use_config(config if key else None):
+                    synchronize(device)
                     started = time.perf_counter()
                     users_code(self.label, step)
+                    synchronize(device)
                     if round_:  # the first round warms both up
                         times[key].append((time.perf_counter() - started) * 1e3)
             self.progress(f"{self.label}: training steps timed, exact and with the config", round_ + 1, STEP_ROUNDS + 1)
@@ -174,13 +178,15 @@ class FineTune(ModelGuard):
 
         with use_config(config):
             for i in range(steps):
-                if i == 0:  # the whole step's peak, optimizer state included; the profiler slows it: not timed
-                    seen = contextlib.nullcontext() if calls is None else \
-                        observe(lambda call: calls.append(call_report(call, len(calls))))
-                    with seen:
+                # the first step's peak (optimizer state included); the calls' errors are read in the next step (in
+                # the first only when there is one), so their float64 references never count in the peak
+                seen = contextlib.nullcontext() if calls is None or i != min(1, steps - 1) else \
+                    observe(lambda call: calls.append(call_report(call, len(calls))))
+                with seen:
+                    if i == 0:
                         peak = users_code(self.label, lambda: peak_bytes(lambda: step(0), _device(model)))
-                else:
-                    users_code(self.label, lambda i=i: step(i))
+                    else:
+                        users_code(self.label, lambda i=i: step(i))
                 self.progress(f"{self.label}: fine-tune steps with {what}", i + 1, steps)
         model.eval()
         self.heldout.model = model
@@ -191,19 +197,19 @@ class FineTune(ModelGuard):
         exact attention); the output's error is against the exact fine-tune's. The first batch's attention calls
         are reported to `calls` (the config's inference entries run here, its training entries in the steps)."""
         losses, metrics, errors, outputs = [], [], [], []
-        loss_from = None
+        loss_from, against = None, self.exact["outputs"] if hasattr(self, "exact") else None  # set after the first
         with use_config(config), torch.no_grad():
             for i, (_, _, targets) in enumerate(self.heldout.batches):
                 seen = contextlib.nullcontext() if calls is None or i > 0 else \
                     observe(lambda call: calls.append(call_report(call, len(calls))))
                 with seen:
                     out = users_code(self.label, lambda i=i: self.heldout.run(i))
-                loss, loss_from = loss_tensor(out, targets)
-                losses.append(None if loss is None else float(loss))
+                loss, loss_from = loss_figure(out, targets, self.label)
+                losses.append(loss)
                 metrics.append(self._score(out, targets))
                 outputs.append(_output(out).detach())
-                if hasattr(self, "exact"):
-                    errors.append(relative_error(outputs[-1], self.exact["outputs"][i].double()))
+                if against is not None:
+                    errors.append(relative_error(outputs[-1], against[i].double()))
                 self.progress(f"{self.label}: held-out batches of {what}", i + 1, self.batches)
         return {"losses": None if loss_from is None else losses, "loss_from": loss_from, "outputs": outputs,
                 "metrics": None if self.metric is None else metrics, "output_error": max(errors, default=0.0)}

@@ -118,7 +118,8 @@ class Validation:
 
     def to_dict(self) -> dict[str, Any]:
         data = {"factory": self.factory, "output_rel_error": self.output_error, "loss_from": self.loss_from,
-                **self._loss_fields(), "loss_changes": self.changes, "calls": [c.to_dict() for c in self.calls]}
+                **self._loss_fields(), "loss_changes": self.changes, "calls": [c.to_dict() for c in self.calls],
+                "entries_not_run": list(self.entries_not_run)}
         if self.dropped:
             data["dropped"] = self.dropped
         return data

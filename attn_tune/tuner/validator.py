@@ -21,7 +21,7 @@ from attn_tune.tuned_config import TunedConfig
 from attn_tune.tuner.intervals import mean
 from attn_tune.tuner.validation import CallReport, Validation
 
-__all__ = ["ModelGuard", "Validator", "NoLoss", "IGNORE_INDEX", "call_report", "model_output", "entries_not_run"]
+__all__ = ["ModelGuard", "Validator", "NoLoss", "loss_figure", "IGNORE_INDEX", "call_report", "model_output", "entries_not_run"]
 
 
 class NoLoss(AttnTuneError):
@@ -36,7 +36,7 @@ def model_output(out: Any) -> torch.Tensor:
     return found
 
 
-def _loss(out: Any, targets: Any, label: str) -> tuple[float | None, str | None]:
+def loss_figure(out: Any, targets: Any, label: str) -> tuple[float | None, str | None]:
     """The loss and where it came from; targets that do not fit the output are the user's, said in one line."""
     return users_code(f"the loss of {label}'s output against its targets",
                       lambda: _loss_of(out, targets))
@@ -125,7 +125,7 @@ class Validator(ModelGuard):
                 out = users_code(self.label, lambda i=i: self.built.run(i))
                 self.progress(f"{self.label}: batches with exact attention", i + 1, self.batches)
                 self.exact_outputs.append(model_output(out).detach())
-                loss, self.loss_from = _loss(out, targets, self.label)
+                loss, self.loss_from = loss_figure(out, targets, self.label)
                 losses.append(loss)
                 metrics.append(self._score(out, targets))
         self.losses_exact = None if self.loss_from is None else losses
@@ -153,7 +153,7 @@ class Validator(ModelGuard):
                 out = users_code(self.label, lambda i=i: self.built.run(i))
                 self.progress(f"{self.label}: batches with the config", i + 1, self.batches)
                 errors.append(relative_error(model_output(out), self.exact_outputs[i].double()))
-                losses.append(_loss(out, targets, self.label)[0])
+                losses.append(loss_figure(out, targets, self.label)[0])
                 metrics.append(self._score(out, targets))
         return Validation(self.label, calls, max(errors), self.losses_exact,
                           None if self.losses_exact is None else losses, self.loss_from,
