@@ -148,3 +148,19 @@ def test_tune_a_factory_for_training_in_one_command(models: Path) -> None:
 def _saved(made) -> str:
     made.save("c.json")
     return "c.json"
+
+
+@pytest.mark.slow
+def test_tuning_training_problems_guards_by_training_whatever_the_job_says(models: Path) -> None:
+    """A guard given without fine-tune steps, tuning training problems: it fine-tunes (an inference pass would never
+    run the training entries); tuning inference problems, the same guard runs inference."""
+    from attn_tune.tuner.tune import tune
+    from tests.jobs import job
+
+    light = {"warmup": 0, "min_repeats": 1, "min_time_s": 0}
+    tuned = tune([TRAINING], job(variants=("sdpa",), trials=1, rounds=0, trial_measure=light, final_measure=light,
+                                 factory="ft_models:lm", batches=2))
+    assert tuned.validation["fine_tune"]["steps"] == 20 and tuned.validation["calls"] > 0
+    served = tune([SERVING], job(variants=("sdpa",), trials=1, rounds=0, trial_measure=light, final_measure=light,
+                                 factory="ft_models:lm", batches=2))
+    assert "fine_tune" not in served.validation

@@ -149,7 +149,8 @@ _JOB_OPTIONS = {
 @click.option("--fine-tune-steps", type=click.IntRange(min=1), default=None,
               help="Guard by training: fine-tune the factory's model this many steps with exact attention and with "
                    "the config (same batches, seed, optimizer; the factory takes split='train'), then compare "
-                   f"held-out loss and metric. [default with MODULE:FACTORY --training: {FINE_TUNE_STEPS}]")
+                   f"held-out loss and metric. [default: {FINE_TUNE_STEPS} when the problems tuned are training ones "
+                   "(MODULE:FACTORY --training, --shapes of a training capture), else the guard runs inference]")
 @click.option("--learning-rate", type=click.FloatRange(min=0, min_open=True), default=None,
               help="The fine-tune's AdamW learning rate (with --fine-tune-steps, or MODULE:FACTORY --training). "
                    + default_text("learning_rate"))
@@ -183,8 +184,6 @@ def tune_command(ctx: click.Context, factory_spec: str | None, shapes: str | Non
     if factory_spec:
         plot_path = plot_path or report_path(out)
         given.update(factory=factory_spec, activations=str(Path(out).with_suffix(".activations.safetensors")))
-        if options["training"]:  # the guard trains with the choice
-            given.setdefault("fine_tune_steps", FINE_TUNE_STEPS)
     job = job.updated(**{"storage": default_storage_url(out), **given})
     report = TuneReport(job.guard)
     if job.guard is not None and job.guard.batches is None:  # the count the guard runs, and why, said with its result
@@ -263,9 +262,9 @@ def _refuse_conflicts(ctx: click.Context, factory_spec: str | None, shapes: str 
         raise click.UsageError("MODULE:FACTORY captures the model's own problems and activations and validates on it: "
                                "not with problem options (but --training), --shapes, --preset, --stale-only, "
                                "--activations or --validate")
-    if "learning_rate" in given and "fine_tune_steps" not in given and not (factory_spec and ctx.params.get("training")):
-        raise click.UsageError("--learning-rate is the fine-tune's: give --fine-tune-steps N (or MODULE:FACTORY "
-                               "--training)")
+    if "learning_rate" in given and "fine_tune_steps" not in given and not ctx.params.get("training") and not shapes:
+        raise click.UsageError("--learning-rate is the fine-tune's: give --fine-tune-steps N (or tune training "
+                               "problems)")
     if samples is not None and not (factory_spec or preset):
         raise click.UsageError("--samples is the number of real calls kept per problem of MODULE:FACTORY")
     if stale_only and not config_path:

@@ -3,6 +3,7 @@ then, when the job has a guard, the model run with the result and held to its bu
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import time
 from pathlib import Path
@@ -22,7 +23,7 @@ from attn_tune.registry.space import quiet_optuna
 from attn_tune.staleness import measured_with
 from attn_tune.tuned_config import Entry, TunedConfig, device_info
 from attn_tune.tuner.guard import build_validator, guard_config
-from attn_tune.tuner.job import TuneJob
+from attn_tune.tuner.job import FINE_TUNE_STEPS, Guard, TuneJob
 from attn_tune.tuner.listener import TuneListener
 from attn_tune.tuner.selection import MeasureFn
 from attn_tune.tuner.storage import open_storage
@@ -67,16 +68,25 @@ def tune(
     listener = listener or TuneListener()
     captured = _checked(problems, job)
     run = _Run(problems, job, measure_fn, captured, listener)  # the pool resolved: an unknown name is one line, early
-    validator = build_validator(job.guard, progress=listener.step) if job.guard is not None else None
+    guard = _serving_mode(job.guard, problems)
+    validator = build_validator(guard, progress=listener.step) if guard is not None else None
     with quiet_optuna():
         studies = run.prepare(queue_first or {})
         entries = run.search(studies)
         config = TunedConfig(entries=list(alongside) + entries, device=run.top, attn_tune=own_version(),
                              torch=torch.__version__)
         if validator is not None and config.entries:
-            config, _ = guard_config(config, validator, job.guard, on_rechoice=listener.rechosen,
+            config, _ = guard_config(config, validator, guard, on_rechoice=listener.rechosen,
                                      rechoose=lambda problem, below: run.rechoose(studies, entries, problem, below))
     return config
+
+
+def _serving_mode(guard: Guard | None, problems: Sequence[Problem]) -> Guard | None:
+    """The guard in the mode the choices serve: tuning training problems, it trains with them (a paired fine-tune
+    of FINE_TUNE_STEPS unless the job names its steps); an inference pass would never run a training entry."""
+    if guard is None or guard.fine_tune_steps is not None or not any(p.training for p in problems):
+        return guard
+    return dataclasses.replace(guard, fine_tune_steps=FINE_TUNE_STEPS)
 
 
 def _checked(problems: Sequence[Problem], job: TuneJob) -> dict[Problem, list[Inputs]]:
