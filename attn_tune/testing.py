@@ -7,8 +7,8 @@
     def test_conformance(case):
         case.run()                                       # AssertionError naming the check and the problem
 
-Over small problems (causal, window, grouped-query heads, kv_len != q_len, explicit masks, float32 and bfloat16,
-training) it checks, per check name:
+Over small problems (causal, window, grouped-query heads, kv_len != q_len, explicit masks, padded batches, float32 and
+bfloat16, training) it checks, per check name:
   output            the output has q's shape, dtype and device, and is finite
   correctness       exact variants: within the dtype's rounding of float64 attention
   determinism       two calls on the same inputs give the same output (bit for bit)
@@ -35,7 +35,7 @@ from attn_tune.testing_checks import TOLERANCE, check_refused, check_space, chec
 
 __all__ = [
     "CHECKS", "TOLERANCE", "Finding", "Case", "conformance_problems", "conformance_cases", "check_variant",
-    "sample_params", "runnable_problems",
+    "sample_params", "runnable_problems", "padded_problems",
 ]
 
 CHECKS: tuple[str, ...] = (
@@ -59,7 +59,8 @@ class Finding:
 
 
 def conformance_problems(device: str = "cpu") -> list[Problem]:
-    """The small problems the kit runs: every masking kind, GQA, unequal lengths, two dtypes, and training."""
+    """The small problems the kit runs: every masking kind (padded batches too), GQA, unequal lengths, two dtypes, and
+    training."""
     problems = []
     for causal, window, mask, (q_len, kv_len), kv_heads, dtype in itertools.product(
         (False, True), (None, 5), (False, True), ((33, 33), (17, 40), (40, 17)), (4, 2), ("float32", "bfloat16")
@@ -72,7 +73,21 @@ def conformance_problems(device: str = "cpu") -> list[Problem]:
     for causal, window, kv_heads in ((False, None, 4), (True, None, 2), (True, 5, 2)):
         problems.append(Problem(batch=2, heads=4, kv_heads=kv_heads, q_len=24, kv_len=30, head_dim=16, device=device,
                                 causal=causal, window=window, training=True))
-    return problems
+    return problems + padded_problems(device)
+
+
+def padded_problems(device: str = "cpu") -> list[Problem]:
+    """Padded batches (`key_padding`): three rows, padded on the left, the right and the left (`make_inputs`), causal
+    or not, with and without a window, GQA, unequal lengths once, bfloat16 once, training twice."""
+    cases = (  # causal, window, kv_heads, q_len, kv_len, dtype, training
+        (False, None, 4, 33, 33, "float32", False), (True, None, 2, 33, 33, "float32", False),
+        (True, 5, 2, 33, 33, "float32", False), (False, 5, 4, 33, 33, "float32", False),
+        (True, None, 2, 17, 40, "bfloat16", False), (True, None, 2, 24, 24, "float32", True),
+        (False, 5, 2, 24, 24, "float32", True),
+    )
+    return [Problem(batch=3, heads=4, kv_heads=kv_heads, q_len=q_len, kv_len=kv_len, head_dim=16, dtype=dtype,
+                    device=device, causal=causal, window=window, mask=True, key_padding=True, training=training)
+            for causal, window, kv_heads, q_len, kv_len, dtype, training in cases]
 
 
 

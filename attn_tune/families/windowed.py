@@ -18,6 +18,7 @@ from attn_tune.errors import UnsupportedProblem
 from attn_tune.families.blockwise_grad import Piece, RunPiece, fold_slices, piecewise_attention
 from attn_tune.families.chunked import chunked_attention
 from attn_tune.families.masks import resolve_scale
+from attn_tune.families.padding import is_key_mask, trimmed_rows
 from attn_tune.problem import Problem
 from attn_tune.registry.hookspecs import hookimpl
 from attn_tune.registry.variant import Variant
@@ -46,7 +47,8 @@ def window_chunked_attention(
 ) -> Tensor:
     """Exact sliding-window attention, `block` queries at a time against the keys of their window only: one SDPA
     call per block, or (`unfolded`, the default) the blocks batched (`unfolded_window_attention`) where that applies:
-    self-attention (q_len = kv_len) with no explicit mask."""
+    self-attention (q_len = kv_len) with no explicit mask. A key-padding mask (a padded batch) is served by running
+    each row's real keys through that unmasked path (`padding.trimmed_rows`); any other mask goes into the loop."""
     if window is None:
         raise UnsupportedProblem("window-chunked computes sliding-window problems; this call has no window")
     return _windowed(q, k, v, is_causal, window, attn_mask, scale, block, unfolded)
@@ -54,6 +56,11 @@ def window_chunked_attention(
 
 def _windowed(q: Tensor, k: Tensor, v: Tensor, causal: bool, window: int, attn_mask: Tensor | None,
               scale: float | None, block: int, unfolded: bool) -> Tensor:
+    if is_key_mask(attn_mask):
+        def inner(qs: Tensor, ks: Tensor, vs: Tensor, causal: bool, window: int | None, scale: float) -> Tensor:
+            return _windowed(qs, ks, vs, causal, window, None, scale, block, unfolded)  # type: ignore[arg-type]
+
+        return trimmed_rows(inner, q, k, v, attn_mask, causal=causal, window=window, scale=scale)  # type: ignore[arg-type]
     if unfolded and attn_mask is None and q.shape[-2] == k.shape[-2]:
         return unfolded_window_attention(q, k, v, is_causal=causal, window=window, scale=scale, block=block)
     return chunked_attention(q, k, v, is_causal=causal, window=window, attn_mask=attn_mask, scale=scale, chunk=block)
@@ -236,18 +243,20 @@ def local_attention(
     """Exact attention under the narrower window `local_window`: an approximation of the wider problem.
 
     Its own function is well defined: sliding-window attention with window `local_window` (and the problem's
-    causal cut), so its error against the problem is measured, never assumed. A `local_window` that narrows
-    nothing is refused, as `supports()` refuses problems with no narrower window.
+    causal cut), and the padding of a padded batch (a key-padding mask: a query that sees no real key gets zeros),
+    so its error against the problem is measured, never assumed. A `local_window` that narrows nothing is refused,
+    as `supports()` refuses problems with no narrower window; so is any mask other than key padding.
     """
-    if attn_mask is not None:
-        raise UnsupportedProblem("local does not take an explicit attn_mask: a narrower window could leave a query no key")
+    if attn_mask is not None and not is_key_mask(attn_mask):
+        raise UnsupportedProblem("local takes no explicit attn_mask but key padding: a narrower window could leave a "
+                                 "query no key")
     q_len, kv_len = q.shape[-2], k.shape[-2]
     full = window if window is not None else max(q_len, kv_len)
     if local_window >= full:
         raise UnsupportedProblem(f"local_window {local_window} is not narrower than this call's attention ({full})")
     if q_len >= kv_len + local_window:
         raise UnsupportedProblem(f"local window {local_window} leaves queries past kv_len + window with no key")
-    return _windowed(q, k, v, is_causal, local_window, None, scale, block, unfolded)
+    return _windowed(q, k, v, is_causal, local_window, attn_mask, scale, block, unfolded)
 
 
 def _window_supports(problem: Problem) -> str | None:
@@ -262,10 +271,11 @@ def _block_space(problem: Problem) -> dict[str, Any]:
 
 
 def _unfolded_space(problem: Problem) -> dict[str, Any]:
-    """Whether to run every block in one call: a choice where it applies (self-attention, no explicit mask)."""
+    """Whether to run every block in one call: a choice where it applies (self-attention with no explicit mask
+    but key padding, whose rows run unmasked)."""
     from optuna.distributions import CategoricalDistribution
 
-    applies = problem.q_len == problem.n_kv_len and not problem.mask
+    applies = problem.q_len == problem.n_kv_len and (problem.key_padding or not problem.mask)
     return {"unfolded": CategoricalDistribution([False, True])} if applies else {}
 
 
@@ -276,7 +286,7 @@ def local_window_choices(problem: Problem) -> list[int]:
 
 
 def _local_supports(problem: Problem) -> str | None:
-    if problem.mask:
+    if problem.mask and not problem.key_padding:
         return "an explicit attn_mask: a narrower window could leave a query with no visible key"
     if not local_window_choices(problem):
         return f"no window in {LOCAL_WINDOW_CHOICES[0]}..{LOCAL_WINDOW_CHOICES[-1]} is narrower than this problem's"

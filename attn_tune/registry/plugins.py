@@ -29,6 +29,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "attn_tune.families.blocksparse",
     "attn_tune.families.xformers_blocksparse",
     "attn_tune.families.linformer",
+    "attn_tune.families.sdpa_unpadded",
 )
 
 pm = pluggy.PluginManager("attn_tune")
