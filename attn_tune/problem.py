@@ -23,7 +23,9 @@ class Problem:
     """One attention computation: q is (batch, heads, q_len, head_dim), k/v are (batch, kv_heads, kv_len, head_dim).
 
     `window` w means query i sees keys j with |i - j| < w (with `causal`: 0 <= i - j < w). Causal masks are
-    aligned top-left, as SDPA's `is_causal`. Invalid values raise `InvalidProblem` with a one-line reason.
+    aligned top-left, as SDPA's `is_causal`. `key_padding` (with `mask`): the attn_mask is a (batch, 1, 1, kv_len)
+    boolean mask of the real keys, read from the caller's mask (`attn_tune.mask_structure`); a query that sees no
+    real key gets zeros, as SDPA gives. Invalid values raise `InvalidProblem` with a one-line reason.
     """
 
     batch: int
@@ -38,6 +40,7 @@ class Problem:
     window: int | None = None
     mask: bool = False
     training: bool = False
+    key_padding: bool = False
 
     def __post_init__(self) -> None:
         reason = self._invalid_reason()
@@ -59,9 +62,11 @@ class Problem:
             return f"unknown dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}"
         if not isinstance(self.device, str) or not _DEVICE_RE.match(self.device):
             return f"unknown device {self.device!r}; use 'cpu', 'cuda' or 'cuda:N'"
-        for name in ("causal", "mask", "training"):
+        for name in ("causal", "mask", "training", "key_padding"):
             if not isinstance(getattr(self, name), bool):
                 return f"{name} must be true or false, got {getattr(self, name)!r}"
+        if self.key_padding and not self.mask:
+            return "key_padding needs mask: the padding reaches the variant as its attn_mask"
         if self.window is not None and self.q_len >= self.n_kv_len + self.window:
             return (
                 f"with window {self.window} and kv_len {self.n_kv_len}, queries from position "
@@ -104,7 +109,9 @@ class Problem:
             parts.append("causal")
         if self.window is not None:
             parts.append(f"window{self.window}")
-        if self.mask:
+        if self.key_padding:
+            parts.append("padding")
+        elif self.mask:
             parts.append("mask")
         if self.training:
             parts.append("training")

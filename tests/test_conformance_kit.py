@@ -29,7 +29,7 @@ def test_builtin_variant_passes_the_kit(variant: Variant) -> None:
 def test_builtin_variant_that_runs_nothing_here_refuses_cleanly_and_is_never_said_to_conform(variant: Variant) -> None:
     findings = [f for case in conformance_cases(variant) for f in case.findings()]
     assert not findings, "\n".join(str(f) for f in findings)  # each call refused with UnsupportedProblem
-    with pytest.raises(UnsupportedProblem, match="supports none of the 83 conformance problems on cpu"):
+    with pytest.raises(UnsupportedProblem, match="supports none of the 90 conformance problems on cpu"):
         check_variant(variant)
 
 
@@ -159,13 +159,13 @@ def test_check_command_exit_codes_and_json() -> None:
         return CliRunner().invoke(cli, list(args), prog_name="attn-tune")
 
     ok = run("check", "dense")
-    assert ok.exit_code == 0 and ok.stdout.strip().endswith("dense: conforms (8 checks on 83 problems, cpu)")
+    assert ok.exit_code == 0 and ok.stdout.strip().endswith("dense: conforms (8 checks on 90 problems, cpu)")
     pm.register(_FaultyPlugin(), name="faulty")
     try:
         bad = run("check", "slightly-wrong", "--check", "correctness")
         assert bad.exit_code == 1
         lines = bad.stdout.strip().splitlines()
-        assert lines[0].startswith("slightly-wrong: correctness failed on b2 h4") and "1 checks on 83 problems" in lines[-1]
+        assert lines[0].startswith("slightly-wrong: correctness failed on b2 h4") and "1 checks on 90 problems" in lines[-1]
         data = json.loads(run("check", "slightly-wrong", "--json").stdout)
         assert data["variant"] == "slightly-wrong" and data["findings"][0]["check"] == "correctness"
     finally:
@@ -186,10 +186,10 @@ def test_a_kit_that_could_run_no_problem_says_so_and_exits_2() -> None:
     gpu_only = _dense("gpu-only", supports=lambda p: "runs on CUDA only")
     with registered(gpu_only):
         result = CliRunner().invoke(cli, ["check", "gpu-only"], prog_name="attn-tune")
-        with pytest.raises(UnsupportedProblem, match="supports none of the 83 conformance problems on cpu"):
+        with pytest.raises(UnsupportedProblem, match="supports none of the 90 conformance problems on cpu"):
             check_variant(gpu_only)
     assert result.exit_code == 2 and "conforms" not in result.output
-    assert result.output.strip() == ("Error: gpu-only supports none of the 83 conformance problems on cpu "
+    assert result.output.strip() == ("Error: gpu-only supports none of the 90 conformance problems on cpu "
                                      "(runs on CUDA only): nothing could be checked here")
 
 
@@ -203,8 +203,8 @@ def test_the_verdict_says_how_many_problems_were_run() -> None:
     runs = len([p for p in conformance_problems("cpu") if variant.supports(p) is None])
     result = CliRunner().invoke(cli, ["check", "window-chunked", "--check", "output"], prog_name="attn-tune")
     assert result.exit_code == 0, result.output
-    assert result.stdout.strip().endswith(f"window-chunked: conforms (1 checks on {runs} of 83 problems, cpu; it "
-                                          f"refuses the other {83 - runs})") and 0 < runs < 83
+    assert result.stdout.strip().endswith(f"window-chunked: conforms (1 checks on {runs} of 90 problems, cpu; it "
+                                          f"refuses the other {90 - runs})") and 0 < runs < 90
 
 
 @pytest.mark.parametrize("name", UNAVAILABLE)

@@ -16,7 +16,7 @@ from attn_tune.registry.plugins import BUILTIN_PLUGINS, PluginRecord, _register
 from attn_tune.families.dense import dense_attention
 
 EXACT_BUILTINS = {"dense", "sdpa", "sdpa-math", "sdpa-flash", "sdpa-efficient", "sdpa-cudnn", "chunked", "xformers-mea",
-                  "flash-attn", "window-chunked", "window-flex"}
+                  "flash-attn", "window-chunked", "window-flex", "sdpa-unpadded"}
 APPROXIMATE_BUILTINS = {"local", "blocksparse", "flex-blocksparse", "xformers-blocksparse", "linformer"}
 BUILTIN_NAMES = EXACT_BUILTINS | APPROXIMATE_BUILTINS
 

@@ -52,9 +52,12 @@ _OPTIONS = (
     click.option("--causal", is_flag=True, help="Causal masking (top-left aligned, as SDPA)."),
     click.option("--window", type=int, default=None, help="Sliding window: query i sees keys j with |i - j| < W."),
     click.option("--training", is_flag=True, help="Measure forward and backward."),
+    click.option("--key-padding", is_flag=True,
+                 help="Padded batches: a mask of each row's real keys (seeded rows padded left and right)."),
 )
 PROBLEM_OPTION_NAMES = (
-    "batch", "heads", "kv_heads", "seq_len", "kv_len", "head_dim", "dtype", "device", "causal", "window", "training"
+    "batch", "heads", "kv_heads", "seq_len", "kv_len", "head_dim", "dtype", "device", "causal", "window", "training",
+    "key_padding",
 )
 
 
@@ -80,6 +83,8 @@ def problems_from_options(options: dict[str, Any], *, check_devices: bool = True
             causal=options["causal"],
             window=options["window"],
             training=options["training"],
+            mask=options["key_padding"],
+            key_padding=options["key_padding"],
         )
         for batch, seq_len in itertools.product(options["batch"], options["seq_len"])
     ]

@@ -32,7 +32,8 @@ def make_inputs(problem: Problem, seed: int = 0) -> Inputs:
     """Standard-normal q, k, v drawn from `seed` on the CPU (so every device sees the same numbers), then moved.
 
     The mask keeps about 70% of keys and always the diagonal key (clamped to kv_len - 1), which every valid
-    causal/window problem can see, so no query row is left without a key.
+    causal/window problem can see, so no query row is left without a key. A `key_padding` problem's mask is
+    `_padding_mask`'s: rows padded on the left and on the right, as padded batches are.
     """
     gen = torch.Generator().manual_seed(seed)
 
@@ -45,12 +46,27 @@ def make_inputs(problem: Problem, seed: int = 0) -> Inputs:
     )
     q, k, v = draw(b, h, lq, d), draw(b, kvh, lk, d), draw(b, kvh, lk, d)
     mask = None
-    if problem.mask:
+    if problem.key_padding:
+        mask = _padding_mask(b, lk).to(problem.device)
+    elif problem.mask:
         mask = torch.rand(lq, lk, generator=gen) < 0.7
         rows = torch.arange(lq)
         mask[rows, rows.clamp(max=lk - 1)] = True
         mask = mask.to(problem.device)
     return Inputs(q, k, v, mask)
+
+
+def _padding_mask(batch: int, kv_len: int) -> Tensor:
+    """(batch, 1, 1, kv_len) bool, True = a real key: row b has (b + 1) / (2 (batch + 1)) of its keys padded, on the
+    left for even b (a batch left-padded for generation), on the right for odd b (an encoder's batch)."""
+    mask = torch.ones(batch, 1, 1, kv_len, dtype=torch.bool)
+    for row in range(batch):
+        pad = (row + 1) * kv_len // (2 * (batch + 1))
+        if pad:
+            mask[row, ..., :pad] = False if row % 2 == 0 else True
+            if row % 2:
+                mask[row, ..., kv_len - pad:] = False
+    return mask
 
 
 @functools.lru_cache(maxsize=2)

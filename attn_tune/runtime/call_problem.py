@@ -12,8 +12,9 @@ __all__ = ["call_problem", "signature_problem"]
 
 
 def call_problem(q: Tensor, k: Tensor, v: Tensor, has_mask: bool, causal: bool, window: int | None,
-                 enable_gqa: bool, training: bool) -> Problem | str:
-    """The call's Problem, or why no Problem describes it (then SDPA runs it as is)."""
+                 enable_gqa: bool, training: bool, key_padding: bool = False) -> Problem | str:
+    """The call's Problem, or why no Problem describes it (then SDPA runs it as is). `key_padding`: the mask is
+    the key padding read from the caller's mask (`attn_tune.mask_structure`)."""
     if q.dim() not in (3, 4) or k.dim() != q.dim() or v.dim() != q.dim():
         return "inputs are not 3-D or 4-D"
     if not q.dtype == k.dtype == v.dtype:
@@ -26,12 +27,12 @@ def call_problem(q: Tensor, k: Tensor, v: Tensor, has_mask: bool, causal: bool, 
         return "batch or key/value shapes differ (SDPA broadcasts them)"
     heads, kv_heads = (q.shape[1], k.shape[1]) if q.dim() == 4 else (1, 1)
     return signature_problem(q.shape[0], heads, kv_heads, q.shape[-2], k.shape[-2], q.shape[-1], q.dtype, q.device,
-                             has_mask, causal, window, enable_gqa, training)
+                             has_mask, causal, window, enable_gqa, training, key_padding)
 
 
 def signature_problem(batch: int, heads: int, kv_heads: int, q_len: int, kv_len: int, head_dim: int,
                       dtype: torch.dtype, device: torch.device, has_mask: bool, causal: bool, window: int | None,
-                      enable_gqa: bool, training: bool) -> Problem | str:
+                      enable_gqa: bool, training: bool, key_padding: bool = False) -> Problem | str:
     """The Problem of a call with these sizes and settings, or why none describes it."""
     name = str(dtype).removeprefix("torch.")
     if name not in DTYPES:
@@ -44,5 +45,5 @@ def signature_problem(batch: int, heads: int, kv_heads: int, q_len: int, kv_len:
     return Problem(
         batch=batch, heads=heads, q_len=q_len, head_dim=head_dim, kv_len=None if kv_len == q_len else kv_len,
         kv_heads=None if kv_heads == heads else kv_heads, dtype=name, device=str(device), causal=causal,
-        window=window, mask=has_mask, training=training,
+        window=window, mask=has_mask, training=training, key_padding=key_padding,
     )

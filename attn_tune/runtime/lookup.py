@@ -20,7 +20,7 @@ def shape_class(problem: Problem) -> tuple[Any, ...]:
     """Every field but batch, q_len and kv_len (device by type): entries must agree on all of it to be used."""
     return (
         problem.heads, problem.n_kv_heads, problem.head_dim, problem.dtype, problem.device_type,
-        problem.causal, problem.window, problem.mask, problem.training,
+        problem.causal, problem.window, problem.mask, problem.training, problem.key_padding,
     )
 
 
@@ -73,7 +73,7 @@ class ConfigIndex:
         """The exact entry, else the nearest one in its shape class; a masked call may use its unmasked twin."""
         match = self._find(problem)
         if match is None and problem.mask:
-            match = self._find(dataclasses.replace(problem, mask=False))
+            match = self._find(dataclasses.replace(problem, mask=False, key_padding=False))
             if match is not None:
                 match = Match(match.entry, match.rule, "tuned without an explicit mask")
         return match
@@ -90,7 +90,7 @@ class ConfigIndex:
         """
         key, note = shape_class(problem), ""
         if not self._classes.get(key) and problem.mask:
-            key, note = shape_class(dataclasses.replace(problem, mask=False)), "tuned without an explicit mask"
+            key, note = shape_class(dataclasses.replace(problem, mask=False, key_padding=False)), "tuned without an explicit mask"
         bucket = self._classes.get(key)
         if not bucket:
             return [(1, MAX_LEN, None)]

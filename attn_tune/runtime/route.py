@@ -34,9 +34,12 @@ class Decision:
     entry: Problem | None = None
     config: str | None = None
     max_error: float = 0.0  # the error the entry was tuned within, when its variant is approximate (else 0)
+    mask_read: str | None = None  # what the call's attn_mask was read as (`attn_tune.mask_structure`), if it was
 
     def __str__(self) -> str:
         lines = [f"problem:  {self.problem.describe() if self.problem else '(not an attn-tune problem)'}"]
+        if self.mask_read is not None:
+            lines.append(f"mask:     read from the mask: {self.mask_read}")
         lines.append(f"config:   {self.config or 'none'}")
         if self.entry is not None:
             lines.append(f"entry:    {self.entry.describe()}")

@@ -113,7 +113,7 @@ def _odd_route(q: Tensor, k: Tensor, v: Tensor, has_mask: bool, causal: bool, wi
 
 
 def eager_route(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, is_causal: bool, window: int | None,
-                enable_gqa: bool) -> Route:
+                enable_gqa: bool, key_padding: bool = False) -> Route:
     """The route for a call outside torch.compile: a dict lookup by signature, then the span holding its length.
 
     Every tensor attribute read costs a decode step time, so the signature is what decides the route and no more:
@@ -121,35 +121,36 @@ def eager_route(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, is_ca
     microsecond, with None so it never equals a shape), k's batch, heads and head_dim, whether v is shaped as k,
     q's dtype and device, the flags. The first call of a signature checks the rest (k and v share q's dtype and
     device); a later call that breaks that reaches the variant, and PyTorch rejects it with its own message.
+    `key_padding`: `attn_mask` is the key padding read from the caller's mask (`attn_tune.mask_structure`).
     """
     training = _grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     qs, ks = q.shape, k.shape
     try:
         n = ks[-2]
         key = (qs if qs[-2] != n else (len(qs), qs[0], qs[-3], qs[-1], None), ks[0], ks[-3], ks[-1], v.shape == ks,
-               q.dtype, q.device, attn_mask is not None, is_causal, window, enable_gqa, training)
+               q.dtype, q.device, attn_mask is not None, is_causal, window, enable_gqa, training, key_padding)
     except IndexError:  # fewer than 3 dimensions: never an attention problem
         return _odd_route(q, k, v, attn_mask is not None, is_causal, window, enable_gqa, training)
     line = _lines.get(key)
     if line is None:
         line = _new_line_for(key, q, k, v, attn_mask is not None, is_causal, window, enable_gqa, training,
-                             qs[-2] == n)
+                             qs[-2] == n, key_padding)
     span = line.last
     if not span.lo <= n <= span.hi:
         span = line.span(n)
     route = span.route or span.by_length.get(n)
     if route is None:
-        problem = call_problem(q, k, v, attn_mask is not None, is_causal, window, enable_gqa, training)
+        problem = call_problem(q, k, v, attn_mask is not None, is_causal, window, enable_gqa, training, key_padding)
         assert not isinstance(problem, str)  # the line's first call would have said so
         route = resolve(span, line, problem, len(qs) == 4)  # a window too short for n raised InvalidProblem
     return route
 
 
 def _new_line_for(key: tuple, q: Tensor, k: Tensor, v: Tensor, has_mask: bool, causal: bool, window: int | None,
-                  enable_gqa: bool, training: bool, diagonal: bool) -> Line:
+                  enable_gqa: bool, training: bool, diagonal: bool, key_padding: bool) -> Line:
     """A signature's line, at its first call: checked in full (one-line errors), or run as is when no Problem
     describes it (then whatever its length)."""
-    problem = call_problem(q, k, v, has_mask, causal, window, enable_gqa, training)
+    problem = call_problem(q, k, v, has_mask, causal, window, enable_gqa, training, key_padding)
     line = _lines[key] = (as_is_line(problem, enable_gqa, diagonal) if isinstance(problem, str)
                           else new_line(problem, diagonal))
     return line
