@@ -62,8 +62,10 @@ def test_capture_command_writes_a_shapes_file(user_module) -> None:
     assert result.exit_code == 0, result.output
     data = json.loads((user_module / "shapes.json").read_text())
     assert data["source"] == "my_models:padded_encoder"
-    assert [Problem.from_dict(p) for p in data["problems"]] == [Problem(batch=2, heads=2, q_len=48, head_dim=16, mask=True)]
-    assert "b2 h2 q48 d16 float32 cpu mask" in result.stdout
+    # the padding mask is read for its structure: key padding, not a generic mask
+    padded = Problem(batch=2, heads=2, q_len=48, head_dim=16, mask=True, key_padding=True)
+    assert [Problem.from_dict(p) for p in data["problems"]] == [padded]
+    assert "b2 h2 q48 d16 float32 cpu padding" in result.stdout
     as_json = CliRunner().invoke(cli, ["capture", "my_models:padded_encoder", "--out", "s2.json", "--json"])
     assert json.loads(as_json.stdout)["problems"] == data["problems"]
 
@@ -74,8 +76,8 @@ def test_capture_command_with_training_records_training_problems(user_module) ->
     assert result.exit_code == 0, result.output
     data = json.loads((user_module / "train.json").read_text())
     assert [Problem.from_dict(p) for p in data["problems"]] == [
-        Problem(batch=2, heads=2, q_len=48, head_dim=16, mask=True, training=True)]
-    assert "b2 h2 q48 d16 float32 cpu mask training" in result.stdout
+        Problem(batch=2, heads=2, q_len=48, head_dim=16, mask=True, key_padding=True, training=True)]
+    assert "b2 h2 q48 d16 float32 cpu padding training" in result.stdout
 
 
 @pytest.mark.parametrize(

@@ -1,5 +1,9 @@
 """`attention`: SDPA's meaning, computed by the variant the config in use chose for the call's problem.
 
+An explicit `attn_mask` is read for its structure (`attn_tune.mask_structure`, once per mask tensor) while a config
+or an observer is in use: a causal, band or key-padding mask becomes the problem's causal / window / key_padding,
+so the variant tuned for that structure serves it; the default policy still runs SDPA with the mask as given.
+
 A call's route (variant, params, and how it was found) is resolved once per call signature and span of lengths
 (`runtime.route_cache`), so a decode step costs a dict lookup and a bounds check over calling the variant
 directly, and under `torch.compile` the choice is made while tracing, guarded only on the span's bounds
@@ -15,8 +19,11 @@ from typing import Callable
 from torch import Tensor
 
 from attn_tune.errors import UnsupportedProblem
+from attn_tune.families.padding import is_key_mask
 from attn_tune.families.torch_sdpa import sdpa as torch_sdpa
+from attn_tune.mask_structure import MaskStructure, read_mask
 from attn_tune.problem import Inputs, Problem
+from attn_tune.runtime import active
 from attn_tune.runtime.call_problem import call_problem
 from attn_tune.runtime.choice import choose
 from attn_tune.runtime.compiled import trace_in_place_of
@@ -68,14 +75,56 @@ def attention(
     if dropout_p:
         return sdpa_as_is(query, key, value, is_causal=is_causal, window=window, attn_mask=attn_mask, scale=scale,
                           dropout_p=dropout_p, enable_gqa=enable_gqa)
-    route = eager_route(query, key, value, attn_mask, is_causal, window, enable_gqa)
+    padding = False
+    if attn_mask is not None:
+        padding = query.dim() == 4 and is_key_mask(attn_mask)  # a mask of keys alone is key padding by its shape
+        if not (padding or is_causal or window is not None):
+            structure = _read(query, key, attn_mask)
+            if structure is not None:
+                return _structured(structure, query, key, value, attn_mask, scale, enable_gqa)
+    route = eager_route(query, key, value, attn_mask, is_causal, window, enable_gqa, padding)
     if route.as_sdpa:
         out = torch_sdpa(query, key, value, attn_mask=attn_mask, is_causal=is_causal, scale=scale,
                          enable_gqa=enable_gqa)
     else:
         out = _run(route, query, key, value, attn_mask, is_causal, window, scale)
     if _observers and route.decision.problem is not None:
-        _notify_observers(route.decision, query, key, value, attn_mask, scale, out)
+        _notify_observers(route.decision, query, key, value, attn_mask, scale, out, is_causal, window)
+    return out
+
+
+def _read(q: Tensor, k: Tensor, attn_mask: Tensor, always: bool = False) -> MaskStructure | None:
+    """The mask's structure when it is worth reading: a config or an observer is in use (or `always`, to explain),
+    and more than one query (a decode step's mask costs more to read than its call)."""
+    if q.dim() not in (3, 4) or k.dim() != q.dim():
+        return None
+    if not (always or _observers or active.active_index()[0] is not None):
+        return None
+    if q.shape[-2] < READ_FROM_QUERIES:
+        return None
+    return read_mask(attn_mask, q.shape[0], q.shape[1] if q.dim() == 4 else None, q.shape[-2], k.shape[-2])
+
+
+READ_FROM_QUERIES = 2
+
+
+def _structured(s: MaskStructure, q: Tensor, k: Tensor, v: Tensor, original: Tensor, scale: float | None,
+                enable_gqa: bool) -> Tensor:
+    """A call whose mask was read as `s`: routed as its structured problem. The default policy (no entry for it)
+    runs SDPA with the original mask; a chosen variant gets the flags and only the key padding as its mask."""
+    padding = s.padding_mask(q.shape[0])
+    if padding is not None and q.dim() == 3:
+        padding = padding[:, 0]
+    route = eager_route(q, k, v, padding, s.causal, s.window, enable_gqa, padding is not None)
+    if route.decision.problem is None or route.decision.rule == "default":
+        out = torch_sdpa(q, k, v, attn_mask=original, scale=scale, enable_gqa=enable_gqa)
+    elif route.as_sdpa:
+        out = torch_sdpa(q, k, v, attn_mask=padding, is_causal=s.causal, scale=scale, enable_gqa=enable_gqa)
+    else:
+        out = _run(route, q, k, v, padding, s.causal, s.window, scale)
+    if _observers and route.decision.problem is not None:
+        decision = dataclasses.replace(route.decision, mask_read=s.describe())
+        _notify_observers(decision, q, k, v, padding, scale, out, s.causal, s.window)
     return out
 
 
@@ -93,8 +142,8 @@ trace_in_place_of(attention)  # dynamo traces the choice made at trace time (whe
 
 
 def _notify_observers(decision: Decision, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float | None,
-                      out: Tensor) -> None:
-    decision = _for_call(decision, q, k, v, mask, is_causal=decision.problem.causal, window=decision.problem.window)
+                      out: Tensor, is_causal: bool, window: int | None) -> None:
+    decision = _for_call(decision, q, k, v, mask, is_causal=is_causal, window=window)
     if q.dim() == 3:  # the problem's layout has a heads axis
         q, k, v, out = q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1), out.unsqueeze(1)
         mask = mask.unsqueeze(1) if mask is not None and mask.dim() == 3 else mask
@@ -118,7 +167,19 @@ def explain(
     """Which entry and variant `attention` would use for these arguments, and why; runs nothing."""
     if dropout_p:
         return Decision(None, "sdpa (as is)", {}, "sdpa-as-is", f"dropout_p={dropout_p}: no variant applies dropout")
-    decision = eager_route(query, key, value, attn_mask, is_causal, window, enable_gqa).decision
+    padding = attn_mask is not None and query.dim() == 4 and is_key_mask(attn_mask)
+    structure = None
+    if attn_mask is not None and not (padding or is_causal or window is not None):
+        structure = _read(query, key, attn_mask, True)
+    if structure is not None:
+        padding = structure.padding_mask(query.shape[0])
+        padding = padding[:, 0] if padding is not None and query.dim() == 3 else padding
+        decision = eager_route(query, key, value, padding, structure.causal, structure.window, enable_gqa,
+                               padding is not None).decision
+        decision = _for_call(decision, query, key, value, padding, is_causal=structure.causal,
+                             window=structure.window)
+        return dataclasses.replace(decision, mask_read=structure.describe())
+    decision = eager_route(query, key, value, attn_mask, is_causal, window, enable_gqa, padding).decision
     return _for_call(decision, query, key, value, attn_mask, is_causal=is_causal, window=window)
 
 
@@ -127,5 +188,6 @@ def _for_call(decision: Decision, q: Tensor, k: Tensor, v: Tensor, mask: Tensor 
     """The route's decision (made at the first length of its span) with this call's own problem in it."""
     if decision.problem is None:
         return decision
-    problem = call_problem(q, k, v, mask is not None, is_causal, window, True, decision.problem.training)
+    problem = call_problem(q, k, v, mask is not None, is_causal, window, True, decision.problem.training,
+                           decision.problem.key_padding)
     return decision if problem == decision.problem else dataclasses.replace(decision, problem=problem)

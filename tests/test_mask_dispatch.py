@@ -1,0 +1,187 @@
+"""The runtime reads an explicit attn_mask for its structure: the variant tuned for causal / band / key padding
+serves the call, the answer stays SDPA's with the mask, and anything else stays a generic mask."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import attn_tune
+from attn_tune import Problem
+from attn_tune.registry.variant import Variant
+from attn_tune.runtime import capture, dispatch
+from tests.runtime_helpers import config, entry, registered
+
+
+def _band(n: int, window: int | None, kv: int | None = None) -> torch.Tensor:
+    rows, cols = torch.arange(n)[:, None], torch.arange(kv or n)[None, :]
+    keep = rows >= cols
+    return keep & (rows - cols < window) if window else keep
+
+
+def _qkv(batch: int, heads: int, n: int, d: int = 8, kv_heads: int | None = None, seed: int = 0) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    shapes = [(batch, heads, n, d), (batch, kv_heads or heads, n, d), (batch, kv_heads or heads, n, d)]
+    return [torch.randn(*s, generator=gen) for s in shapes]
+
+
+class Spy:
+    """A variant that notes what it was called with and computes exact attention (SDPA with the flags folded)."""
+
+    def __init__(self) -> None:
+        self.calls: list[dict[str, Any]] = []
+
+    def __call__(self, q, k, v, *, is_causal, window, attn_mask, scale, **params):  # noqa: ANN001, ANN003
+        self.calls.append({"is_causal": is_causal, "window": window, "mask": attn_mask})
+        return attn_tune.get_variant("sdpa").fn(q, k, v, is_causal=is_causal, window=window, attn_mask=attn_mask,
+                                                scale=scale)
+
+    def variant(self) -> Variant:
+        return Variant(name="spy", family="dense", fn=self, exact=True)
+
+
+def test_a_boolean_band_is_served_as_causal_window_by_the_variant_tuned_for_it():
+    q, k, v = _qkv(1, 2, 64)
+    mask = _band(64, 16)
+    spy = Spy()
+    problem = Problem(batch=1, heads=2, q_len=64, head_dim=8, causal=True, window=16)
+    with registered(spy.variant()), attn_tune.use_config(config([entry(problem, "spy")])):
+        decision = attn_tune.explain(q, k, v, attn_mask=mask)
+        out = attn_tune.attention(q, k, v, attn_mask=mask)
+    assert decision.variant == "spy" and decision.problem == problem
+    assert "causal" in decision.mask_read and "16" in decision.mask_read
+    assert "read from the mask" in str(decision)
+    assert spy.calls == [{"is_causal": True, "window": 16, "mask": None}]
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, attn_mask=mask), rtol=0, atol=1e-6)
+
+
+def test_an_additive_causal_mask_finds_the_causal_entry():
+    q, k, v = _qkv(2, 2, 32)
+    mask = torch.nn.Transformer.generate_square_subsequent_mask(32)
+    spy = Spy()
+    problem = Problem(batch=2, heads=2, q_len=32, head_dim=8, causal=True)
+    with registered(spy.variant()), attn_tune.use_config(config([entry(problem, "spy")])):
+        out = attn_tune.attention(q, k, v, attn_mask=mask)
+    assert [c["is_causal"] for c in spy.calls] == [True] and spy.calls[0]["mask"] is None
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, attn_mask=mask), rtol=0, atol=1e-6)
+
+
+def test_a_left_padded_causal_batch_reaches_the_variant_as_causal_plus_key_padding():
+    q, k, v = _qkv(2, 4, 32, kv_heads=2)
+    pad = torch.ones(2, 32, dtype=torch.bool)
+    pad[1, :10] = False  # row 1 left-padded: its first 10 queries see no key
+    mask = _band(32, None)[None, None] & pad[:, None, None, :]
+    spy = Spy()
+    problem = Problem(batch=2, heads=4, kv_heads=2, q_len=32, head_dim=8, causal=True, mask=True, key_padding=True)
+    with registered(spy.variant()), attn_tune.use_config(config([entry(problem, "spy")])):
+        assert attn_tune.explain(q, k, v, attn_mask=mask, enable_gqa=True).problem == problem
+        out = attn_tune.attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    (call,) = spy.calls
+    assert call["is_causal"] and call["window"] is None
+    assert call["mask"].shape == (2, 1, 1, 32) and torch.equal(call["mask"][:, 0, 0], pad)
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)
+    assert out[1, :, :10].abs().max() == 0  # rows that see no key: zeros, as SDPA gives
+
+
+def test_with_no_config_the_mask_is_not_read_and_sdpa_gets_it_as_given(monkeypatch):
+    reads = []
+    monkeypatch.setattr(dispatch, "read_mask", lambda *a: reads.append(a))
+    q, k, v = _qkv(1, 2, 32)
+    mask = _band(32, 8)
+    with attn_tune.use_config(None):
+        out = attn_tune.attention(q, k, v, attn_mask=mask)
+    assert reads == []
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, attn_mask=mask), rtol=0, atol=0)
+
+
+def test_with_a_config_but_no_entry_for_the_structure_sdpa_gets_the_original_mask(monkeypatch):
+    q, k, v = _qkv(1, 2, 32)
+    mask = _band(32, 8)
+    given = []
+    real = dispatch.torch_sdpa
+    monkeypatch.setattr(dispatch, "torch_sdpa", lambda *a, **kw: given.append(kw.get("attn_mask")) or real(*a, **kw))
+    other = Problem(batch=1, heads=2, q_len=32, head_dim=16)
+    with attn_tune.use_config(config([entry(other, "sdpa")])):
+        decision = attn_tune.explain(q, k, v, attn_mask=mask)
+        attn_tune.attention(q, k, v, attn_mask=mask)
+    assert decision.rule == "default" and decision.problem.window == 8 and decision.mask_read
+    assert len(given) == 1 and given[0] is mask
+
+
+def test_a_near_miss_stays_a_generic_mask_and_exact():
+    q, k, v = _qkv(1, 2, 32)
+    mask = _band(32, 8)
+    mask[20, 15] = False  # a hole in the band
+    spy = Spy()
+    structured = Problem(batch=1, heads=2, q_len=32, head_dim=8, causal=True, window=8)
+    generic = Problem(batch=1, heads=2, q_len=32, head_dim=8, mask=True)
+    with registered(spy.variant()), attn_tune.use_config(config([entry(structured, "spy")])):
+        decision = attn_tune.explain(q, k, v, attn_mask=mask)
+        out = attn_tune.attention(q, k, v, attn_mask=mask)
+    assert decision.problem == generic and decision.mask_read is None and spy.calls == []
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, attn_mask=mask), rtol=0, atol=1e-6)
+
+
+def test_a_mask_changed_in_place_after_its_first_call_is_read_again():
+    q, k, v = _qkv(1, 2, 32)
+    mask = _band(32, 8)
+    spy = Spy()
+    structured = Problem(batch=1, heads=2, q_len=32, head_dim=8, causal=True, window=8)
+    with registered(spy.variant()), attn_tune.use_config(config([entry(structured, "spy")])):
+        attn_tune.attention(q, k, v, attn_mask=mask)
+        mask[20, 15] = False
+        out = attn_tune.attention(q, k, v, attn_mask=mask)
+    assert len(spy.calls) == 1  # the changed mask is a generic mask now: the default policy's SDPA ran it
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, attn_mask=mask), rtol=0, atol=1e-6)
+
+
+def test_three_dimensional_calls_with_a_padding_mask():
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 16, 8, generator=gen) for _ in range(3))
+    pad = torch.ones(2, 16, dtype=torch.bool)
+    pad[0, 12:] = False
+    mask = pad[:, None, :].expand(2, 16, 16)
+    spy = Spy()
+    problem = Problem(batch=2, heads=1, q_len=16, head_dim=8, mask=True, key_padding=True)
+    with registered(spy.variant()), attn_tune.use_config(config([entry(problem, "spy")])):
+        out = attn_tune.attention(q, k, v, attn_mask=mask)
+    assert len(spy.calls) == 1 and spy.calls[0]["mask"].shape == (2, 1, 1, 16)
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, attn_mask=mask), rtol=0, atol=1e-6)
+
+
+def test_capture_records_the_structure_a_model_hands_sdpa_as_a_mask():
+    class Banded(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            n = x.shape[-2]
+            return F.scaled_dot_product_attention(x, x, x, attn_mask=_band(n, 8))
+
+    def factory():
+        return Banded(), (torch.randn(1, 2, 32, 8),)
+
+    with attn_tune.patch_sdpa(None):
+        problems = capture.capture_factory(factory)
+    assert problems == [Problem(batch=1, heads=2, q_len=32, head_dim=8, causal=True, window=8)]
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_gradients_through_a_structured_call_match_sdpa_with_the_mask(training):
+    q, k, v = (t.requires_grad_(training) for t in _qkv(2, 2, 32))
+    pad = torch.ones(2, 32, dtype=torch.bool)
+    pad[0, :5] = False
+    mask = _band(32, 12)[None, None] & pad[:, None, None, :]
+    problem = Problem(batch=2, heads=2, q_len=32, head_dim=8, causal=True, window=12, mask=True, key_padding=True,
+                      training=training)
+    grad = torch.randn(2, 2, 32, 8)
+    spy = Spy()
+    with registered(spy.variant()), attn_tune.use_config(config([entry(problem, "spy")])):
+        out = attn_tune.attention(q, k, v, attn_mask=mask)
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    assert len(spy.calls) == 1
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
+    if training:
+        for a, b in zip(torch.autograd.grad(out, (q, k, v), grad), torch.autograd.grad(ref, (q, k, v), grad)):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
