@@ -29,8 +29,8 @@ def _structural(q_len: int, kv_len: int, causal: bool, window: int | None) -> Te
 
 
 def oracle(q: Tensor, k: Tensor, v: Tensor, *, causal=False, window=None, mask=None, bias=None, scale=None) -> Tensor:
-    """Exact attention in float64 on the CPU; `mask` a boolean (q_len, kv_len) keep-mask, `bias` an additive
-    float mask broadcastable to (batch, heads, q_len, kv_len)."""
+    """Exact attention in float64 on the CPU; `mask` a boolean keep-mask broadcastable to (batch, heads, q_len,
+    kv_len), `bias` an additive float mask likewise; a query that sees no key gets zeros."""
     q, k, v = (t.to("cpu", torch.float64) for t in (q, k, v))
     batch, heads, q_len, dim = q.shape
     kv_heads, kv_len = k.shape[1], k.shape[2]
@@ -46,7 +46,9 @@ def oracle(q: Tensor, k: Tensor, v: Tensor, *, causal=False, window=None, mask=N
         if bias is not None:
             scores = scores + bias.to("cpu", torch.float64).expand(batch, heads, q_len, kv_len)[:, h]
         scores = scores.masked_fill(~allowed[:, h], float("-inf"))
-        out[:, h] = torch.softmax(scores, dim=-1) @ vh
+        weights = torch.softmax(scores, dim=-1)
+        empty = ~allowed[:, h].any(-1, keepdim=True)  # a query that sees no key gets zeros, as SDPA gives
+        out[:, h] = weights.masked_fill(empty, 0.0) @ vh
     return out
 
 

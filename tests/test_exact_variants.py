@@ -22,13 +22,16 @@ LENGTHS = [(1, 1), (1, 129), (7, 7), (129, 129), (7, 129), (129, 7)]
 def _grid(device: str) -> list[Problem]:
     problems = []
     for causal, window, kv_heads, mask, (q_len, kv_len), dtype, head_dim in itertools.product(
-        (False, True), (None, 3), (4, 2), (False, True), LENGTHS, ("float32", "bfloat16"), (8, 80)
+        (False, True), (None, 3), (4, 2), (False, True, "padding"), LENGTHS, ("float32", "bfloat16"), (8, 80)
     ):
+        if mask == "padding" and (dtype, head_dim) != ("float32", 8):
+            continue  # padded batches (rows padded left and right) at one dtype and width: the rest is as above
         try:
             problems.append(
                 Problem(
                     batch=2, heads=4, kv_heads=kv_heads, q_len=q_len, kv_len=kv_len, head_dim=head_dim,
-                    dtype=dtype, device=device, causal=causal, window=window, mask=mask,
+                    dtype=dtype, device=device, causal=causal, window=window, mask=bool(mask),
+                    key_padding=mask == "padding",
                 )
             )
         except InvalidProblem:  # a window that leaves late queries with no key: tested in test_problem
