@@ -15,7 +15,8 @@ over rounds of unpatched / patched in the same round (> 1: patched is faster). L
 3. Qwen2-style, "sdpa" path, a left-padded batch of 4 at 2048 (causal + padding mask): exact variants, and
    again with --max-error 0.35 (approximate variants may be chosen).
 4. nn.TransformerEncoder decoder-only: generate_square_subsequent_mask plus a right-padded src_key_padding_mask,
-   4 x 1024 (the merged additive (batch, heads, L, L) mask reaches SDPA).
+   4 x 1024 (the merged additive (batch, heads, L, L) mask reaches SDPA); patched without a config too, since
+   the patch switches the encoder's fused fast path off, which by itself changes its speed.
 
 --quick runs small sizes (a smoke test of the script, not figures). The CLI's subprocess sees the sizes through
 the environment variable EXPLICIT_MASKS_QUICK. On a machine other jobs load, two threads can be slower than one
@@ -158,17 +159,22 @@ def _read_as(model: Any, inputs: Any, tuned: TunedConfig) -> list[str]:
 
 
 def compare(what: str, factory: Callable[[], tuple[Any, ...]], tuned: TunedConfig, rounds: int, target: str = "",
-            others: dict[str, Callable[[], torch.Tensor]] | None = None) -> list[Row]:
-    """The factory's model unpatched against patched with `tuned` (and `others`, each a call of its own),
-    interleaved: one row each, ratio = unpatched / it in the same round, max |diff| at real tokens."""
+            others: dict[str, Callable[[], torch.Tensor]] | None = None, bare: str = "") -> list[Row]:
+    """The factory's model unpatched against patched with `tuned` (and `others`, each a call of its own; with
+    `bare`, a row of that name patched without a config), interleaved: one row each, ratio = unpatched / it in the
+    same round, max |diff| at real tokens."""
     model, inputs = factory()[:2]
     real = _real(inputs)
 
-    def patched() -> torch.Tensor:
-        with attn_tune.patch_sdpa(tuned):
-            return _call(model, inputs)
+    def patched(config: TunedConfig | None) -> Callable[[], torch.Tensor]:
+        def run() -> torch.Tensor:
+            with attn_tune.patch_sdpa(config):
+                return _call(model, inputs)
+        return run
 
-    fns = {"unpatched": lambda: _call(model, inputs), what: patched, **(others or {})}
+    fns = {"unpatched": lambda: _call(model, inputs), what: patched(tuned), **(others or {})}
+    if bare:
+        fns[bare] = patched(None)
     outputs = {name: fn() for name, fn in fns.items()}
     times = _interleaved(fns, rounds)
     base = times["unpatched"]
@@ -202,12 +208,12 @@ def _mistral(folder: Path, trials: int, rounds: int, notes: list[str]) -> list[R
 
 
 def _one(what: str, factory_name: str, folder: Path, trials: int, rounds: int, notes: list[str], target: str = "",
-         extra: list[str] | None = None) -> Row:
+         extra: list[str] | None = None, bare: str = "") -> list[Row]:
     tuned, lines = _tune(factory_name, folder, trials, extra or [])
     notes += [f"- `{factory_name}` {' '.join(extra or [])}: {line}" for line in lines]
-    (row,) = compare(what, globals()[factory_name], tuned, rounds, target)
-    row.chosen = _chosen(tuned)
-    return row
+    rows = compare(what, globals()[factory_name], tuned, rounds, target, bare=bare)
+    rows[0].chosen = _chosen(tuned)
+    return rows
 
 
 def table(rows: list[Row]) -> str:
@@ -249,16 +255,17 @@ def main() -> None:
         if "mistral" in cases:
             rows += _mistral(folder, args.trials, args.rounds, notes)
         if "band" in cases:
-            rows.append(_one("nanoGPT-style attention stack, boolean band + patch_sdpa", "band_attention", folder,
-                             args.trials, args.rounds, notes, ">= 3x"))
+            rows += _one("nanoGPT-style attention stack, boolean band + patch_sdpa", "band_attention", folder,
+                         args.trials, args.rounds, notes, ">= 3x")
         if "qwen2" in cases:
-            rows.append(_one("Qwen2, \"sdpa\" path, left-padded + patch_sdpa", "qwen2_padded", folder, args.trials,
-                             args.rounds, notes))
-            rows.append(_one("Qwen2, left-padded, tuned --max-error 0.35", "qwen2_padded", folder, args.trials,
-                             args.rounds, notes, extra=["--max-error", "0.35"]))
+            rows += _one("Qwen2, \"sdpa\" path, left-padded + patch_sdpa", "qwen2_padded", folder, args.trials,
+                         args.rounds, notes)
+            rows += _one("Qwen2, left-padded, tuned --max-error 0.35", "qwen2_padded", folder, args.trials,
+                         args.rounds, notes, extra=["--max-error", "0.35"])
         if "torch" in cases:
-            rows.append(_one("nn.TransformerEncoder causal + key padding + patch_sdpa", "torch_decoder", folder,
-                             args.trials, args.rounds, notes))
+            rows += _one("nn.TransformerEncoder causal + key padding + patch_sdpa", "torch_decoder", folder,
+                         args.trials, args.rounds, notes,
+                         bare="nn.TransformerEncoder, patch_sdpa without a config (its fast path off, SDPA as is)")
     print(table(rows))
     print("\nWhat `attn-tune tune` printed:\n\n" + "\n".join(notes))
     if args.json_out:
