@@ -9,19 +9,20 @@ mask tensor (identity and version counter, held through a weakref), so a mask sh
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import threading
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Iterator, NamedTuple
 
 import torch
 from torch import Tensor
 
 from attn_tune.families.masks import shared_visible_keys
 
-__all__ = ["MaskStructure", "read_mask", "clear_mask_cache"]
+__all__ = ["MaskStructure", "read_mask", "clear_mask_cache", "known_structure"]
 
 SAMPLE_ROWS = 64  # rows (besides the first and last) the hypothesis is drawn from
 CHUNK_ELEMENTS = {"cpu": 1 << 20}  # mask elements per step of the exact check: on CPU its temporaries stay in cache
@@ -64,6 +65,10 @@ def read_mask(attn_mask: Tensor, batch: int, heads: int | None, q_len: int, kv_l
     if (not isinstance(attn_mask, Tensor) or attn_mask.requires_grad or attn_mask.device.type == "meta"
             or torch.compiler.is_compiling() or attn_mask.is_cuda and torch.cuda.is_current_stream_capturing()):
         return None  # a traced or captured call cannot read values, and replays would not read them again
+    known = getattr(_known, "value", None)
+    if known is not None and known[0] == tuple(attn_mask.shape) and attn_mask.is_floating_point():
+        _known.value = None  # the one call it was set for
+        return known[1]
     if attn_mask.is_inference():
         return _read(attn_mask, batch, heads, q_len, kv_len)
     anchor = attn_mask if attn_mask._base is None else attn_mask._base  # views share the base's version counter
@@ -75,6 +80,24 @@ def read_mask(attn_mask: Tensor, batch: int, heads: int | None, q_len: int, kv_l
         answer = _read(attn_mask, batch, heads, q_len, kv_len)
         _CACHE.put(key, anchor, version, answer)
     return answer
+
+
+_known = threading.local()
+
+
+@contextlib.contextmanager
+def known_structure(shape: tuple[int, ...], structure: MaskStructure) -> Iterator[None]:
+    """Inside the block, the next additive mask of exactly `shape` that `read_mask` sees is `structure`, unread.
+
+    For a caller that builds the mask itself from parts it has read (nn.MultiheadAttention adds its key padding to
+    its attention mask, a new (batch, heads, q, k) tensor per call): reading the sum would cost a pass over it per
+    layer, while its structure follows from the parts. Per thread; the hint ends with the block.
+    """
+    _known.value = (tuple(shape), structure)
+    try:
+        yield
+    finally:
+        _known.value = None
 
 
 def clear_mask_cache() -> None:

@@ -185,3 +185,36 @@ def test_gradients_through_a_structured_call_match_sdpa_with_the_mask(training):
     if training:
         for a, b in zip(torch.autograd.grad(out, (q, k, v), grad), torch.autograd.grad(ref, (q, k, v), grad)):
             torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("bool_masks", [False, True])
+def test_multihead_attention_padding_is_known_from_its_parts_not_read_per_layer(monkeypatch, bool_masks):
+    """nn.MultiheadAttention adds its key padding to its attention mask: a new (batch, heads, q, k) tensor per layer.
+    Its structure follows from the parts (the causal mask, read once; the padding), so the sum is never read."""
+    from attn_tune import mask_structure
+
+    torch.manual_seed(0)
+    layer = torch.nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True)
+    model = torch.nn.TransformerEncoder(layer, 3, enable_nested_tensor=False).eval()
+    x = torch.randn(2, 24, 32)
+    causal = torch.nn.Transformer.generate_square_subsequent_mask(24)
+    pad = torch.zeros(2, 24, dtype=torch.bool)
+    pad[1, 18:] = True  # row 1 right-padded (True = ignore, as nn.MultiheadAttention takes it)
+    if bool_masks:
+        causal = causal.isinf()  # True = hidden
+    else:
+        pad = torch.zeros(2, 24).masked_fill(pad, float("-inf"))
+    with torch.no_grad():
+        expected = model(x, mask=causal, src_key_padding_mask=pad)
+    reads = []
+    real_read = mask_structure._read
+    monkeypatch.setattr(mask_structure, "_read", lambda m, *a: reads.append(tuple(m.shape)) or real_read(m, *a))
+    mask_structure.clear_mask_cache()
+    spy = Spy()
+    problem = Problem(batch=2, heads=4, q_len=24, head_dim=8, causal=True, mask=True, key_padding=True)
+    with registered(spy.variant()), attn_tune.patch_sdpa(config([entry(problem, "spy")])), torch.no_grad():
+        out = model(x, mask=causal, src_key_padding_mask=pad)
+    assert len(spy.calls) == 3 and all(c["is_causal"] and c["mask"].shape == (2, 1, 1, 24) for c in spy.calls)
+    assert torch.equal(spy.calls[0]["mask"][:, 0, 0], torch.tensor([[True] * 24, [True] * 18 + [False] * 6]))
+    assert reads == [(24, 24)]  # the causal mask once (nn.TransformerEncoder makes a bool one float, once)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)

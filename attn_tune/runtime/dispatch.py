@@ -23,6 +23,7 @@ from attn_tune.families.padding import is_key_mask
 from attn_tune.families.torch_sdpa import sdpa as torch_sdpa
 from attn_tune.mask_structure import MaskStructure, read_mask
 from attn_tune.problem import Inputs, Problem
+from attn_tune.registry.variant import DEFAULT_VARIANT
 from attn_tune.runtime import active
 from attn_tune.runtime.call_problem import call_problem
 from attn_tune.runtime.choice import choose
@@ -30,7 +31,7 @@ from attn_tune.runtime.compiled import trace_in_place_of
 from attn_tune.runtime.route import Decision, Route, sdpa_as_is
 from attn_tune.runtime.route_cache import eager_route
 
-__all__ = ["attention", "explain", "decide", "Decision"]
+__all__ = ["attention", "explain", "decide", "Decision", "reads_masks"]
 
 @dataclass(frozen=True)
 class Call:
@@ -93,12 +94,17 @@ def attention(
     return out
 
 
+def reads_masks() -> bool:
+    """Whether `attention` reads masks now: a config or an observer is in use."""
+    return bool(_observers) or active.active_index()[0] is not None
+
+
 def _read(q: Tensor, k: Tensor, attn_mask: Tensor, always: bool = False) -> MaskStructure | None:
     """The mask's structure when it is worth reading: a config or an observer is in use (or `always`, to explain),
     and more than one query (a decode step's mask costs more to read than its call)."""
     if q.dim() not in (3, 4) or k.dim() != q.dim():
         return None
-    if not (always or _observers or active.active_index()[0] is not None):
+    if not (always or reads_masks()):
         return None
     if q.shape[-2] < READ_FROM_QUERIES:
         return None
@@ -116,7 +122,7 @@ def _structured(s: MaskStructure, q: Tensor, k: Tensor, v: Tensor, original: Ten
     if padding is not None and q.dim() == 3:
         padding = padding[:, 0]
     route = eager_route(q, k, v, padding, s.causal, s.window, enable_gqa, padding is not None)
-    if route.decision.problem is None or route.decision.rule == "default":
+    if route.decision.problem is None or route.decision.rule == "default" or _sdpa_folding(route):
         out = torch_sdpa(q, k, v, attn_mask=original, scale=scale, enable_gqa=enable_gqa)
     elif route.as_sdpa:
         out = torch_sdpa(q, k, v, attn_mask=padding, is_causal=s.causal, scale=scale, enable_gqa=enable_gqa)
@@ -126,6 +132,12 @@ def _structured(s: MaskStructure, q: Tensor, k: Tensor, v: Tensor, original: Ten
         decision = dataclasses.replace(route.decision, mask_read=s.describe())
         _notify_observers(decision, q, k, v, padding, scale, out, s.causal, s.window)
     return out
+
+
+def _sdpa_folding(route: Route) -> bool:
+    """The built-in `sdpa` chosen where it would fold a window or padding back into a dense mask: the caller's
+    mask is that mask already."""
+    return route.decision.variant == DEFAULT_VARIANT and not route.decision.params and not route.as_sdpa
 
 
 def _run(route: Route, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, is_causal: bool,

@@ -12,6 +12,8 @@ wraps `F.multi_head_attention_forward` to say so where that changes the answer: 
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import os
 from typing import Any
 
@@ -20,8 +22,9 @@ import torch.nn.functional as F
 
 from attn_tune.errors import CausalHintWithoutMask
 from attn_tune.families.torch_sdpa import sdpa as torch_sdpa
+from attn_tune.mask_structure import MaskStructure, known_structure, read_mask
 from attn_tune.runtime.active import use_config
-from attn_tune.runtime.dispatch import attention
+from attn_tune.runtime.dispatch import attention, reads_masks
 
 __all__ = ["patch_sdpa", "unpatch_sdpa", "is_patched", "patch_calls"]
 
@@ -56,8 +59,10 @@ def _mha_forward(*args: Any, **kwargs: Any) -> Any:
     path, and turns that path's "Need attn_mask" error into one line naming the patch and the fix."""
     if not kwargs.get("training", True) and _saved.get("fastpath") and len(args) > 2 and args[0] is args[1] is args[2]:
         _counts["slow_path"] += 1  # eval self-attention, as nn.MultiheadAttention calls it (training by name)
+    merged = _merged_structure(args, kwargs) if reads_masks() else None
     try:
-        return _saved.get("mha", _torch_mha)(*args, **kwargs)
+        with known_structure(*merged) if merged else contextlib.nullcontext():
+            return _saved.get("mha", _torch_mha)(*args, **kwargs)
     except RuntimeError as exc:
         if kwargs.get("is_causal") and str(exc).startswith("Need attn_mask if specifying the is_causal hint"):
             raise CausalHintWithoutMask(CAUSAL_HINT_WITHOUT_MASK) from None
@@ -65,6 +70,40 @@ def _mha_forward(*args: Any, **kwargs: Any) -> Any:
 
 
 _mha_forward.__wrapped__ = _torch_mha  # type: ignore[attr-defined]
+_MHA_SIGNATURE = inspect.signature(_torch_mha)
+
+
+def _merged_structure(args: tuple, kwargs: dict) -> tuple[tuple[int, ...], MaskStructure] | None:
+    """The shape and structure of the mask nn.MultiheadAttention will hand SDPA when it adds a key padding mask to
+    its attention mask (a new (batch, heads, q, k) tensor per call, too costly to read each layer): the attention
+    mask's structure (read once per tensor) with the padding's real keys. None where it does not follow that simply
+    (attention weights wanted, bias_k / zero attention / static keys, a 3-D or generic attention mask, a float
+    padding mask other than 0 / -inf, unbatched inputs): then SDPA's call is read as any other."""
+    try:
+        call = _MHA_SIGNATURE.bind(*args, **kwargs).arguments
+    except TypeError:
+        return None
+    kpm, mask, query, key = call.get("key_padding_mask"), call.get("attn_mask"), call["query"], call["key"]
+    if (kpm is None or call.get("need_weights", True) or call.get("bias_k") is not None or call.get("add_zero_attn")
+            or call.get("static_k") is not None or query.dim() != 3 or kpm.dim() != 2):
+        return None
+    q_len, batch, kv_len, heads = query.shape[0], query.shape[1], key.shape[0], call["num_heads"]
+    if kpm.dtype == torch.bool:
+        real = ~kpm
+    elif kpm.is_floating_point() and torch.equal(kpm != 0, torch.isneginf(kpm)):
+        real = kpm == 0
+    else:
+        return None
+    if mask is None:
+        base = MaskStructure(False, None, None)
+    elif mask.dim() == 2:
+        base = read_mask(~mask if mask.dtype == torch.bool else mask, batch, heads, q_len, kv_len)  # bool: True hides
+    else:
+        base = None
+    if base is None or tuple(real.shape) != (batch, kv_len):
+        return None
+    real = real if base.key_padding is None else real & base.key_padding
+    return (batch, heads, q_len, kv_len), MaskStructure(base.causal, base.window, None if bool(real.all()) else real)
 
 
 def is_patched() -> bool:
