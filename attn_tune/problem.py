@@ -118,8 +118,12 @@ class Problem:
         return " ".join(parts)
 
     def to_dict(self) -> dict[str, Any]:
-        """Every field, JSON-serialisable."""
-        return dataclasses.asdict(self)
+        """Every field, JSON-serialisable; `key_padding` only when set, so files without padded problems still load
+        in releases that predate the field."""
+        data = dataclasses.asdict(self)
+        if not self.key_padding:
+            del data["key_padding"]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Problem:

@@ -106,13 +106,15 @@ def test_chunked_is_exact_for_any_chunk(chunk: int, causal: bool, window: int | 
 @pytest.mark.parametrize("name", EXACT)
 @pytest.mark.parametrize(
     "causal,window,kv_heads,mask,q_len,kv_len",
-    [(False, None, 4, False, 33, 33), (True, None, 2, False, 33, 33), (True, 5, 2, True, 17, 40), (False, 4, 4, False, 20, 17)],
+    [(False, None, 4, False, 33, 33), (True, None, 2, False, 33, 33), (True, 5, 2, True, 17, 40), (False, 4, 4, False, 20, 17),
+     (True, None, 2, "padding", 33, 33)],
 )
 def test_exact_variant_gradients(name, device, causal, window, kv_heads, mask, q_len, kv_len) -> None:
-    """training=True: backward runs, and gradients match the oracle's."""
+    """training=True: backward runs, and gradients match the oracle's (a padded batch: rows left- and right-padded)."""
     problem = Problem(
         batch=2, heads=4, kv_heads=kv_heads, q_len=q_len, kv_len=kv_len, head_dim=16, device=device,
-        dtype="float32" if device == "cpu" else "bfloat16", causal=causal, window=window, mask=mask, training=True,
+        dtype="float32" if device == "cpu" else "bfloat16", causal=causal, window=window, mask=bool(mask),
+        key_padding=mask == "padding", training=True,
     )
     variant = _runnable(name, problem)
     inputs = make_inputs(problem, seed=3)

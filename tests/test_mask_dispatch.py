@@ -218,3 +218,56 @@ def test_multihead_attention_padding_is_known_from_its_parts_not_read_per_layer(
     assert torch.equal(spy.calls[0]["mask"][:, 0, 0], torch.tensor([[True] * 24, [True] * 18 + [False] * 6]))
     assert reads == [(24, 24)]  # the causal mask once (nn.TransformerEncoder makes a bool one float, once)
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("with_mask", [True, False])
+def test_a_direct_multihead_attention_call_with_a_bool_mask_reads_it_once(monkeypatch, with_mask):
+    """nn.MultiheadAttention makes its bool mask (True = hidden) a new float one per call: that (q, k) part is read
+    per call, the (batch, heads, q, k) sum never; with the key padding alone SDPA gets a (batch, heads, 1, keys)
+    mask, known from the padding, never read."""
+    from attn_tune import mask_structure
+
+    torch.manual_seed(1)
+    mha = torch.nn.MultiheadAttention(16, 2, batch_first=True).eval()
+    x = torch.randn(2, 12, 16)
+    hidden = torch.ones(12, 12, dtype=torch.bool).triu(1) if with_mask else None
+    pad = torch.zeros(2, 12, dtype=torch.bool)
+    pad[0, :3] = True
+    with torch.no_grad(), attn_tune.patch_sdpa(None):  # SDPA's answer (the fused fast path gives NaN on empty rows)
+        expected = mha(x, x, x, attn_mask=hidden, key_padding_mask=pad, need_weights=False)[0]
+    reads = []
+    real_read = mask_structure._read
+    monkeypatch.setattr(mask_structure, "_read", lambda m, *a: reads.append(tuple(m.shape)) or real_read(m, *a))
+    mask_structure.clear_mask_cache()
+    spy = Spy()
+    problem = Problem(batch=2, heads=2, q_len=12, head_dim=8, causal=with_mask, mask=True, key_padding=True)
+    with registered(spy.variant()), attn_tune.patch_sdpa(config([entry(problem, "spy")])), torch.no_grad():
+        outs = [mha(x, x, x, attn_mask=hidden, key_padding_mask=pad, need_weights=False)[0] for _ in range(3)]
+    assert len(spy.calls) == 3 and reads == ([(12, 12)] * 3 if with_mask else [])
+    for out in outs:
+        torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)
+
+
+def test_a_config_tuned_for_the_generic_mask_still_serves_it():
+    """An entry tuned before masks were read (the call as a generic mask) keeps serving the call when the config has
+    no entry for its structure."""
+    q, k, v = _qkv(1, 2, 32)
+    mask = _band(32, 8)
+    spy = Spy()
+    generic = Problem(batch=1, heads=2, q_len=32, head_dim=8, mask=True)
+    with registered(spy.variant()), attn_tune.use_config(config([entry(generic, "spy")])):
+        decision = attn_tune.explain(q, k, v, attn_mask=mask)
+        out = attn_tune.attention(q, k, v, attn_mask=mask)
+    assert (decision.variant, decision.problem) == ("spy", generic) and len(spy.calls) == 1
+    assert spy.calls[0]["mask"] is mask
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, attn_mask=mask), rtol=0, atol=1e-6)
+
+
+def test_a_float_mask_of_another_dtype_is_not_read_and_sdpa_says_why():
+    q, k, v = _qkv(1, 2, 16)
+    mask = torch.zeros(16, 16, dtype=torch.float64).masked_fill(~_band(16, None), float("-inf"))
+    problem = Problem(batch=1, heads=2, q_len=16, head_dim=8, causal=True)
+    with attn_tune.use_config(config([entry(problem, "sdpa")])):
+        assert attn_tune.explain(q, k, v, attn_mask=mask).mask_read is None
+        with pytest.raises(RuntimeError):
+            attn_tune.attention(q, k, v, attn_mask=mask)

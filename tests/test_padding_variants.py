@@ -175,10 +175,9 @@ def test_sdpa_unpadded_serves_padded_batches_only() -> None:
 
 def test_key_masks_are_recognised_by_shape_and_dtype() -> None:
     yes = [torch.ones(3, 1, 1, 9, dtype=torch.bool), torch.ones(1, 1, 1, 9, dtype=torch.bool),
-           torch.ones(9, dtype=torch.bool), torch.ones(1, 9, dtype=torch.bool),
-           torch.ones(3, 1, 1, 1, dtype=torch.bool).expand(3, 1, 1, 9)]
+           torch.ones(1, 9, dtype=torch.bool), torch.ones(3, 1, 1, 1, dtype=torch.bool).expand(3, 1, 1, 9)]
     no = [None, torch.ones(3, 1, 1, 9), torch.ones(3, 1, 4, 9, dtype=torch.bool), torch.ones(3, 2, 1, 9, dtype=torch.bool),
-          torch.ones(4, 9, dtype=torch.bool)]
+          torch.ones(4, 9, dtype=torch.bool), torch.ones(9, dtype=torch.bool)]  # 1-D: SDPA refuses it
     assert all(is_key_mask(m) for m in yes) and not any(is_key_mask(m) for m in no)
 
 

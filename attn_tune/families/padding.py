@@ -25,8 +25,8 @@ Inner = Callable[[Tensor, Tensor, Tensor, bool, "int | None", float], Tensor]
 
 
 def is_key_mask(attn_mask: Tensor | None) -> bool:
-    """True for a bool mask of keys alone: shape (B or 1, 1, 1, K), or fewer axes, with size-1 head and query axes."""
-    if attn_mask is None or attn_mask.dtype != torch.bool or not 1 <= attn_mask.dim() <= 4:
+    """True for a bool mask of keys alone: shape (B or 1, 1, 1, K), or 2-D / 3-D with size-1 head and query axes."""
+    if attn_mask is None or attn_mask.dtype != torch.bool or not 2 <= attn_mask.dim() <= 4:
         return False
     return all(size == 1 for size in attn_mask.shape[-3:-1])
 

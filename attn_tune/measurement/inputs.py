@@ -63,9 +63,7 @@ def _padding_mask(batch: int, kv_len: int) -> Tensor:
     for row in range(batch):
         pad = (row + 1) * kv_len // (2 * (batch + 1))
         if pad:
-            mask[row, ..., :pad] = False if row % 2 == 0 else True
-            if row % 2:
-                mask[row, ..., kv_len - pad:] = False
+            mask[row, ..., slice(kv_len - pad, None) if row % 2 else slice(None, pad)] = False
     return mask
 
 

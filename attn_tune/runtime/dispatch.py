@@ -76,13 +76,11 @@ def attention(
     if dropout_p:
         return sdpa_as_is(query, key, value, is_causal=is_causal, window=window, attn_mask=attn_mask, scale=scale,
                           dropout_p=dropout_p, enable_gqa=enable_gqa)
-    padding = False
-    if attn_mask is not None:
-        padding = query.dim() == 4 and is_key_mask(attn_mask)  # a mask of keys alone is key padding by its shape
-        if not (padding or is_causal or window is not None):
-            structure = _read(query, key, attn_mask)
-            if structure is not None:
-                return _structured(structure, query, key, value, attn_mask, scale, enable_gqa)
+    structure, padding = _masking(query, key, attn_mask, is_causal, window, False)
+    if structure is not None:
+        out = _structured(structure, query, key, value, attn_mask, scale, enable_gqa)
+        if out is not None:
+            return out
     route = eager_route(query, key, value, attn_mask, is_causal, window, enable_gqa, padding)
     if route.as_sdpa:
         out = torch_sdpa(query, key, value, attn_mask=attn_mask, is_causal=is_causal, scale=scale,
@@ -94,35 +92,51 @@ def attention(
     return out
 
 
+READ_FROM_QUERIES = 2  # calls with fewer queries (decode steps) keep their mask: reading costs more than it saves
+
+
 def reads_masks() -> bool:
     """Whether `attention` reads masks now: a config or an observer is in use."""
     return bool(_observers) or active.active_index()[0] is not None
 
 
-def _read(q: Tensor, k: Tensor, attn_mask: Tensor, always: bool = False) -> MaskStructure | None:
-    """The mask's structure when it is worth reading: a config or an observer is in use (or `always`, to explain),
-    and more than one query (a decode step's mask costs more to read than its call)."""
-    if q.dim() not in (3, 4) or k.dim() != q.dim():
-        return None
-    if not (always or reads_masks()):
-        return None
-    if q.shape[-2] < READ_FROM_QUERIES:
-        return None
-    return read_mask(attn_mask, q.shape[0], q.shape[1] if q.dim() == 4 else None, q.shape[-2], k.shape[-2])
+def _masking(q: Tensor, k: Tensor, attn_mask: Tensor | None, is_causal: bool, window: int | None,
+             always: bool) -> tuple[MaskStructure | None, bool]:
+    """(the mask's structure if it was read, whether the mask is key padding as given). A bool (batch, 1, 1,
+    kv_len) mask is key padding by its shape; another mask with no flags beside it is read when a config or an
+    observer is in use (or `always`: explain), the call has SDPA's layout and at least `READ_FROM_QUERIES` queries,
+    and a float mask has q's dtype (SDPA rejects others: it keeps that)."""
+    if attn_mask is None or q.dim() not in (3, 4) or k.dim() != q.dim():
+        return None, False
+    if q.dim() == 4 and is_key_mask(attn_mask):
+        return None, True
+    if is_causal or window is not None or not (always or reads_masks()) or q.shape[-2] < READ_FROM_QUERIES:
+        return None, False
+    if attn_mask.is_floating_point() and attn_mask.dtype != q.dtype:
+        return None, False
+    return read_mask(attn_mask, q.shape[0], q.shape[1] if q.dim() == 4 else None, q.shape[-2], k.shape[-2]), False
 
 
-READ_FROM_QUERIES = 2
-
-
-def _structured(s: MaskStructure, q: Tensor, k: Tensor, v: Tensor, original: Tensor, scale: float | None,
-                enable_gqa: bool) -> Tensor:
-    """A call whose mask was read as `s`: routed as its structured problem. The default policy (no entry for it)
-    runs SDPA with the original mask; a chosen variant gets the flags and only the key padding as its mask."""
+def _structured_route(s: MaskStructure, q: Tensor, k: Tensor, v: Tensor, enable_gqa: bool
+                      ) -> tuple[Route, Tensor | None]:
+    """The route of the call's structured problem, and the key padding its variant gets as its mask."""
     padding = s.padding_mask(q.shape[0])
     if padding is not None and q.dim() == 3:
         padding = padding[:, 0]
-    route = eager_route(q, k, v, padding, s.causal, s.window, enable_gqa, padding is not None)
-    if route.decision.problem is None or route.decision.rule == "default" or _sdpa_folding(route):
+    return eager_route(q, k, v, padding, s.causal, s.window, enable_gqa, padding is not None), padding
+
+
+def _structured(s: MaskStructure, q: Tensor, k: Tensor, v: Tensor, original: Tensor, scale: float | None,
+                enable_gqa: bool) -> Tensor | None:
+    """A call whose mask was read as `s`, routed as its structured problem; a chosen variant gets the flags and only
+    the key padding as its mask. None when no entry serves the structure but one serves the generic mask (a config
+    tuned before masks were read): the caller routes the call as a generic mask. Otherwise, with no entry (the
+    default policy) or a built-in `sdpa` that would fold a window or padding into a dense mask again, SDPA gets the
+    caller's own mask."""
+    route, padding = _structured_route(s, q, k, v, enable_gqa)
+    if _generic_instead(route, q, k, v, original, enable_gqa):
+        return None
+    if _unserved(route) or _would_refold(route):
         out = torch_sdpa(q, k, v, attn_mask=original, scale=scale, enable_gqa=enable_gqa)
     elif route.as_sdpa:
         out = torch_sdpa(q, k, v, attn_mask=padding, is_causal=s.causal, scale=scale, enable_gqa=enable_gqa)
@@ -134,7 +148,17 @@ def _structured(s: MaskStructure, q: Tensor, k: Tensor, v: Tensor, original: Ten
     return out
 
 
-def _sdpa_folding(route: Route) -> bool:
+def _unserved(route: Route) -> bool:
+    """No entry serves the route's problem: the default policy (or no problem at all)."""
+    return route.decision.problem is None or route.decision.rule == "default"
+
+
+def _generic_instead(route: Route, q: Tensor, k: Tensor, v: Tensor, original: Tensor, enable_gqa: bool) -> bool:
+    """No entry serves the structure, but one serves the call as a generic mask (tuned before masks were read)."""
+    return _unserved(route) and not _unserved(eager_route(q, k, v, original, False, None, enable_gqa))
+
+
+def _would_refold(route: Route) -> bool:
     """The built-in `sdpa` chosen where it would fold a window or padding back into a dense mask: the caller's
     mask is that mask already."""
     return route.decision.variant == DEFAULT_VARIANT and not route.decision.params and not route.as_sdpa
@@ -179,18 +203,13 @@ def explain(
     """Which entry and variant `attention` would use for these arguments, and why; runs nothing."""
     if dropout_p:
         return Decision(None, "sdpa (as is)", {}, "sdpa-as-is", f"dropout_p={dropout_p}: no variant applies dropout")
-    padding = attn_mask is not None and query.dim() == 4 and is_key_mask(attn_mask)
-    structure = None
-    if attn_mask is not None and not (padding or is_causal or window is not None):
-        structure = _read(query, key, attn_mask, True)
+    structure, padding = _masking(query, key, attn_mask, is_causal, window, True)
     if structure is not None:
-        padding = structure.padding_mask(query.shape[0])
-        padding = padding[:, 0] if padding is not None and query.dim() == 3 else padding
-        decision = eager_route(query, key, value, padding, structure.causal, structure.window, enable_gqa,
-                               padding is not None).decision
-        decision = _for_call(decision, query, key, value, padding, is_causal=structure.causal,
-                             window=structure.window)
-        return dataclasses.replace(decision, mask_read=structure.describe())
+        route, keys = _structured_route(structure, query, key, value, enable_gqa)
+        if not _generic_instead(route, query, key, value, attn_mask, enable_gqa):
+            decision = _for_call(route.decision, query, key, value, keys, is_causal=structure.causal,
+                                 window=structure.window)
+            return dataclasses.replace(decision, mask_read=structure.describe())
     decision = eager_route(query, key, value, attn_mask, is_causal, window, enable_gqa, padding).decision
     return _for_call(decision, query, key, value, attn_mask, is_causal=is_causal, window=window)
 

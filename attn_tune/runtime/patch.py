@@ -71,6 +71,7 @@ def _mha_forward(*args: Any, **kwargs: Any) -> Any:
 
 _mha_forward.__wrapped__ = _torch_mha  # type: ignore[attr-defined]
 _MHA_SIGNATURE = inspect.signature(_torch_mha)
+_KPM_POSITION = list(_MHA_SIGNATURE.parameters).index("key_padding_mask")
 
 
 def _merged_structure(args: tuple, kwargs: dict) -> tuple[tuple[int, ...], MaskStructure] | None:
@@ -79,14 +80,16 @@ def _merged_structure(args: tuple, kwargs: dict) -> tuple[tuple[int, ...], MaskS
     mask's structure (read once per tensor) with the padding's real keys. None where it does not follow that simply
     (attention weights wanted, bias_k / zero attention / static keys, a 3-D or generic attention mask, a float
     padding mask other than 0 / -inf, unbatched inputs): then SDPA's call is read as any other."""
+    if kwargs.get("key_padding_mask") is None and len(args) <= _KPM_POSITION:
+        return None  # nothing is merged: SDPA gets the attention mask itself (a view of it), read once per tensor
     try:
         call = _MHA_SIGNATURE.bind(*args, **kwargs).arguments
     except TypeError:
         return None
     kpm, mask, query, key = call.get("key_padding_mask"), call.get("attn_mask"), call["query"], call["key"]
     if (kpm is None or call.get("need_weights", True) or call.get("bias_k") is not None or call.get("add_zero_attn")
-            or call.get("static_k") is not None or query.dim() != 3 or kpm.dim() != 2):
-        return None
+            or call.get("static_k") is not None or query.dim() != 3 or kpm.dim() != 2 or query.shape[0] < 2):
+        return None  # one query (decoding) is never read, so nothing to tell
     q_len, batch, kv_len, heads = query.shape[0], query.shape[1], key.shape[0], call["num_heads"]
     if kpm.dtype == torch.bool:
         real = ~kpm
@@ -103,7 +106,9 @@ def _merged_structure(args: tuple, kwargs: dict) -> tuple[tuple[int, ...], MaskS
     if base is None or tuple(real.shape) != (batch, kv_len):
         return None
     real = real if base.key_padding is None else real & base.key_padding
-    return (batch, heads, q_len, kv_len), MaskStructure(base.causal, base.window, None if bool(real.all()) else real)
+    shape = (batch, heads, 1 if mask is None else q_len, kv_len)  # with no attention mask SDPA gets the padding only
+    return shape, MaskStructure(base.causal, base.window, None if bool(real.all()) else real)
+
 
 
 def is_patched() -> bool:
