@@ -76,7 +76,8 @@ def attention(
     if dropout_p:
         return sdpa_as_is(query, key, value, is_causal=is_causal, window=window, attn_mask=attn_mask, scale=scale,
                           dropout_p=dropout_p, enable_gqa=enable_gqa)
-    structure, padding = _masking(query, key, attn_mask, is_causal, window, False)
+    structure, padding = (None, False) if attn_mask is None else _masking(query, key, attn_mask, is_causal, window,
+                                                                          False)
     if structure is not None:
         out = _structured(structure, query, key, value, attn_mask, scale, enable_gqa)
         if out is not None:
