@@ -11,7 +11,8 @@ from torch import Tensor
 
 import attn_tune
 from attn_tune import Problem, UnsupportedProblem
-from attn_tune.families.padding import is_key_mask, trimmed_rows
+from attn_tune.families.masks import is_key_mask
+from attn_tune.families.padding import trimmed_rows
 
 LENGTHS = [(40, 40), (24, 40), (40, 24)]  # (q_len, kv_len)
 

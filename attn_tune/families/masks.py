@@ -10,7 +10,7 @@ from torch import Tensor
 
 __all__ = [
     "visible_keys", "shared_visible_keys", "block_fully_visible", "fold_for_sdpa", "merge_masks", "apply_mask",
-    "repeat_kv", "resolve_scale", "key_range", "pad_to_blocks",
+    "repeat_kv", "resolve_scale", "key_range", "pad_to_blocks", "is_key_mask",
 ]
 
 
@@ -130,3 +130,10 @@ def pad_to_blocks(t: Tensor, block: int) -> Tensor:
 def resolve_scale(q: Tensor, scale: float | None) -> float:
     """SDPA's default scale 1/sqrt(head_dim) unless one is given."""
     return 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+
+
+def is_key_mask(attn_mask: Tensor | None) -> bool:
+    """True for a bool mask of keys alone: shape (B or 1, 1, 1, K), or 2-D / 3-D with size-1 head and query axes."""
+    if attn_mask is None or attn_mask.dtype != torch.bool or not 2 <= attn_mask.dim() <= 4:
+        return False
+    return all(size == 1 for size in attn_mask.shape[-3:-1])

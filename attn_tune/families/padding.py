@@ -16,19 +16,13 @@ from torch import Tensor
 
 from attn_tune.errors import UnsupportedProblem
 from attn_tune.families.blockwise_grad import block_attention
-from attn_tune.families.masks import block_fully_visible, fold_for_sdpa, key_range, resolve_scale, visible_keys
+from attn_tune.families.masks import (block_fully_visible, fold_for_sdpa, is_key_mask, key_range, resolve_scale,
+                                     visible_keys)
 
-__all__ = ["Inner", "is_key_mask", "key_rows", "trimmed_rows", "masked_attention"]
+__all__ = ["Inner", "key_rows", "trimmed_rows", "masked_attention"]
 
 # inner(q, k, v, causal, window, scale): unpadded attention, causal aligned top-left (as SDPA's is_causal).
 Inner = Callable[[Tensor, Tensor, Tensor, bool, "int | None", float], Tensor]
-
-
-def is_key_mask(attn_mask: Tensor | None) -> bool:
-    """True for a bool mask of keys alone: shape (B or 1, 1, 1, K), or 2-D / 3-D with size-1 head and query axes."""
-    if attn_mask is None or attn_mask.dtype != torch.bool or not 2 <= attn_mask.dim() <= 4:
-        return False
-    return all(size == 1 for size in attn_mask.shape[-3:-1])
 
 
 def key_rows(attn_mask: Tensor, batch: int, kv_len: int) -> Tensor:

@@ -10,7 +10,8 @@ from __future__ import annotations
 from torch import Tensor
 
 from attn_tune.errors import UnsupportedProblem
-from attn_tune.families.padding import is_key_mask, trimmed_rows
+from attn_tune.families.masks import is_key_mask
+from attn_tune.families.padding import trimmed_rows
 from attn_tune.families.sdpa import PYTORCH_DISPATCH_FN
 from attn_tune.problem import Problem
 from attn_tune.registry.hookspecs import hookimpl

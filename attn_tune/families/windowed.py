@@ -17,8 +17,8 @@ from torch import Tensor
 from attn_tune.errors import UnsupportedProblem
 from attn_tune.families.blockwise_grad import Piece, RunPiece, fold_slices, piecewise_attention
 from attn_tune.families.chunked import chunked_attention
-from attn_tune.families.masks import resolve_scale
-from attn_tune.families.padding import is_key_mask, trimmed_rows
+from attn_tune.families.masks import is_key_mask, resolve_scale
+from attn_tune.families.padding import trimmed_rows
 from attn_tune.problem import Problem
 from attn_tune.registry.hookspecs import hookimpl
 from attn_tune.registry.variant import Variant

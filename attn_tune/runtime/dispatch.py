@@ -19,7 +19,7 @@ from typing import Callable
 from torch import Tensor
 
 from attn_tune.errors import UnsupportedProblem
-from attn_tune.families.padding import is_key_mask
+from attn_tune.families.masks import is_key_mask
 from attn_tune.families.torch_sdpa import sdpa as torch_sdpa
 from attn_tune.mask_structure import MaskStructure, read_mask
 from attn_tune.problem import Inputs, Problem

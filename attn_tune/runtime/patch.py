@@ -13,7 +13,6 @@ wraps `F.multi_head_attention_forward` to say so where that changes the answer: 
 from __future__ import annotations
 
 import contextlib
-import inspect
 import os
 from typing import Any
 
@@ -70,8 +69,9 @@ def _mha_forward(*args: Any, **kwargs: Any) -> Any:
 
 
 _mha_forward.__wrapped__ = _torch_mha  # type: ignore[attr-defined]
-_MHA_SIGNATURE = inspect.signature(_torch_mha)
-_KPM_POSITION = list(_MHA_SIGNATURE.parameters).index("key_padding_mask")
+_MHA_CODE = _torch_mha.__code__  # its parameters by name (importing inspect for it costs 5 ms of import time)
+_MHA_PARAMETERS = _MHA_CODE.co_varnames[:_MHA_CODE.co_argcount + _MHA_CODE.co_kwonlyargcount]
+_KPM_POSITION = _MHA_PARAMETERS.index("key_padding_mask")
 
 
 def _merged_structure(args: tuple, kwargs: dict) -> tuple[tuple[int, ...], MaskStructure] | None:
@@ -82,11 +82,10 @@ def _merged_structure(args: tuple, kwargs: dict) -> tuple[tuple[int, ...], MaskS
     padding mask other than 0 / -inf, unbatched inputs): then SDPA's call is read as any other."""
     if kwargs.get("key_padding_mask") is None and len(args) <= _KPM_POSITION:
         return None  # nothing is merged: SDPA gets the attention mask itself (a view of it), read once per tensor
-    try:
-        call = _MHA_SIGNATURE.bind(*args, **kwargs).arguments
-    except TypeError:
+    call = {**dict(zip(_MHA_PARAMETERS, args)), **kwargs}
+    kpm, mask, query, key = call.get("key_padding_mask"), call.get("attn_mask"), call.get("query"), call.get("key")
+    if not isinstance(query, torch.Tensor) or not isinstance(key, torch.Tensor) or "num_heads" not in call:
         return None
-    kpm, mask, query, key = call.get("key_padding_mask"), call.get("attn_mask"), call["query"], call["key"]
     if (kpm is None or call.get("need_weights", True) or call.get("bias_k") is not None or call.get("add_zero_attn")
             or call.get("static_k") is not None or query.dim() != 3 or kpm.dim() != 2 or query.shape[0] < 2):
         return None  # one query (decoding) is never read, so nothing to tell
