@@ -76,13 +76,14 @@ def attention(
     if dropout_p:
         return sdpa_as_is(query, key, value, is_causal=is_causal, window=window, attn_mask=attn_mask, scale=scale,
                           dropout_p=dropout_p, enable_gqa=enable_gqa)
-    structure, padding = (None, False) if attn_mask is None else _masking(query, key, attn_mask, is_causal, window,
-                                                                          False)
-    if structure is not None:
-        out = _structured(structure, query, key, value, attn_mask, scale, enable_gqa)
+    if attn_mask is None:  # a decode step's path: no mask helper at all
+        route = eager_route(query, key, value, None, is_causal, window, enable_gqa)
+    else:
+        structure, padding = _masking(query, key, attn_mask, is_causal, window, False)
+        out = None if structure is None else _structured(structure, query, key, value, attn_mask, scale, enable_gqa)
         if out is not None:
             return out
-    route = eager_route(query, key, value, attn_mask, is_causal, window, enable_gqa, padding)
+        route = eager_route(query, key, value, attn_mask, is_causal, window, enable_gqa, padding)
     if route.as_sdpa:
         out = torch_sdpa(query, key, value, attn_mask=attn_mask, is_causal=is_causal, scale=scale,
                          enable_gqa=enable_gqa)
