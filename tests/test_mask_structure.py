@@ -522,3 +522,18 @@ def test_devices(device, name) -> None:
         broken = mask.clone()
         broken[0, 0, 30, 30] = form(torch.zeros((), dtype=torch.bool), name)  # hide a diagonal key of one query
         assert read_mask(broken, B, H, q, k) is None
+
+
+def test_the_shared_patterns_are_bounded_in_bytes(monkeypatch):
+    """Every distinct length a reader sees builds a (q, k) pattern; the shared cache keeps the latest within its
+    byte bound, and a kept pattern is the same tensor on the next ask."""
+    from attn_tune.families import masks
+
+    monkeypatch.setattr(masks, "_patterns", masks.OrderedDict())
+    monkeypatch.setattr(masks, "_KEPT_PATTERN_BYTES", 100_000)
+    for n in range(200, 260):
+        masks.shared_visible_keys(n, n, causal=True, window=None, device="cpu")
+    assert 0 < masks._pattern_bytes() <= 100_000 and len(masks._patterns) < 60
+    last = masks.shared_visible_keys(259, 259, causal=True, window=None, device="cpu")
+    assert masks.shared_visible_keys(259, 259, causal=True, window=None, device="cpu") is last
+    assert torch.equal(last, torch.ones(259, 259, dtype=torch.bool).tril())

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import functools
 import math
+from collections import OrderedDict
 
 import torch
 from torch import Tensor
@@ -39,12 +39,29 @@ def visible_keys(
     return visible
 
 
-@functools.lru_cache(maxsize=64)
+_KEPT_PATTERNS = 64
+_KEPT_PATTERN_BYTES = 256 * 2**20  # a server seeing many long lengths keeps the latest patterns, not one per length
+_patterns: OrderedDict[tuple, Tensor | None] = OrderedDict()
+
+
 def _cached_visible_keys(
     q_len: int, kv_len: int, causal: bool, window: int | None, device: torch.device, shift: int
 ) -> Tensor | None:
+    """`visible_keys`, kept for the latest `_KEPT_PATTERNS` shapes and at most `_KEPT_PATTERN_BYTES` in all."""
+    key = (q_len, kv_len, causal, window, device, shift)
+    if key in _patterns:
+        _patterns.move_to_end(key)
+        return _patterns[key]
     with torch.inference_mode(False), torch.no_grad():  # a plain tensor, usable later under autograd
-        return visible_keys(q_len, kv_len, causal=causal, window=window, device=device, q_offset=shift)
+        pattern = visible_keys(q_len, kv_len, causal=causal, window=window, device=device, q_offset=shift)
+    _patterns[key] = pattern
+    while len(_patterns) > 1 and (len(_patterns) > _KEPT_PATTERNS or _pattern_bytes() > _KEPT_PATTERN_BYTES):
+        _patterns.popitem(last=False)
+    return pattern
+
+
+def _pattern_bytes() -> int:
+    return sum(p.numel() for p in _patterns.values() if p is not None)  # bool: a byte each
 
 
 def shared_visible_keys(
