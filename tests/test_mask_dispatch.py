@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import attn_tune
-from attn_tune import Problem
+from attn_tune import Problem, mask_structure
 from attn_tune.registry.variant import Variant
 from attn_tune.runtime import capture, dispatch
 from tests.runtime_helpers import config, entry, registered
@@ -187,12 +187,19 @@ def test_gradients_through_a_structured_call_match_sdpa_with_the_mask(training):
             torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
 
 
+def _count_reads(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, ...]]:
+    """The shapes of the masks read from now on (cache emptied first), read for real."""
+    reads: list[tuple[int, ...]] = []
+    real_read = mask_structure._read
+    monkeypatch.setattr(mask_structure, "_read", lambda m, *a: reads.append(tuple(m.shape)) or real_read(m, *a))
+    mask_structure.clear_mask_cache()
+    return reads
+
+
 @pytest.mark.parametrize("bool_masks", [False, True])
 def test_multihead_attention_padding_is_known_from_its_parts_not_read_per_layer(monkeypatch, bool_masks):
     """nn.MultiheadAttention adds its key padding to its attention mask: a new (batch, heads, q, k) tensor per layer.
     Its structure follows from the parts (the causal mask, read once; the padding), so the sum is never read."""
-    from attn_tune import mask_structure
-
     torch.manual_seed(0)
     layer = torch.nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True)
     model = torch.nn.TransformerEncoder(layer, 3, enable_nested_tensor=False).eval()
@@ -206,10 +213,7 @@ def test_multihead_attention_padding_is_known_from_its_parts_not_read_per_layer(
         pad = torch.zeros(2, 24).masked_fill(pad, float("-inf"))
     with torch.no_grad():
         expected = model(x, mask=causal, src_key_padding_mask=pad)
-    reads = []
-    real_read = mask_structure._read
-    monkeypatch.setattr(mask_structure, "_read", lambda m, *a: reads.append(tuple(m.shape)) or real_read(m, *a))
-    mask_structure.clear_mask_cache()
+    reads = _count_reads(monkeypatch)
     spy = Spy()
     problem = Problem(batch=2, heads=4, q_len=24, head_dim=8, causal=True, mask=True, key_padding=True)
     with registered(spy.variant()), attn_tune.patch_sdpa(config([entry(problem, "spy")])), torch.no_grad():
@@ -225,8 +229,6 @@ def test_a_direct_multihead_attention_call_with_a_bool_mask_reads_it_once(monkey
     """nn.MultiheadAttention makes its bool mask (True = hidden) a new float one per call: that (q, k) part is read
     per call, the (batch, heads, q, k) sum never; with the key padding alone SDPA gets a (batch, heads, 1, keys)
     mask, known from the padding, never read."""
-    from attn_tune import mask_structure
-
     torch.manual_seed(1)
     mha = torch.nn.MultiheadAttention(16, 2, batch_first=True).eval()
     x = torch.randn(2, 12, 16)
@@ -235,10 +237,7 @@ def test_a_direct_multihead_attention_call_with_a_bool_mask_reads_it_once(monkey
     pad[0, :3] = True
     with torch.no_grad(), attn_tune.patch_sdpa(None):  # SDPA's answer (the fused fast path gives NaN on empty rows)
         expected = mha(x, x, x, attn_mask=hidden, key_padding_mask=pad, need_weights=False)[0]
-    reads = []
-    real_read = mask_structure._read
-    monkeypatch.setattr(mask_structure, "_read", lambda m, *a: reads.append(tuple(m.shape)) or real_read(m, *a))
-    mask_structure.clear_mask_cache()
+    reads = _count_reads(monkeypatch)
     spy = Spy()
     problem = Problem(batch=2, heads=2, q_len=12, head_dim=8, causal=with_mask, mask=True, key_padding=True)
     with registered(spy.variant()), attn_tune.patch_sdpa(config([entry(problem, "spy")])), torch.no_grad():
