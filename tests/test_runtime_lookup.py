@@ -63,8 +63,18 @@ def test_only_entries_equal_in_every_other_field_are_used() -> None:
     decision = attn_tune.explain(*_qkv())  # not causal, head_dim 16: neither entry
     assert (decision.variant, decision.rule) == ("sdpa", "default")
     assert attn_tune.explain(*_qkv(), is_causal=True).variant == "chunked"
-    q, k, v = _qkv(requires_grad=True)  # a training call does not use an inference entry
-    assert attn_tune.explain(q, k, v, is_causal=True).rule == "default"
+    q, k, v = _qkv(requires_grad=True)  # a training call does not use an inference entry, and explain says why
+    decision = attn_tune.explain(q, k, v, is_causal=True)
+    assert decision.rule == "default" and "tuned for inference; this call runs training" in decision.reason
+    assert "no entry in the config has" in attn_tune.explain(*_qkv()).reason  # no entry in either mode
+
+
+def test_an_inference_call_against_a_training_entry_is_told_so() -> None:
+    attn_tune.use_config(config([entry(_problem(causal=True, training=True), "chunked", {"chunk": 16})]))
+    decision = attn_tune.explain(*_qkv(), is_causal=True)
+    assert decision.rule == "default" and "were tuned for training; this call runs inference" in decision.reason
+    q, k, v = _qkv(requires_grad=True)
+    assert attn_tune.explain(q, k, v, is_causal=True).variant == "chunked"
 
 
 def test_config_of_another_device_type_is_refused_with_one_warning() -> None:

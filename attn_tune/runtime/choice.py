@@ -72,8 +72,7 @@ def choose(problem: Problem, match: Match | None | str = "find", heads_axis: boo
     if match == "find":
         match = index.find(problem)
     if match is None:
-        return default("default", "no entry in the config has this call's heads, head_dim, dtype, device type and "
-                                  "masking")
+        return default("default", _no_entry_why(index, problem))
     choice, entry = match.entry.choice, match.entry
     how = ("the entry tuned for this very problem" if match.rule == "own-entry"
            else "the nearest tuned lengths and batch")
@@ -101,6 +100,15 @@ def choose(problem: Problem, match: Match | None | str = "find", heads_axis: boo
     if not variant.exact and shadowing.rate() > 0:
         route.fn = shadowing.wrap(route.fn, variant.name, params, entry.problem, entry.measured.get("rel_error"))
     return route, _fields_read(watched)
+
+
+def _no_entry_why(index: Any, problem: Problem) -> str:
+    """Why no entry serves the call; where the config has entries for it in the other mode (training: forward +
+    backward, or inference), that is the difference named, as it is the one a user misses."""
+    if index.find(dataclasses.replace(problem, training=not problem.training)) is not None:
+        have, runs = ("training", "inference") if not problem.training else ("inference", "training (with gradients)")
+        return f"the config's entries for this call's shape were tuned for {have}; this call runs {runs}"
+    return "no entry in the config has this call's heads, head_dim, dtype, device type and masking"
 
 
 def _as_sdpa(variant: Variant, problem: Problem) -> bool:
