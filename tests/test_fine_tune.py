@@ -32,6 +32,11 @@ def top1(logits, targets):
 
 def no_split(batches=None):
     return lm(batches)
+
+def frozen(batches=None, split="heldout"):
+    model, inputs, targets = lm(batches, split)
+    model.requires_grad_(False)
+    return model, inputs, targets
 '''
 TRAINING = Problem(batch=1, heads=4, q_len=128, head_dim=32, causal=True, training=True)
 SERVING = Problem(batch=1, heads=4, q_len=128, head_dim=32, causal=True)
@@ -106,6 +111,36 @@ def test_a_factory_without_a_training_split_is_one_line(models: Path) -> None:
     assert alone.exit_code == 2 and "go with --training" in alone.output
     rate = run("tune", "ft_models:lm", "--learning-rate", "0.01", "--out", "t.json")  # an inference guard has none
     assert rate.exit_code == 2 and "--learning-rate is the fine-tune's" in rate.output and not Path("t.json").exists()
+
+
+def test_a_factory_that_cannot_train_is_refused_before_its_capture(models: Path) -> None:
+    """No `split`: refused before the model runs (nothing captured, nothing written); a model none of whose
+    weights trains: a usage error naming the loss, from `tune` and from `validate --training` alike."""
+    refused = run("tune", "ft_models:no_split", "--training", "--out", "t.json")
+    assert refused.exit_code == 2 and "takes no `split` parameter" in refused.output
+    assert "captured" not in refused.output and "docs/training.md" in refused.output
+    assert not any(models.glob("t.*"))
+    frozen = run("validate", "ft_models:frozen", "--config", _saved(config([])), "--training", "--fine-tune-steps", "2",
+                 "--batches", "2")
+    assert frozen.exit_code == 2 and "does not require grad" in frozen.output and "raised" not in frozen.output
+    assert "Traceback" not in frozen.output
+
+
+def test_a_training_validation_of_a_config_without_training_entries_says_both_trained_alike(models: Path) -> None:
+    """An inference-only config changes nothing in the fine-tune: the record and the lines say so, and the step
+    times of two identical runs are read as no difference unless their interval excludes 1."""
+    from attn_tune.cli.guard_text import fine_tune_lines
+
+    record = _fine_tune().validate(config([entry(SERVING, "sdpa")])).summary()
+    assert record["fine_tune"]["calls_served_by_entries"] == 0
+    lines = fine_tune_lines(record)
+    assert any("both fine-tunes trained with exact attention" in line for line in lines)
+    speed = record["fine_tune"]["step_speedup"]
+    same = speed["low"] <= 1.0 <= speed["high"]
+    assert ("no difference measured" in lines[0]) == same and ("x as fast [" in lines[0]) != same
+    trained = _fine_tune().validate(config([entry(TRAINING, "sdpa")])).summary()
+    assert trained["fine_tune"]["calls_served_by_entries"] == 4  # the 4 layers' calls of the observed step
+    assert not any("trained with exact attention" in line for line in fine_tune_lines(trained))
 
 
 def test_a_fine_tune_guard_round_trips_through_its_record() -> None:

@@ -23,8 +23,10 @@ def change_text(change: float, interval: Any, batches: int, percent: bool = True
 
 
 def loss_line(validation: Any) -> str:
-    """The model's figures in one line: output error, and the loss with exact attention and with the config."""
-    line = f"model: output rel error {validation.output_error:.2e}"
+    """The model's figures in one line: output error, and the loss with exact attention and with the config (after
+    a training guard's paired fine-tune: the exact fine-tune served exact, the config's served with the config)."""
+    trained = " after the paired fine-tune" if getattr(validation, "tuned_run", None) is not None else ""
+    line = f"model{trained}: output rel error {validation.output_error:.2e}"
     if validation.loss_from is None:
         return line + "; no loss (the factory returns no targets and the output no loss)"
     change = change_text(validation.loss_change, validation.loss_change_interval, len(validation.losses_exact))
@@ -67,18 +69,24 @@ def not_run_text(unrun: list[str]) -> str:
 
 
 def fine_tune_lines(v: dict[str, Any]) -> list[str]:
-    """A training guard's record (`v["fine_tune"]`) in two lines: the two fine-tunes' step time and peak memory;
-    the config's fine-tune served with exact attention. No lines for an inference validation."""
+    """A training guard's record (`v["fine_tune"]`) in lines: the two fine-tunes' step time and peak memory; that
+    they trained alike where no entry served the training step; the config's fine-tune served with exact attention.
+    No lines for an inference validation."""
     run = v.get("fine_tune")
     if not run:
         return []
     exact, tuned, speed = run["exact"], run["tuned"], run.get("step_speedup")
     faster = "" if not speed else f", {speed['ratio']:.2f}x as fast [{speed['low']:.2f}-{speed['high']:.2f}]"
+    if speed and speed["low"] <= 1.0 <= speed["high"]:  # the medians alone could read either way
+        faster = f", no difference measured ({speed['ratio']:.2f}x [{speed['low']:.2f}-{speed['high']:.2f}])"
     step = "" if not exact.get("step_ms") else \
         f": step {exact['step_ms']:.1f} ms exact, {tuned['step_ms']:.1f} ms with the config{faster}"
     lines = [f"fine-tune {run['steps']} steps ({run['optimizer']}, lr {run['learning_rate']:g}, seed {run['seed']}) "
              f"from the factory's weights{step}; step peak memory {exact['peak_bytes'] / 2**20:.1f} MiB exact, "
              f"{tuned['peak_bytes'] / 2**20:.1f} MiB with the config"]
+    if run.get("calls_served_by_entries") == 0:
+        lines.append("no entry of the config served the training step's calls: both fine-tunes trained with exact "
+                     "attention, so only how the held-out batches were served differs")
     served = run.get("served_exact")
     if served and served.get("loss_change") is not None:
         batches = v.get("batches", 1)

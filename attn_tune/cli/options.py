@@ -51,7 +51,9 @@ _OPTIONS = (
     click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N."),
     click.option("--causal", is_flag=True, help="Causal masking (top-left aligned, as SDPA)."),
     click.option("--window", type=int, default=None, help="Sliding window: query i sees keys j with |i - j| < W."),
-    click.option("--training", is_flag=True, help="Measure forward and backward."),
+    click.option("--training", is_flag=True,
+                 help="A training step: forward + backward measured (with tune MODULE:FACTORY, a training step "
+                      "captured and the choice guarded by a paired fine-tune: docs/training.md)."),
     click.option("--key-padding", is_flag=True,
                  help="Padded batches: a mask of each row's real keys (seeded rows padded left and right)."),
 )

@@ -73,6 +73,10 @@ def _capture_for_factory(spec: str, samples: int, activations: str, progress: Ca
     from attn_tune.runtime.capture import NO_CALLS, capture_activations, counting_calls, load_factory
 
     factory = load_factory(spec)
+    if training:  # the guard fine-tunes on the factory's training batches: a factory without them is refused first
+        from attn_tune.tuner.fine_tune import training_factory
+
+        training_factory(factory, spec)
     try:
         with counting_calls(lambda n: progress(f"capturing {spec}: attention calls", n)):
             captured, kept = users_code(spec, lambda: capture_activations(factory, samples, training=training))

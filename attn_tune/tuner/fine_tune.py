@@ -31,7 +31,7 @@ from attn_tune.measurement.measure import synchronize
 from attn_tune.tuner.validator import ModelGuard, NoLoss, call_report, entries_not_run, loss_figure
 from attn_tune.tuner.validator import model_output as _output
 
-__all__ = ["FineTune", "TrainingRun", "FineTuneValidation"]
+__all__ = ["FineTune", "TrainingRun", "FineTuneValidation", "training_factory"]
 
 Progress = Callable[[str, int, int], None]
 
@@ -87,7 +87,7 @@ class FineTune(ModelGuard):
         self.label = label or getattr(factory, "__name__", "factory")
         self.progress = progress or (lambda what, done, total: None)
         self.settings = {"steps": steps, "optimizer": "AdamW", "learning_rate": learning_rate, "seed": seed}
-        self.train = users_code(self.label, lambda: call_factory(_training_split(factory, self.label), steps))
+        self.train = users_code(self.label, lambda: call_factory(training_factory(factory, self.label), steps))
         self.heldout: ModelRun = users_code(self.label, lambda: call_factory(factory, batches))
         self.metric = metric or self.heldout.metric
         self.metric_from = metric_from if metric is not None else None
@@ -107,6 +107,7 @@ class FineTune(ModelGuard):
         exact_ms, tuned_ms, speed = self._step_times(config)
         tuned_run = self._fine_tune(config, "the config", calls)
         tuned_run.step_ms = statistics.median(tuned_ms)
+        trained_with = sum(c.entry is not None for c in calls)  # the training step's calls an entry served
         exact_run = dataclasses.replace(self.exact_run, step_ms=statistics.median(exact_ms))
         used = {c.entry for c in calls}
         with observe(lambda call: used.add(call.decision.entry)):
@@ -120,7 +121,8 @@ class FineTune(ModelGuard):
             self.label, calls, served["output_error"], exact["losses"], served["losses"], self.loss_from,
             metric=self.metric_name, metric_from=self.metric_from, metrics_exact=exact["metrics"],
             metrics_tuned=served["metrics"], exact_run=exact_run, tuned_run=tuned_run, served_exact=served_exact,
-            settings={**self.settings, "step_speedup": speed.to_dict()}, entries_not_run=entries_not_run(config, used))
+            settings={**self.settings, "step_speedup": speed.to_dict(), "calls_served_by_entries": trained_with},
+            entries_not_run=entries_not_run(config, used))
 
     def _step_times(self, config: Any) -> tuple[list[float], list[float], Ratio]:
         """A training step (forward and backward of the first training batch, from the start weights, no update)
@@ -132,12 +134,8 @@ class FineTune(ModelGuard):
         times: dict[Any, list[float]] = {None: [], "config": []}
 
         def step() -> None:
-            _, _, targets = self.train.batches[0]
             model.zero_grad(set_to_none=True)
-            loss, _ = loss_tensor(self.train.run(0), targets)
-            if loss is None:
-                raise NoLoss(f"{self.label} gives no loss to train on")
-            loss.backward()
+            self._training_loss(0).backward()
 
         device = _device(model)
         for round_ in range(STEP_ROUNDS + 1):
@@ -153,6 +151,19 @@ class FineTune(ModelGuard):
         model.zero_grad(set_to_none=True)
         return times[None], times["config"], ratio_interval([e / c for e, c in zip(times[None], times["config"])])
 
+    def _training_loss(self, i: int) -> torch.Tensor:
+        """The loss of training batch `i`, ready for backward; a model that gives none, or one no weight of which
+        can learn, is one line (a usage error, as `tune --training`'s capture says it), not the model failing."""
+        _, _, targets = self.train.batches[i]
+        loss, _ = loss_tensor(self.train.run(i), targets)
+        if loss is None:
+            raise NoLoss(f"{self.label} gives no loss to train on: return targets third from the factory, or give the "
+                         'model an output with a "loss" (docs/training.md)')
+        if not loss.requires_grad:
+            raise NoLoss(f"{self.label}: the model's loss does not require grad (no weight of it trains), so a "
+                         "training step cannot run backward")
+        return loss
+
     def _fine_tune(self, config: Any, what: str, calls: list[CallReport] | None = None) -> TrainingRun:
         """The model from the start weights, trained one step per training batch with `config` in use (None:
         exact). The first step's peak memory is measured and its attention calls reported (each one's error
@@ -167,11 +178,8 @@ class FineTune(ModelGuard):
         steps = len(self.train.batches)
 
         def step(i: int) -> None:
-            _, _, targets = self.train.batches[i]
             optimizer.zero_grad(set_to_none=True)
-            loss, _ = loss_tensor(self.train.run(i), targets)
-            if loss is None:
-                raise NoLoss(f"{self.label} gives no loss to train on")
+            loss = self._training_loss(i)
             loss.backward()
             optimizer.step()
             losses.append(float(loss.detach()))
@@ -215,15 +223,16 @@ class FineTune(ModelGuard):
                 "metrics": None if self.metric is None else metrics, "output_error": max(errors, default=0.0)}
 
 
-def _training_split(factory: Callable[..., Any], label: str) -> Callable[..., Any]:
-    """The factory asked for training batches (`split="train"`); one that cannot give them is one line."""
+def training_factory(factory: Callable[..., Any], label: str) -> Callable[..., Any]:
+    """The factory asked for training batches (`split="train"`); one that cannot give them is one line, said before
+    anything is captured or tuned."""
     try:
         takes = "split" in inspect.signature(factory).parameters
     except (TypeError, ValueError):
         takes = False
     if not takes:
         raise AttnTuneError(f"{label} takes no `split` parameter, so it cannot give training batches for the "
-                            "fine-tune: add split='train' (and `batches`) to it (docs/validation.md)")
+                            "fine-tune: add split='train' (and `batches`) to it (docs/training.md)")
     return functools.partial(factory, split="train")
 
 
