@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 import statistics
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -71,7 +72,7 @@ class _Planted:
     loss_from = "targets"
 
     def __init__(self, noisy: list[float]) -> None:
-        self.noisy, self.seen = noisy, []
+        self.noisy, self.seen, self.problem = noisy, [], LM
 
     def require_loss(self) -> None:
         pass
@@ -79,7 +80,7 @@ class _Planted:
     def validate(self, candidate):
         self.seen.append([e.choice["variant"] for e in candidate.entries])
         if any(e.choice["variant"] == "local" for e in candidate.entries):
-            call = CallReport(0, LM, "local", {"local_window": 128}, "own-entry", LM, 0.2)
+            call = CallReport(0, self.problem, "local", {"local_window": 128}, "own-entry", self.problem, 0.2)
             return _validation(self.noisy, [call])
         return _validation([0.0, 0.0001, -0.0001, 0.0])
 
@@ -92,6 +93,25 @@ def test_tune_chooses_again_when_the_interval_is_over_though_the_mean_is_within(
     assert kept.validation["batches"] == 4 and validation.within(0.01)
     tight = guard_config(tuned, _Planted([0.0079, 0.0081, 0.0080, 0.0080]), _budget(0.01))[0]
     assert [e.choice["variant"] for e in tight.entries] == ["local"]
+
+
+def test_a_training_entry_is_chosen_again_below_its_own_measured_error() -> None:
+    """A training entry's measured error is the worst of out, dq, dk, dv (0.9 here); the guard's call error is the
+    output's (0.2). The re-choice looks below 0.9, so a narrower-erring knob (gradients at 0.7) is still tried; an
+    inference entry keeps the lower of the two."""
+    asked: list[float] = []
+
+    def rechoose(problem: Problem, limit: float):
+        asked.append(limit)
+        return None
+
+    for problem, expected in ((replace(LM, training=True), 0.9), (LM, 0.2)):
+        chosen = entry(problem, "local", {"local_window": 32}, max_error=1.0)
+        chosen.measured["rel_error"] = 0.9
+        validator = _Planted([0.05] * 4)
+        validator.problem = problem
+        guard_config(config([chosen]), validator, _budget(0.01), rechoose=rechoose)
+        assert asked.pop() == pytest.approx(expected, rel=1e-5)  # just below it
 
 
 def _validate(tmp_path: Path, window: int, batches: int, *extra: str):

@@ -115,6 +115,16 @@ def _worst_calls(validation: Validation) -> dict[Problem, float]:
     return worst
 
 
+def _rechoice_limit(problem: Problem, worst_call: float, measured: float | None) -> float:
+    """The error a re-choice must stay below. Inference: the lower of the worst call's and the entry's measured
+    error (both the output's). Training: the entry's measured error alone, which is the worst of the output's and
+    dq's, dk's and dv's, the basis every training candidate was measured on; the guard's call error is the
+    output's only (smaller), so with it a safer knob whose gradients err between the two would never be tried."""
+    if measured is None:
+        return worst_call
+    return measured if problem.training else min(worst_call, measured)
+
+
 def guard_config(config: TunedConfig, validator: Any, guard: Guard, *, rechoose: Rechoose | None = None,
                  on_rechoice: Callable[[dict[str, Any]], None] | None = None) -> tuple[TunedConfig, Validation]:
     """Validate `config` on the guard's model; within a budget, until the loss change's interval (and the metric
@@ -134,7 +144,7 @@ def guard_config(config: TunedConfig, validator: Any, guard: Guard, *, rechoose:
             return candidate, validation
         target = max(worst, key=worst.get)
         old = next(e for e in entries if e.problem == target)
-        limit = min(worst[target], old.measured.get("rel_error", worst[target])) * (1 - 1e-6)
+        limit = _rechoice_limit(target, worst[target], old.measured.get("rel_error")) * (1 - 1e-6)
         new = rechoose(target, limit) if rechoose is not None else None
         summary = validation.summary()
         record = {"problem": target.describe(), "variant": old.choice["variant"], "params": old.choice["params"],
