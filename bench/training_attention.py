@@ -20,7 +20,8 @@ was live before the step) and the error (the worst of out, dq, dk, dv against fl
 which) come from one `measure()` call per row.
 
 `--model`: the bundled LM's training step (forward at q2048, its loss, backward to every parameter) with no config
-(sdpa) and with configs choosing `local` 256 at blocks 32 and 64, interleaved: the step's speed-up over sdpa's.
+(sdpa) and with configs choosing `local` 256 at blocks 32 and 64 and `local` 128 at block 64 (what the one-command
+training tune chose, docs/training.md), interleaved: the step's speed-up over sdpa's.
 `--pieces`: `local` 256's forward + backward against sdpa with the windowed backward's SDPA calls cut to hold
 1, 2, 4 or 8 MiB of key-slice gradient each, or uncut (`windowed._BACKWARD_CALL_BYTES`); and SDPA's CPU kernel
 alone on the same blocks, ready-made and contiguous (its forward and backward ops, no autograd, no folding): the
@@ -237,7 +238,8 @@ def model_step(rounds: int) -> list[dict[str, Any]]:
     model.train()
     weights = [w for w in model.parameters() if w.requires_grad]
     configs = {"sdpa (no config)": None, "local 256, block 32": {"local_window": WINDOW},
-               "local 256, block 64": {"local_window": WINDOW, "block": 64}}
+               "local 256, block 64": {"local_window": WINDOW, "block": 64},
+               "local 128, block 64": {"local_window": WINDOW // 2, "block": 64}}
 
     def step(config: Any) -> Callable[[], None]:
         def run() -> None:
