@@ -41,7 +41,8 @@ from attn_tune.families import windowed
 from attn_tune.families.blockwise_grad import fold_slices
 from attn_tune.tuned_config import device_info
 from attn_tune.tuner.headtohead import ratio_interval
-from training_attention import SHAPES, WINDOW, _interleaved, _kernel_alone, settle_malloc
+from timing import interleaved
+from training_attention import SHAPES, WINDOW, _kernel_alone, settle_malloc
 
 BLOCK = 64
 OPS = torch.ops.aten
@@ -222,7 +223,7 @@ def run_shape(name: str, rounds: int) -> list[dict[str, Any]]:
     steps = {f"{row}|fb": both(fn) for row, fn in CANDIDATES.items()}
     steps.update({f"{row}|fw": forward(fn) for row, fn in CANDIDATES.items()})
     steps.update({f"{row}|fb": step for row, step in _kernel_alone(problem).items() if f"block {BLOCK}" in row})
-    times = _interleaved(steps, rounds, 3)
+    times = interleaved(steps, rounds, 3)
     base = {part: times[f"sdpa (causal, whole sequence)|{part}"] for part in ("fb", "fw")}
     out = []
     for key, ts in times.items():

@@ -32,7 +32,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -132,19 +131,6 @@ def _real(inputs: Any) -> torch.Tensor:
     return ~inputs[1] if len(inputs) == 2 else torch.ones_like(inputs[0], dtype=torch.bool)
 
 
-def _interleaved(fns: dict[str, Callable[[], Any]], rounds: int) -> dict[str, list[float]]:
-    """Seconds of each fn per round, called in turn each round (after one warm-up call each)."""
-    for fn in fns.values():
-        fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return times
-
-
 def _read_as(model: Any, inputs: Any, tuned: TunedConfig) -> list[str]:
     """What each distinct call's mask was read as, and the variant that served it."""
     seen: dict[str, None] = {}
@@ -176,14 +162,16 @@ def compare(what: str, factory: Callable[[], tuple[Any, ...]], tuned: TunedConfi
     if bare:
         fns[bare] = patched(None)
     outputs = {name: fn() for name, fn in fns.items()}
-    times = _interleaved(fns, rounds)
+    from timing import interleaved  # here: the tuning subprocess imports this module as bench.explicit_masks
+
+    times = interleaved(fns, rounds, shuffle=False)
     base = times["unpatched"]
     rows = []
     for name in fns:
         if name == "unpatched":
             continue
         diff = float((outputs[name][real] - outputs["unpatched"][real]).abs().max())
-        rows.append(Row(name, statistics.median(base) * 1e3, statistics.median(times[name]) * 1e3,
+        rows.append(Row(name, statistics.median(base), statistics.median(times[name]),
                         statistics.median(b / t for b, t in zip(base, times[name])), diff,
                         target=target if name == what else ""))
     rows[0].read_as = _read_as(model, inputs, tuned)

@@ -17,7 +17,7 @@ import argparse
 import json
 import statistics
 import time
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -26,21 +26,9 @@ from attn_tune.integrations.transformers_examples import mistral_model
 from attn_tune.runtime import record
 from attn_tune.tuned_config import merge_configs
 from attn_tune.tuner.job import TuneJob
+from timing import interleaved, median_ms
 
 WINDOW = 512
-
-
-def _interleaved(fns: dict[str, Callable[[], Any]], rounds: int) -> dict[str, float]:
-    """Median seconds per call of each fn, called in turn each round (after one warm-up call each)."""
-    for fn in fns.values():
-        fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def _tuned_config(model: torch.nn.Module, ids: torch.Tensor, trials: int) -> attn_tune.TunedConfig:
@@ -73,10 +61,10 @@ def _prefill(models: dict[str, torch.nn.Module], ids: torch.Tensor, rounds: int)
 
     logits = {name: forward(m)() for name, m in models.items()}
     rel = float((logits["attn_tune"] - logits["sdpa"]).norm() / logits["sdpa"].norm())
-    fwd = _interleaved({name: forward(m) for name, m in models.items()}, rounds)
-    bwd = _interleaved({name: train_step(m) for name, m in models.items()}, max(2, rounds // 2))
-    return {"forward_ms": {k: v * 1e3 for k, v in fwd.items()}, "train_ms": {k: v * 1e3 for k, v in bwd.items()},
-            "logits_rel_diff": rel}
+    fwd = median_ms(interleaved({name: forward(m) for name, m in models.items()}, rounds, shuffle=False))
+    bwd = median_ms(interleaved({name: train_step(m) for name, m in models.items()}, max(2, rounds // 2),
+                                shuffle=False))
+    return {"forward_ms": fwd, "train_ms": bwd, "logits_rel_diff": rel}
 
 
 def _decode(models: dict[str, torch.nn.Module], cache_len: int, full_cache: bool, steps: int) -> dict[str, float]:

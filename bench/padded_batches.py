@@ -17,34 +17,17 @@ On a CPU shared with other work, `--threads 1` keeps the ratios steadier: calls 
 from __future__ import annotations
 
 import argparse
-import random
-import statistics
-import time
 from typing import Callable
 
 import torch
 from torch import Tensor
 
 import attn_tune
+from timing import interleaved, median_ms
 from attn_tune.families.masks import visible_keys
 from attn_tune.families.torch_sdpa import sdpa
 
 PADDED = (0.0, 0.25, 0.5, 0.1)  # share of each row's keys that are padding
-
-
-def _interleaved(fns: dict[str, Callable[[], Tensor]], rounds: int) -> dict[str, float]:
-    """Median milliseconds per call, every call once per round in a shuffled order (after one warm-up each)."""
-    for fn in fns.values():
-        fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    order, shuffle = list(fns.items()), random.Random(0).shuffle
-    for _ in range(rounds):
-        shuffle(order)
-        for name, fn in order:
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(ts) * 1e3 for name, ts in times.items()}
 
 
 def _padding(length: int, left: bool) -> Tensor:
@@ -75,7 +58,7 @@ def setting(length: int, causal: bool, window: int | None, rounds: int) -> list[
     with torch.no_grad():
         base = fns["sdpa + dense mask"]().double()
         errors = {name: ((fn().double() - base).norm() / base.norm()).item() for name, fn in fns.items()}
-        ms = _interleaved(fns, rounds)
+        ms = median_ms(interleaved(fns, rounds))
     first = ms["sdpa + dense mask"]
     return [(name, ms[name], ms[name] / first, errors[name]) for name in fns]
 

@@ -38,9 +38,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import statistics
-import time
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
@@ -51,6 +49,7 @@ from attn_tune import Problem
 from attn_tune.measurement import make_inputs, make_step, measure
 from attn_tune.tuned_config import Entry, TunedConfig, device_info
 from attn_tune.tuner.headtohead import ratio_interval
+from timing import interleaved
 
 SHAPES = {"lm": dict(batch=1, heads=4, q_len=2048, head_dim=32), "4096": dict(batch=1, heads=8, q_len=4096,
                                                                            head_dim=64)}
@@ -101,24 +100,6 @@ def _steps(row: Row) -> tuple[Callable[[], None], Callable[[], None]]:
             make_step(variant, inference, make_inputs(inference), row.params))
 
 
-def _interleaved(steps: dict[str, Callable[[], None]], rounds: int, repeats: int = 1) -> dict[str, list[float]]:
-    """Per step, one time per round: the median of `repeats` calls back to back, the steps in a shuffled order."""
-    for step in steps.values():  # warm: masks, buffers, first-call set-up
-        step()
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    order, shuffle = list(steps.items()), random.Random(0).shuffle
-    for _ in range(rounds):
-        shuffle(order)
-        for name, step in order:
-            calls = []
-            for _ in range(repeats):
-                started = time.perf_counter()
-                step()
-                calls.append((time.perf_counter() - started) * 1e3)
-            times[name].append(statistics.median(calls))
-    return times
-
-
 def run_shape(shape: str, rounds: int, repeats: int) -> list[Row]:
     rows = rows_for(shape)
     steps: dict[str, Callable[[], None]] = {}
@@ -134,7 +115,7 @@ def run_shape(shape: str, rounds: int, repeats: int) -> list[Row]:
             continue
         row.peak_bytes, row.error, row.error_of = m.peak_bytes, m.rel_error, m.error_of
         steps[row.name + " fb"], steps[row.name + " fw"] = _steps(row)
-    times = _interleaved(steps, rounds, repeats)
+    times = interleaved(steps, rounds, repeats)
     for row in rows:
         if row.unsupported is None:
             row.fb_ms, row.fw_ms = times[row.name + " fb"], times[row.name + " fw"]
@@ -205,7 +186,7 @@ def pieces(shape: str, rounds: int) -> list[dict[str, Any]]:
                     windowed._BACKWARD_CALL_BYTES = kept
             steps[f"block {block}, calls of {label}"] = cut
     steps.update(_kernel_alone(problem))
-    times = _interleaved(steps, rounds, 3)
+    times = interleaved(steps, rounds, 3)
     out = []
     for name, ts in times.items():
         ratios = [a / b for a, b in zip(ts, times["sdpa"])]
@@ -247,7 +228,7 @@ def model_step(rounds: int) -> list[dict[str, Any]]:
                 torch.autograd.grad(loss_of(model(ids), targets), weights)
         return run
 
-    times = _interleaved({name: step(_config(params)) for name, params in configs.items()}, rounds)
+    times = interleaved({name: step(_config(params)) for name, params in configs.items()}, rounds)
     out = []
     for name, ts in times.items():
         speedups = [b / a for a, b in zip(ts, times["sdpa (no config)"])]

@@ -16,34 +16,18 @@ over self-attention shapes from q256 to q4096, heads 4-16, head_dim 32-128, wind
 from __future__ import annotations
 
 import argparse
-import random
-import statistics
 import sys
-import time
 from typing import Callable
 
 import torch
 
 import attn_tune
+from timing import interleaved, median_ms
 from attn_tune import Problem
 from attn_tune.models.pretrained import loss_of, pretrained_lm
 from attn_tune.tuned_config import Entry, TunedConfig, device_info
 
 BLOCKS = (32, 64, 128, 256)
-
-
-def _interleaved(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
-    for fn in fns.values():
-        fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    order, shuffle = list(fns.items()), random.Random(0).shuffle
-    for _ in range(rounds):
-        shuffle(order)
-        for name, fn in order:
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(ts) * 1e3 for name, ts in times.items()}
 
 
 def per_call(rounds: int) -> dict[str, float]:
@@ -63,7 +47,7 @@ def per_call(rounds: int) -> dict[str, float]:
                     lambda w=window, b=block, u=unfolded: local(q, k, v, is_causal=True, window=None, attn_mask=None,
                                                                 scale=None, local_window=w, block=b, unfolded=u))
     with torch.no_grad():
-        return _interleaved(fns, rounds)
+        return median_ms(interleaved(fns, rounds))
 
 
 def wider_shapes(rounds: int) -> dict[str, float]:
@@ -84,7 +68,7 @@ def wider_shapes(rounds: int) -> dict[str, float]:
                                                                      attn_mask=None, scale=None, local_window=256,
                                                                      block=b, unfolded=u))
     with torch.no_grad():
-        return _interleaved(fns, rounds)
+        return median_ms(interleaved(fns, rounds))
 
 
 def score_share(window: int, block: int, unfolded: bool, length: int = 2048) -> float:
@@ -125,7 +109,7 @@ def whole_model(rounds: int, loop_block: int, unfolded_block: int) -> dict[str, 
                     model(ids)
 
             fns[name] = run
-        ms = _interleaved(fns, rounds)
+        ms = median_ms(interleaved(fns, rounds))
     return {name: (ms[name], losses[name]) for name in configs}
 
 
@@ -140,7 +124,7 @@ def grid(rounds: int) -> None:
                                                      scale=None, block=b, unfolded=u))
                    for b in BLOCKS + (512,) if b < length for u in (False, True)}
             with torch.no_grad():
-                ms = _interleaved(fns, rounds)
+                ms = median_ms(interleaved(fns, rounds))
             loop, unfolded = (min((t, b) for (b, u), t in ms.items() if u == how) for how in (False, True))
             print(f"| q{length} h{heads} d{dim} | {window} | {loop[0]:.2f} ms (b{loop[1]}) | "
                   f"{unfolded[0]:.2f} ms (b{unfolded[1]}) | {loop[0] / unfolded[0]:.2f}x |")
