@@ -9,6 +9,7 @@ SDPA with its exact dense mask, so the answer is always right. Reading the runs 
 
 from __future__ import annotations
 
+import itertools
 from typing import Callable
 
 import torch
@@ -62,11 +63,13 @@ def trimmed_rows(inner: Inner, q: Tensor, k: Tensor, v: Tensor, padding: Tensor,
     if torch.compiler.is_compiling():
         return masked_attention(q, k, v, rows[:, None, None, :], causal=causal, window=window, scale=scale)
     runs = _runs(rows)
-    groups: list[tuple[int, int, tuple[int, int, int]]] = [(0, batch, runs[0])]  # [b0, b1) rows with one run
-    if len(runs) > 1:
-        groups = [(0, 1, runs[0])]
-        for b, run in enumerate(runs[1:], start=1):
-            groups[-1:] = [(groups[-1][0], b + 1, run)] if groups[-1][2] == run else [groups[-1], (b, b + 1, run)]
+    groups: list[tuple[int, int, tuple[int, int, int]]] = []  # [b0, b1): consecutive rows with one run
+    if len(runs) == 1:  # one mask for every row
+        groups.append((0, batch, runs[0]))
+    else:
+        for run, same in itertools.groupby(runs):
+            b0 = groups[-1][1] if groups else 0
+            groups.append((b0, b0 + sum(1 for _ in same), run))
     outs = []
     for b0, b1, (count, start, end) in groups:
         qs, ks, vs = q[b0:b1], k[b0:b1], v[b0:b1]

@@ -16,6 +16,14 @@ __all__ = ["Match", "ConfigIndex", "shape_class", "MAX_LEN"]
 MAX_LEN = 2**31 - 1  # the end of the last span along a line: no attention call is longer
 
 
+_UNMASKED_NOTE = "tuned without an explicit mask"
+
+
+def _unmasked_twin(problem: Problem) -> Problem:
+    """The problem without its explicit mask (nor the key padding it carries): the entry a masked call may use."""
+    return dataclasses.replace(problem, mask=False, key_padding=False)
+
+
 def shape_class(problem: Problem) -> tuple[Any, ...]:
     """Every field but batch, q_len and kv_len (device by type): entries must agree on all of it to be used."""
     return (
@@ -73,9 +81,9 @@ class ConfigIndex:
         """The exact entry, else the nearest one in its shape class; a masked call may use its unmasked twin."""
         match = self._find(problem)
         if match is None and problem.mask:
-            match = self._find(dataclasses.replace(problem, mask=False, key_padding=False))
+            match = self._find(_unmasked_twin(problem))
             if match is not None:
-                match = Match(match.entry, match.rule, "tuned without an explicit mask")
+                match = Match(match.entry, match.rule, _UNMASKED_NOTE)
         return match
 
     def spans(self, problem: Problem, diagonal: bool) -> list[tuple[int, int, Match | None]]:
@@ -90,7 +98,7 @@ class ConfigIndex:
         """
         key, note = shape_class(problem), ""
         if not self._classes.get(key) and problem.mask:
-            key, note = shape_class(dataclasses.replace(problem, mask=False, key_padding=False)), "tuned without an explicit mask"
+            key, note = shape_class(_unmasked_twin(problem)), _UNMASKED_NOTE
         bucket = self._classes.get(key)
         if not bucket:
             return [(1, MAX_LEN, None)]
